@@ -1,0 +1,131 @@
+"""
+Speed benchmarks: training tokens/s and generation tokens/s (batch 1 and 8, with and without
+the KV cache) for a model shaped by a training config, with random weights and random tokens.
+
+    python bench.py config/train_facts.py
+    python bench.py --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --device=cuda --compile=True
+
+Prints a table and writes JSON (bench_json). Numbers, not pass/fail: targets are read from here,
+never asserted in timed tests.
+"""
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from configurator import ConfigError, format_config, load_config
+from model import GPT, GPTConfig
+from train import TrainConfig, autocast_context, resolve_device
+
+
+@dataclass
+class BenchConfig(TrainConfig):
+    vocab_size: int = 50257
+    bench_iters: int = 10  # timed training steps (after 2 untimed warm-up steps)
+    gen_tokens: int = 128  # tokens generated per timed generation
+    prompt_len: int = 16
+    gen_batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    bench_json: str = "bench.json"
+
+
+def sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def bench_training(model, cfg, device, dtype) -> dict:
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    step_model = torch.compile(model) if cfg.compile else model
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+    ctx = autocast_context(device, dtype)
+    V, T, B = model.config.vocab_size, model.config.block_size, cfg.batch_size
+    x = torch.randint(0, V, (B, T), device=device)
+    y = torch.randint(0, V, (B, T), device=device)
+
+    def step():
+        with ctx:
+            _, loss = step_model(x, y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(cfg.bench_iters):
+        step()
+    sync(device)
+    dt = (time.perf_counter() - t0) / cfg.bench_iters
+    tok_s = B * T / dt
+    device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else None
+    return {"ms_per_iter": dt * 1000, "tokens_per_s": tok_s, "mfu": model.estimate_mfu(tok_s, device_name, dtype)}
+
+
+@torch.no_grad()
+def bench_generation(model, cfg, device, dtype, batch: int, use_cache: bool) -> dict:
+    ctx = autocast_context(device, dtype)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, cfg.prompt_len), device=device)
+    gens = [torch.Generator(device=device).manual_seed(i) for i in range(batch)]
+    with ctx:
+        model.generate(prompt, 4, generators=gens, use_cache=use_cache)  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        model.generate(prompt, cfg.gen_tokens, generators=gens, use_cache=use_cache)
+        sync(device)
+    dt = time.perf_counter() - t0
+    return {"batch": batch, "kv_cache": use_cache, "tokens_per_s": batch * cfg.gen_tokens / dt,
+            "ms_per_token_step": dt / cfg.gen_tokens * 1000}
+
+
+def main(cfg: BenchConfig) -> dict:
+    device, dtype = resolve_device(cfg.device, cfg.dtype)
+    print(f"settings:\n{format_config(cfg)}")
+    torch.manual_seed(cfg.seed)
+    model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
+                          n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)).to(device)
+    print(f"model: {model.get_num_params() / 1e6:.2f}M parameters on {device} ({dtype}), "
+          f"{torch.get_num_threads()} CPU threads")
+    rows = []
+    train_res = bench_training(model, cfg, device, dtype)
+    mfu = f"{train_res['mfu'] * 100:.1f}%" if train_res["mfu"] is not None else "unknown"
+    rows.append((f"train (batch {cfg.batch_size} x {cfg.block_size})", f"{train_res['tokens_per_s']:,.0f} tok/s",
+                 f"{train_res['ms_per_iter']:.1f} ms/iter, mfu {mfu}"))
+    model.eval()
+    gen_res = []
+    if cfg.prompt_len + cfg.gen_tokens > cfg.block_size:
+        print(f"note: prompt_len + gen_tokens exceeds block_size {cfg.block_size}: the window is cropped")
+    for batch in cfg.gen_batch_sizes:
+        pair = {c: bench_generation(model, cfg, device, dtype, batch, c) for c in (True, False)}
+        gen_res += list(pair.values())
+        speedup = pair[True]["tokens_per_s"] / pair[False]["tokens_per_s"]
+        for c in (True, False):
+            rows.append((f"generate batch {batch}, {'KV cache' if c else 'recompute'}",
+                         f"{pair[c]['tokens_per_s']:,.0f} tok/s",
+                         f"{pair[c]['ms_per_token_step']:.2f} ms/step" + (f", cache {speedup:.2f}x" if c else "")))
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'benchmark'.ljust(width)} | {'throughput':>16} | notes")
+    print("-" * (width + 40))
+    for name, value, note in rows:
+        print(f"{name.ljust(width)} | {value:>16} | {note}")
+    result = {"settings": asdict(cfg), "device": device, "dtype": dtype, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "train": train_res, "generate": gen_res}
+    tmp = cfg.bench_json + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, cfg.bench_json)
+    print(f"\nwrote {cfg.bench_json}")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main(load_config(BenchConfig))
+    except ConfigError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,571 @@
+"""
+Prepare a dataset for training: tokenize it into OUT/train.bin and OUT/val.bin (flat token ids)
+plus OUT/meta.json, which says how to read them back (tokenizer, dtype, token counts).
+
+    python prepare.py shakespeare_char                    # downloads Tiny Shakespeare
+    python prepare.py shakespeare_char --input input.txt  # same, from a local copy
+    python prepare.py text --input books/ --tokenizer char
+    python prepare.py facts                               # built-in synthetic QA corpus
+
+train.py and sample.py use load_meta, open_split and get_tokenizer from here, so the
+on-disk format is defined in one place.
+"""
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+FORMAT_VERSION = 1
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINYSTORIES_HF = "roneneldan/TinyStories"
+OPENWEBTEXT_HF = "Skylion007/openwebtext"  # the canonical name of the hub's "openwebtext"
+NUM_PROC = max(1, (os.cpu_count() or 1) // 2)  # processes for Hugging Face download and tokenization
+CHUNK_CHARS = 1 << 18  # long texts are cut into pieces of about this size, so tokenization can be spread over threads
+BATCH_CHARS = 1 << 24  # text tokenized per batch: bounds memory however big the corpus is
+
+
+class DataError(Exception):
+    """A problem with the data that the user can fix; the message says how."""
+
+
+def _first_line(error):
+    # errors from downloads can span many lines; ours are one
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+class CharTokenizer:
+    name = "char"
+    eot_token = None
+
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.vocab_size = len(self.chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        # char-level data has no EOT token: documents are separated by a blank line instead
+        self.separator = self.encode("\n\n")
+
+    def encode(self, text):
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise DataError(f"character {e.args[0]!r} is not in the model's char tokenizer "
+                            f"({self.vocab_size} chars, taken from its training data)") from None
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+    def encode_batch(self, texts):
+        return [self.encode(t) for t in texts]
+
+
+class GPT2Tokenizer:
+    name = "gpt2"
+
+    def __init__(self):
+        import tiktoken
+        try:
+            self.enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # tiktoken fetches its BPE files on first use; any failure there means "no files"
+            raise DataError(f"could not load the GPT-2 BPE files ({_first_line(e)}); offline, set "
+                            "TIKTOKEN_CACHE_DIR to their folder (e.g. ../shared/data/gpt2/tiktoken_cache)") from None
+        self.vocab_size = self.enc.n_vocab
+        self.eot_token = self.enc.eot_token
+        self.separator = [self.eot_token]
+
+    def encode(self, text):
+        return self.enc.encode(text, allowed_special={"<|endoftext|>"})
+
+    def decode(self, ids):
+        return self.enc.decode(list(ids))
+
+    def encode_batch(self, texts):
+        # corpora are encoded as ordinary text: a literal "<|endoftext|>" in the data must not end a document
+        return self.enc.encode_ordinary_batch(texts)
+
+
+def get_tokenizer(meta):
+    if meta["tokenizer"] == "gpt2":
+        return GPT2Tokenizer()
+    if meta["tokenizer"] == "char":
+        return CharTokenizer(meta["chars"])
+    raise DataError(f"unknown tokenizer {meta['tokenizer']!r} (expected 'char' or 'gpt2')")
+
+
+def token_dtype(vocab_size):
+    # uint16 halves the files; ids run from 0 to vocab_size - 1, so it fits up to 2**16 tokens
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def check_meta_compatible(a, b):
+    """Raise DataError unless a and b were made with the same tokenizer (e.g. a checkpoint's and a dataset's)."""
+    for key in ("tokenizer", "vocab_size", "chars"):
+        # a bare {"tokenizer": "gpt2"} (pretrained GPT-2) has no vocab_size; the name alone pins it down
+        if key in a and key in b and a[key] != b[key]:
+            if key == "chars":
+                diff = "".join(sorted(set(a["chars"]) ^ set(b["chars"])))
+                detail = f"char tables differ in {diff!r}"
+            else:
+                detail = f"{key} {a[key]!r} vs {b[key]!r}"
+            raise DataError(f"tokenizer mismatch: {detail}; a model only works with the tokenizer it was trained "
+                            f"with: use data prepared with the same one, or start a new model")
+
+
+# -----------------------------------------------------------------------------
+# reading prepared data
+
+def _prepare_command(data_dir):
+    name = data_dir.name if data_dir.name in DATASETS else "NAME"
+    command = f"python prepare.py {name}"
+    if data_dir != Path("data") / name:
+        command += f" --out_dir {data_dir}"
+    return command
+
+
+def load_meta(data_dir):
+    data_dir = Path(data_dir)
+    path = data_dir / "meta.json"
+    if not path.exists():
+        raise DataError(f"no prepared dataset in {data_dir} (meta.json missing); run: {_prepare_command(data_dir)}")
+    meta = json.loads(path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{path} has format_version {meta.get('format_version')!r}, this code reads "
+                        f"{FORMAT_VERSION}; re-run: {_prepare_command(data_dir)}")
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split in ("train", "val"):
+        bin_path = data_dir / f"{split}.bin"
+        expected = meta[f"{split}_tokens"] * itemsize
+        size = bin_path.stat().st_size if bin_path.exists() else None
+        if size != expected:
+            found = "is missing" if size is None else f"has {size} bytes"
+            raise DataError(f"{bin_path} {found} but meta.json says {expected} (truncated or mismatched); "
+                            f"re-run: {_prepare_command(data_dir)}")
+    return meta
+
+
+def open_split(data_dir, split, meta):
+    return np.memmap(Path(data_dir) / f"{split}.bin", dtype=meta["dtype"], mode="r")
+
+
+# -----------------------------------------------------------------------------
+# document streams: each split is a sequence of documents, tokenized into pieces (new_doc, ids)
+
+_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+
+
+def text_chunks(text):
+    """Cut text into pieces of about CHUNK_CHARS, only at a newline between two non-space characters:
+    GPT-2's pre-tokenizer always makes such a newline a token of its own, so the pieces encode
+    exactly as the whole text would."""
+    start = 0
+    while len(text) - start > CHUNK_CHARS:
+        cut = _CUT.search(text, start + CHUNK_CHARS)
+        if cut is None:
+            break
+        yield text[start:cut.end()]
+        start = cut.end()
+    yield text[start:]
+
+
+class TextDocs:
+    """count documents from docs(), a function returning a fresh iterator: they may be read lazily
+    from files, and can be read more than once (a char table needs a pass before encoding)."""
+
+    def __init__(self, docs, count):
+        self.docs = docs
+        self.count = count
+
+    def __len__(self):
+        return self.count
+
+    def __iter__(self):
+        return iter(self.docs())
+
+    def pieces(self, tok, desc):
+        batch, size = [], 0
+        for doc in tqdm(self, total=len(self), desc=desc, unit="docs", delay=2):
+            for i, chunk in enumerate(text_chunks(doc)):
+                batch.append((i == 0, chunk))
+                size += len(chunk)
+            if size >= BATCH_CHARS:
+                yield from self._encode(batch, tok)
+                batch, size = [], 0
+        yield from self._encode(batch, tok)
+
+    @staticmethod
+    def _encode(batch, tok):
+        ids = tok.encode_batch([chunk for _, chunk in batch])
+        return zip((new_doc for new_doc, _ in batch), ids)
+
+
+def _hf_encode(batch, tok):
+    return {"ids": tok.encode_batch(batch["text"])}
+
+
+class HFDocs:
+    """A Hugging Face dataset with a "text" column; tokenized with dataset.map over several processes."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __iter__(self):
+        for batch in self.ds.iter(batch_size=1024):
+            yield from batch["text"]
+
+    def pieces(self, tok, desc):
+        # a process per 10k documents at most: for small datasets the start-up costs more than it saves
+        num_proc = min(NUM_PROC, len(self.ds) // 10_000) or None
+        tokenized = self.ds.map(_hf_encode, fn_kwargs={"tok": tok}, batched=True, remove_columns=self.ds.column_names,
+                                num_proc=num_proc, desc=f"tokenizing {desc}")
+        with tqdm(total=len(tokenized), desc=f"writing {desc}", unit="docs", delay=2) as bar:
+            for batch in tokenized.iter(batch_size=1024):
+                for ids in batch["ids"]:
+                    yield True, ids
+                bar.update(len(batch["ids"]))
+
+
+@dataclass
+class Corpus:
+    source: str  # URL, path or "built-in", for meta.json
+    train: object  # TextDocs or HFDocs
+    val: object
+    extra_files: dict = field(default_factory=dict)  # file name -> text, written beside the .bin files
+
+
+# -----------------------------------------------------------------------------
+# local files
+
+def text_files(input):
+    path = Path(input)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise DataError(f"--input {input} does not exist")
+    files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+    if not files:
+        raise DataError(f"--input {input} is a folder with no *.txt files in it")
+    return files
+
+
+def read_text(path):
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def contiguous_corpus(source, texts, count, val_frac):
+    """Each of the count texts from texts() gives its first 1 - val_frac to train and the rest to val,
+    so val is a stretch of text the model never saw, not sentences interleaved with its training data."""
+    def cut(text):
+        return int(len(text) * (1 - val_frac))
+    return Corpus(source, TextDocs(lambda: (t[:cut(t)] for t in texts()), count),
+                  TextDocs(lambda: (t[cut(t):] for t in texts()), count))
+
+
+def local_text_corpus(input, val_frac):
+    files = text_files(input)
+    return contiguous_corpus(str(input), lambda: map(read_text, files), len(files), val_frac)
+
+
+def document_corpus(input, val_frac):
+    """A file of documents separated by blank lines, or a folder with one document per *.txt file;
+    the last val_frac of the documents is val."""
+    files = text_files(input)
+    if Path(input).is_dir():
+        items, load = files, read_text  # read one at a time: a folder may hold more than fits in memory
+    else:
+        items = [d.strip() for d in re.split(r"\n\s*\n", read_text(files[0])) if d.strip()]
+        load = str  # the items are the documents already
+    if len(items) < 2:
+        raise DataError(f"--input {input} holds {len(items)} document(s); train and val need at least one each")
+    n_val = max(1, round(len(items) * val_frac))
+    train, val = items[:-n_val], items[-n_val:]
+    return Corpus(str(input), TextDocs(lambda: map(load, train), len(train)), TextDocs(lambda: map(load, val), n_val))
+
+
+# -----------------------------------------------------------------------------
+# datasets
+
+def fetch(url):
+    with urllib.request.urlopen(url, timeout=15) as response:
+        return response.read().decode("utf-8")
+
+
+def load_hf(path, what, input_hint, **kwargs):
+    print(f"loading {what} from Hugging Face ({path})")
+    import datasets
+    try:
+        return datasets.load_dataset(path, **kwargs)
+    except Exception as e:  # offline, hub changes, auth...: the fix is the same, a local copy
+        raise DataError(f"could not load {what} from Hugging Face ({_first_line(e)}); "
+                        f"pass --input {input_hint}") from None
+
+
+def load_shakespeare(input, val_frac, seed):
+    if input:
+        return local_text_corpus(input, val_frac)
+    print(f"downloading Tiny Shakespeare from {SHAKESPEARE_URL}")
+    try:
+        text = fetch(SHAKESPEARE_URL)
+    except OSError:
+        raise DataError("could not download Tiny Shakespeare (offline?); pass --input path/to/input.txt "
+                        "(a copy is in ../shared/data/shakespeare/input.txt)") from None
+    return contiguous_corpus(SHAKESPEARE_URL, lambda: [text], 1, val_frac)
+
+
+def load_tinystories(input, val_frac, seed):
+    if input:
+        return document_corpus(input, val_frac)
+    ds = load_hf(TINYSTORIES_HF, "TinyStories", "path/to/stories.txt (stories separated by blank lines; "
+                 "a sample is in ../shared/data/tinystories/valid_head.txt)")
+    return Corpus(f"https://huggingface.co/datasets/{TINYSTORIES_HF}", HFDocs(ds["train"]), HFDocs(ds["validation"]))
+
+
+def load_openwebtext(input, val_frac, seed):
+    if input:
+        return document_corpus(input, val_frac)
+    ds = load_hf(OPENWEBTEXT_HF, "OpenWebText", "FILE_OR_FOLDER (one document per *.txt file, "
+                 "or one file with documents separated by blank lines)", num_proc=NUM_PROC)
+    # OpenWebText comes as a single split; hold out a random val_frac of its documents
+    split = ds["train"].train_test_split(test_size=val_frac, seed=seed, shuffle=True)
+    return Corpus(f"https://huggingface.co/datasets/{OPENWEBTEXT_HF}", HFDocs(split["train"]), HFDocs(split["test"]))
+
+
+def load_text(input, val_frac, seed):
+    if not input:
+        raise DataError("the text dataset needs --input FILE_OR_FOLDER (a folder means all *.txt files under it)")
+    return local_text_corpus(input, val_frac)
+
+
+# -----------------------------------------------------------------------------
+# facts: a synthetic corpus for reading facts from context and answering questions about them
+
+FACTS_FIRST_NAMES = [
+    "Ada", "Ben", "Cara", "Dan", "Eva", "Finn", "Gina", "Hugo", "Iris", "Jack", "Kate", "Leo", "Mia", "Noah", "Olga",
+    "Paul", "Rosa", "Sam", "Tara", "Umar", "Vera", "Will", "Yara", "Zane", "Alma", "Boris", "Clara", "Dev", "Elin",
+    "Felix", "Greta", "Hana", "Ivan", "Joel", "Kira", "Lars", "Maya", "Nils", "Omar", "Petra", "Quinn", "Ravi", "Sara",
+    "Theo", "Una", "Victor", "Wanda", "Xavier", "Yusuf", "Zoe", "Anton", "Bea", "Chloe", "Dara", "Emil", "Flora",
+    "Gus", "Hector", "Ines", "Jonas",
+]
+# first names that never occur in train.bin: val and recall.jsonl are about these people only, so they
+# measure reading facts about unseen entities rather than recalling ones seen in training
+FACTS_HELDOUT_NAMES = [
+    "Ottoline", "Bartholomew", "Cressida", "Dorothea", "Ezekiel", "Fenella", "Gideon", "Hyacinth", "Ignatius",
+    "Jemima", "Kasimir", "Lucinda", "Montgomery", "Nerissa", "Octavius", "Perpetua", "Thaddeus", "Wilhelmina",
+    "Cornelius", "Imogen",
+]
+FACTS_LAST_NAMES = [
+    "Quill", "Stone", "Marsh", "Fletcher", "Hale", "Brook", "Carver", "Dale", "Ellis", "Frost", "Gray", "Hart",
+    "Irwin", "Joyce", "Kemp", "Lowe", "Moss", "Nash", "Oakes", "Pike", "Reed", "Shaw", "Thorne", "Vance", "Wells",
+    "York", "Ashby", "Birch", "Crane", "Doyle", "Finch", "Gale", "Holt", "Keane", "Lamb", "Mercer", "North", "Price",
+    "Rowe", "Sykes",
+]
+FACTS_VALUES = {
+    "city": ["Oslo", "Lisbon", "Porto", "Dublin", "Vienna", "Prague", "Krakow", "Tallinn", "Riga", "Bergen", "Lyon",
+             "Seville", "Turin", "Leeds", "Bristol", "Glasgow", "Cardiff", "Utrecht", "Ghent", "Zurich", "Geneva",
+             "Quebec", "Denver", "Nairobi", "Osaka", "Perth", "Auckland", "Halifax"],
+    # pets and jobs all start with a consonant, so the templates can say "a {pet}", "a {job}"
+    "pet": ["cat", "dog", "parrot", "rabbit", "hamster", "tortoise", "goldfish", "ferret", "budgie", "lizard",
+            "pony", "snake"],
+    "pet_name": ["Biscuit", "Pepper", "Mango", "Noodle", "Pickle", "Waffle", "Ziggy", "Bramble", "Clover", "Dumpling",
+                 "Fudge", "Gizmo", "Hopper", "Jellybean", "Kiwi", "Marble", "Nugget", "Peanut", "Pudding", "Rocket",
+                 "Sprout", "Toffee", "Truffle", "Widget", "Button", "Comet", "Sardine", "Pebble", "Muffin", "Socks"],
+    "colour": ["teal", "crimson", "amber", "violet", "olive", "navy", "coral", "indigo", "maroon", "silver", "gold",
+               "turquoise", "lavender", "mustard", "scarlet"],
+    "age": [str(age) for age in range(18, 91)],
+    "job": ["baker", "nurse", "pilot", "plumber", "teacher", "chemist", "carpenter", "dentist", "farmer", "gardener",
+            "journalist", "librarian", "mechanic", "painter", "potter", "sailor", "tailor", "vet", "writer", "cook",
+            "dancer", "lawyer", "firefighter", "banker"],
+}
+FACTS_TEMPLATES = {
+    "city": ["{name} lives in {city}.", "{name} has a flat in {city}.", "{name} moved to {city} last spring."],
+    "pet": ["{name} has a {pet} called {pet_name}.", "{name}'s {pet} is named {pet_name}.",
+            "{name} looks after a {pet} named {pet_name}."],
+    "colour": ["{name}'s favourite colour is {colour}.", "{name} likes {colour} more than any other colour.",
+               "{name} always picks something {colour}."],
+    "age": ["{name} is {age} years old.", "{name} turned {age} this year.", "{name} is aged {age}."],
+    "job": ["{name} works as a {job}.", "{name} earns a living as a {job}.", "{name} is a {job} by trade."],
+}
+FACTS_QUESTIONS = {
+    "city": "Where does {name} live?",
+    "pet": "What kind of pet does {name} have?",
+    "pet_name": "What is the name of {name}'s pet?",
+    "colour": "What is {name}'s favourite colour?",
+    "age": "How old is {name}?",
+    "job": "What does {name} do for a living?",
+}
+FACTS_DOCS = 4400  # train + val; about 2 MB of text, which a tiny char model learns in minutes on a CPU
+FACTS_TRAIN_PEOPLE = 400  # full names sampled from the train first x last names
+FACTS_RECALL_ITEMS = 200
+
+
+def facts_prompt(question):
+    return f"Q: {question}\nA:"
+
+
+def facts_scene(names, rng):
+    """Fact sentences about the named people, shuffled together, and the questions they answer.
+    Attributes are drawn afresh for every scene: the only way to answer is to read the facts."""
+    sentences, qas = [], []
+    for name in names:
+        person = {attribute: rng.choice(values) for attribute, values in FACTS_VALUES.items()}
+        for topic in rng.sample(list(FACTS_TEMPLATES), rng.randint(3, 5)):
+            sentences.append(rng.choice(FACTS_TEMPLATES[topic]).format(name=name, **person))
+            # a pet sentence states both the kind of pet and its name
+            for attribute in ("pet", "pet_name") if topic == "pet" else (topic,):
+                qas.append({"question": FACTS_QUESTIONS[attribute].format(name=name), "answer": person[attribute],
+                            "entity": name, "attribute": attribute})
+    rng.shuffle(sentences)
+    return " ".join(sentences), qas
+
+
+def facts_documents(n_docs, names, rng):
+    """Documents about 2-3 of names: a line of facts, then 2-4 "Q: ...\\nA: ..." pairs."""
+    docs = []
+    for _ in range(n_docs):
+        facts, qas = facts_scene(rng.sample(names, rng.randint(2, 3)), rng)
+        answered = [f"{facts_prompt(qa['question'])} {qa['answer']}" for qa in rng.sample(qas, rng.randint(2, 4))]
+        docs.append("\n".join([facts] + answered))
+    return docs
+
+
+def facts_recall_items(n_items, names, rng):
+    """Evaluation items: facts about 1-2 of names as memory, and one question whose answer is in it."""
+    items = []
+    for _ in range(n_items):
+        memory, qas = facts_scene(rng.sample(names, rng.randint(1, 2)), rng)
+        qa = rng.choice(qas)
+        items.append({"memory": memory, "prompt": facts_prompt(qa["question"]), "answers": [qa["answer"]],
+                      "entity": qa["entity"], "attribute": qa["attribute"]})
+    return items
+
+
+def load_facts(input, val_frac, seed):
+    if input:
+        raise DataError("facts is generated, not read: drop --input (use --seed for a different corpus)")
+    rng = random.Random(seed)
+    train_names = rng.sample([f"{f} {l}" for f in FACTS_FIRST_NAMES for l in FACTS_LAST_NAMES], FACTS_TRAIN_PEOPLE)
+    heldout_names = [f"{f} {l}" for f in FACTS_HELDOUT_NAMES for l in FACTS_LAST_NAMES]
+    n_val = max(1, round(FACTS_DOCS * val_frac))
+    train = facts_documents(FACTS_DOCS - n_val, train_names, rng)
+    val = facts_documents(n_val, heldout_names, rng)
+    recall = facts_recall_items(FACTS_RECALL_ITEMS, heldout_names, rng)
+    recall_text = "".join(json.dumps(item) + "\n" for item in recall)
+    return Corpus("built-in", TextDocs(lambda: train, len(train)), TextDocs(lambda: val, len(val)),
+                  {"recall.jsonl": recall_text})
+
+
+# name -> (default tokenizer, loader(input, val_frac, seed) -> Corpus)
+DATASETS = {
+    "shakespeare_char": ("char", load_shakespeare),
+    "shakespeare": ("gpt2", load_shakespeare),
+    "tinystories": ("gpt2", load_tinystories),
+    "openwebtext": ("gpt2", load_openwebtext),
+    "text": ("gpt2", load_text),
+    "facts": ("char", load_facts),
+}
+
+
+# -----------------------------------------------------------------------------
+# writing
+
+def write_tokens(f, pieces, separator, dtype):
+    """Append the pieces' tokens to file f, with separator between documents; returns the token count.
+    Chunk by chunk: a big corpus never sits in memory whole."""
+    count = 0
+    for new_doc, ids in pieces:
+        if len(ids) == 0:  # an empty document adds nothing, not even a separator
+            continue
+        if new_doc and count:
+            f.write(np.asarray(separator, dtype=dtype).tobytes())
+            count += len(separator)
+        f.write(np.asarray(ids, dtype=dtype).tobytes())
+        count += len(ids)
+    return count
+
+
+def prepare(name, input=None, tokenizer=None, out_dir=None, val_frac=0.1, seed=1337):
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if not 0 < val_frac < 1:
+        raise DataError(f"val_frac must be between 0 and 1, got {val_frac}")
+    default_tokenizer, load = DATASETS[name]
+    tokenizer = tokenizer or default_tokenizer
+    corpus = load(input, val_frac, seed)
+
+    if tokenizer == "char":
+        chars = {"\n"}  # always encodable, as it makes the blank line between documents
+        for docs in (corpus.train, corpus.val):
+            for doc in docs:
+                chars.update(doc)
+        tok = CharTokenizer(sorted(chars))
+    else:
+        tok = get_tokenizer({"tokenizer": tokenizer})
+    dtype = token_dtype(tok.vocab_size)
+
+    out_dir = Path(out_dir or Path("data") / name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # every file is written to a temp file beside it and renamed into place at the end (os.replace is
+    # atomic), so a crash never leaves a half-written file; the pid keeps concurrent runs apart
+    temps = {}  # final file name -> temp path
+    try:
+        counts = {}
+        for split in ("train", "val"):
+            temps[f"{split}.bin"] = tmp = out_dir / f"{split}.bin.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                counts[split] = write_tokens(f, getattr(corpus, split).pieces(tok, split), tok.separator, dtype)
+            if counts[split] == 0:
+                raise DataError(f"the {split} split of {name} came out empty; check --input and --val_frac")
+        meta = {"format_version": FORMAT_VERSION, "name": name, "tokenizer": tok.name, "vocab_size": tok.vocab_size,
+                "dtype": dtype.name, "train_tokens": counts["train"], "val_tokens": counts["val"],
+                "source": corpus.source}
+        if tok.name == "char":
+            meta["chars"] = tok.chars
+        meta["eot_token"] = tok.eot_token
+        for file_name, text in {**corpus.extra_files, "meta.json": json.dumps(meta, indent=2) + "\n"}.items():
+            temps[file_name] = tmp = out_dir / f"{file_name}.{os.getpid()}.tmp"
+            tmp.write_text(text, encoding="utf-8")
+        # meta.json goes first and comes back last: if we die in between, load_meta finds no meta.json
+        # rather than an old one describing new .bin files
+        (out_dir / "meta.json").unlink(missing_ok=True)
+        for file_name, tmp in temps.items():
+            os.replace(tmp, out_dir / file_name)
+    finally:  # after a failure, no temp file is left behind; after success there are none left to remove
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+    print(f"wrote {out_dir}: train {counts['train']:,} tokens, val {counts['val']:,} tokens, "
+          f"{tok.name} vocab {tok.vocab_size:,} ({dtype.name})")
+    return meta
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", choices=DATASETS)
+    parser.add_argument("--input", help="local file or folder, instead of downloading")
+    parser.add_argument("--tokenizer", choices=("char", "gpt2"), help="override the dataset's default tokenizer")
+    parser.add_argument("--out_dir", help="default: data/NAME")
+    parser.add_argument("--val_frac", type=float, default=0.1, help="fraction of the text held out for val")
+    parser.add_argument("--seed", type=int, default=1337, help="for the facts corpus and the openwebtext split")
+    args = parser.parse_args(argv)
+    try:
+        prepare(**vars(args))
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

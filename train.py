@@ -1,0 +1,439 @@
+"""
+Train a GPT. One process:
+
+    python train.py config/train_facts.py --max_iters=500
+
+Many processes, one per GPU (or CPU processes with gloo), through DistributedDataParallel:
+
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
+
+Batches are a pure function of (seed, iteration): the global batch of iteration i is the same
+rows whatever the world size, each rank taking its share of the micro-steps. That is what makes
+a resumed run equal an uninterrupted one and N processes equal one.
+"""
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import ConfigError, format_config, load_config
+from model import GPT, GPTConfig, CheckpointError, atomic_save, load_checkpoint, model_args
+from prepare import DataError, check_meta_compatible, load_meta, open_split
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"
+    eval_interval: int = 250
+    log_interval: int = 10
+    eval_iters: int = 20
+    eval_only: bool = False  # evaluate once and exit
+    always_save_checkpoint: bool = True  # False: keep only the checkpoint with the best val loss
+    init_from: str = "scratch"  # 'scratch', 'resume' (from out_dir), 'gpt2*', or a local HF GPT-2 folder
+    # logging
+    wandb_log: bool = False
+    wandb_project: str = "mnemo"
+    wandb_run_name: str = "run"
+    # data
+    dataset: str = "facts"
+    data_dir: str = "data"  # the dataset lives in data_dir/dataset (what prepare.py writes)
+    gradient_accumulation_steps: int = 1  # micro-steps per global batch, shared out over the ranks
+    batch_size: int = 12  # rows per micro-step (per rank)
+    block_size: int = 256
+    # model (ignored when resuming or fine-tuning: the checkpoint's shape wins)
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = True
+    # AdamW
+    learning_rate: float = 6e-4
+    max_iters: int = 5000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    # learning-rate schedule: linear warm-up, then cosine decay to min_lr
+    decay_lr: bool = True
+    warmup_iters: int = 100
+    lr_decay_iters: int | None = None  # None: max_iters
+    min_lr: float = 6e-5
+    # system
+    device: str = "auto"  # 'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', 'mps'
+    dtype: str = "auto"  # 'auto' (bfloat16 on GPUs that have it, else float16 on GPU, float32 on CPU), 'float32', 'bfloat16', 'float16'
+    compile: bool = False  # torch.compile the model (worth it on GPU for long runs)
+    seed: int = 1337
+
+
+ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
+
+
+# -----------------------------------------------------------------------------
+# distributed helpers
+
+def ddp_info():
+    """(is_ddp, rank, local_rank, world_size) from torchrun's environment."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return False, 0, 0, 1
+    return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def resolve_device(device: str, dtype: str):
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+    return device, dtype
+
+
+def autocast_context(device: str, dtype: str):
+    if dtype == "float32":
+        return nullcontext()
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+
+
+# -----------------------------------------------------------------------------
+# data: batches as a pure function of (seed, stream, index)
+
+def get_batch(data, rows, block_size, device):
+    """rows: start offsets. Returns x, y (len(rows), block_size) int64 on device."""
+    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in rows]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in rows]).astype(np.int64))
+    if device.startswith("cuda"):
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def batch_offsets(seed: int, stream: int, index: int, n_rows: int, data_len: int, block_size: int):
+    """Start offsets of the `index`-th batch of a stream (0 = training iterations, 1 = train-split
+    eval, 2 = val-split eval): the same numbers on every rank and on every restart."""
+    if data_len <= block_size:
+        raise DataError(f"the split has {data_len} tokens, fewer than block_size + 1 = {block_size + 1}: "
+                        "lower block_size or prepare more data")
+    rng = np.random.default_rng([seed, stream, index])
+    return rng.integers(0, data_len - block_size, size=n_rows)
+
+
+# -----------------------------------------------------------------------------
+# RNG state: everything a resumed run needs to draw the same numbers (dropout, user code)
+
+def get_rng_state():
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), np_state[2], np_state[3], np_state[4]],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# -----------------------------------------------------------------------------
+
+def get_lr(it: int, cfg: TrainConfig) -> float:
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    decay_iters = cfg.lr_decay_iters if cfg.lr_decay_iters is not None else cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it > decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+def plot_losses(metrics_path: str, png_path: str):
+    """Training and validation loss against iteration, from metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    train, evals = [], []
+    with open(metrics_path) as f:
+        for line in f:
+            m = json.loads(line)
+            if "loss" in m:
+                train.append((m["iter"], m["loss"]))
+            if "val_loss" in m:
+                evals.append((m["iter"], m["val_loss"]))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train (logged iterations)", lw=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="val")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+def main(cfg: TrainConfig) -> dict:
+    """Train as cfg says; returns {'losses': {iter: loss}, 'val_loss': ..., 'iter_num': ...}."""
+    ddp, rank, local_rank, world_size = ddp_info()
+    master_process = rank == 0
+    device, dtype = resolve_device(cfg.device, cfg.dtype)
+    if ddp:
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    try:
+        return _train(cfg, ddp, rank, world_size, master_process, device, dtype)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
+    if cfg.gradient_accumulation_steps % world_size != 0:
+        raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple "
+                          f"of the number of processes ({world_size})")
+    micro_steps = cfg.gradient_accumulation_steps // world_size  # this rank's share
+    global_rows = cfg.gradient_accumulation_steps * cfg.batch_size
+    tokens_per_iter = global_rows * cfg.block_size
+    print0(f"settings:\n{format_config(cfg)}")
+    print0(f"device {device}, dtype {dtype}, {world_size} process(es), tokens per iteration {tokens_per_iter:,}")
+    if master_process:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)  # same init on every rank; reseeded per rank below for dropout
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    ctx = autocast_context(device, dtype)
+
+    data_path = os.path.join(cfg.data_dir, cfg.dataset)
+    meta = load_meta(data_path)
+    splits = {s: open_split(data_path, s, meta) for s in ("train", "val")}
+
+    # model
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt = None
+    iter_num, best_val_loss = 0, float("inf")
+    if cfg.init_from == "scratch":
+        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
+                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
+    elif cfg.init_from == "resume":
+        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+        saved = ckpt["model_args"]
+        clash = {k: (saved[k], getattr(cfg, k)) for k in ARCH_KEYS if saved[k] != getattr(cfg, k)}
+        if clash:
+            raise ConfigError(f"cannot resume {ckpt_path}: the settings change the model's shape "
+                              + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in clash.items())
+                              + "; use the settings it was trained with")
+        check_meta_compatible(ckpt["meta"], meta)
+        model = GPT(GPTConfig(**{**saved, "dropout": cfg.dropout}))
+        model.load_state_dict(ckpt["model"])
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        print0(f"resuming from {ckpt_path} at iteration {iter_num}")
+    else:  # pretrained GPT-2: a hub name or a local folder
+        if meta["tokenizer"] != "gpt2":
+            raise DataError(f"init_from={cfg.init_from!r} needs GPT-2 tokens, but {data_path} was prepared with "
+                            f"the {meta['tokenizer']!r} tokenizer: prepare it with --tokenizer gpt2")
+        model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
+        if cfg.block_size < model.config.block_size:
+            model.crop_block_size(cfg.block_size)
+    if model.config.vocab_size < meta["vocab_size"]:
+        raise DataError(f"{data_path} has {meta['vocab_size']} token ids, the model only {model.config.vocab_size}")
+    block_size = model.config.block_size
+    model.to(device)
+    print0(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_args(model)}")
+
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        states = ckpt["rng"]
+        if len(states) == world_size:
+            set_rng_state(states[rank])
+        else:
+            print0(f"warning: checkpoint holds RNG states of {len(states)} process(es), this run has "
+                   f"{world_size}: dropout draws will differ from an uninterrupted run")
+        ckpt = None  # free the memory
+    else:
+        torch.manual_seed(cfg.seed + rank)
+
+    raw_model = model  # saved and sampled: never carries compile's or DDP's prefixes
+    if cfg.compile:
+        print0("compiling the model...")
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[device] if device_type == "cuda" else None)
+
+    @torch.no_grad()
+    def estimate_loss():
+        """Mean loss over eval_iters fixed batches per split, shared out over the ranks."""
+        out = {}
+        model.eval()
+        for stream, split in ((1, "train"), (2, "val")):
+            total = torch.zeros((), device=device)
+            for k in range(rank, cfg.eval_iters, world_size):
+                rows = batch_offsets(cfg.seed, stream, k, cfg.batch_size, len(splits[split]), block_size)
+                X, Y = get_batch(splits[split], rows, block_size, device)
+                with ctx:
+                    _, loss = raw_model(X, Y)
+                total += loss.float()
+            if ddp:
+                dist.all_reduce(total)
+            out[split] = total.item() / cfg.eval_iters
+        model.train()
+        return out
+
+    # metrics.jsonl: one JSON line per logged iteration / evaluation; a resumed run drops the
+    # lines from iterations it is about to redo
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if master_process:
+        kept = []
+        if cfg.init_from == "resume" and os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                kept = [line for line in f if json.loads(line)["iter"] < iter_num]
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
+
+    def log_metrics(record):
+        if master_process:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if cfg.wandb_log:
+                wandb.log(record, step=record["iter"])
+
+    if cfg.wandb_log and master_process:
+        import wandb
+        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
+
+    def save_checkpoint():
+        rng = [None] * world_size
+        if ddp:
+            dist.all_gather_object(rng, get_rng_state())
+        else:
+            rng = [get_rng_state()]
+        if master_process:
+            checkpoint = {
+                "model": raw_model.state_dict(),
+                "model_args": model_args(raw_model),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "iter_num": iter_num,
+                "best_val_loss": best_val_loss,
+                "config": asdict(cfg),
+                "meta": meta,
+                "rng": rng,
+                # batches are a pure function of (seed, iteration): this is the sampler's whole state
+                "sampler": {"seed": cfg.seed, "next_iter": iter_num},
+            }
+            atomic_save(checkpoint, ckpt_path)
+            print0(f"saved checkpoint to {ckpt_path}")
+
+    device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else None
+    losses: dict[int, float] = {}
+    val_loss = None
+    start_iter = iter_num
+    t0 = time.time()
+    dt_avg = None
+    model.train()
+    while True:
+        if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only:
+            ev = estimate_loss()
+            val_loss = ev["val"]
+            print0(f"step {iter_num}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}")
+            log_metrics({"iter": iter_num, "train_loss": ev["train"], "val_loss": ev["val"]})
+            improved = ev["val"] < best_val_loss
+            best_val_loss = min(best_val_loss, ev["val"])
+            if iter_num > start_iter and (improved or cfg.always_save_checkpoint):
+                save_checkpoint()
+                if master_process:
+                    plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss.png"))
+        if iter_num >= cfg.max_iters or cfg.eval_only:
+            break
+
+        lr = get_lr(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        offsets = batch_offsets(cfg.seed, 0, iter_num, global_rows, len(splits["train"]), block_size)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(micro_steps):
+            lo = (rank * micro_steps + micro) * cfg.batch_size
+            X, Y = get_batch(splits["train"], offsets[lo:lo + cfg.batch_size], block_size, device)
+            # gradients are all-reduced only on the last micro-step
+            sync = nullcontext() if (not ddp or micro == micro_steps - 1) else model.no_sync()
+            with sync:
+                with ctx:
+                    _, loss = model(X, Y)
+                    loss = loss / micro_steps
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach().float()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        if iter_num % cfg.log_interval == 0:
+            if ddp:  # the loss of the whole global batch, not only rank 0's share
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            lossf = loss_sum.item()
+            losses[iter_num] = lossf
+            if iter_num > start_iter:  # the first iteration pays for warm-up / compilation
+                dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
+            tok_s = tokens_per_iter / dt
+            mfu = raw_model.estimate_mfu(tok_s / world_size, device_name, dtype)
+            eta = (cfg.max_iters - iter_num - 1) * (dt_avg or dt)
+            mfu_s = f"{mfu * 100:.2f}%" if mfu is not None else "unknown"
+            print0(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, tok/s {tok_s:,.0f}, "
+                   f"mfu {mfu_s}, lr {lr:.3e}, eta {int(eta // 60)}m{int(eta % 60):02d}s")
+            log_metrics({"iter": iter_num, "loss": lossf, "lr": lr, "dt_ms": dt * 1000, "tok_per_s": tok_s,
+                         "mfu": mfu})
+        iter_num += 1
+
+    if cfg.wandb_log and master_process:
+        wandb.finish()
+    return {"losses": losses, "val_loss": val_loss, "iter_num": iter_num}
+
+
+if __name__ == "__main__":
+    try:
+        main(load_config(TrainConfig))
+    except (ConfigError, DataError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
