@@ -382,6 +382,7 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
                 save_checkpoint()
                 if master_process:
                     plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss.png"))
+            t0 = time.time()  # evaluation is not training time
         if iter_num >= cfg.max_iters or cfg.eval_only:
             break
 
