@@ -18,7 +18,9 @@ returns (B, nh, T, hs). A memory may read q/k/v, replace any of them (e.g. swap 
 values) and call `attend`, or compute y its own way (e.g. mix attend's output with attention
 over retrieved pairs). The KV cache always stores the *unmodified* k and v, so a memory that
 rewrites past values sees the original ones again at the next step. `attn.layer_idx` tells
-the memory which layer it is at. A memory that is an nn.Module (learned gates) becomes part of
+the memory which layer it is at. A memory whose changes reach back to earlier positions
+(their outputs depend on the newest token) sets `memory.recompute = True`; generation then
+caches only the layers below it, see KVCache. A memory that is an nn.Module (learned gates) becomes part of
 the model's parameters and state_dict; a plain callable (a kNN store) does not.
 """
 
@@ -44,22 +46,40 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, preallocated to block_size."""
+    """Keys and values of the tokens seen so far, preallocated to block_size.
 
-    def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
+    With recompute_from=L, only layers below L are cached; the cache also keeps the residual
+    stream entering layer L for every position, and layers L.. are recomputed over the whole
+    context at every step. That is what a memory needs whose effect on *earlier* positions
+    changes with each new token (the kNN memory re-chooses which values to replace from the
+    newest token's attention): decoding then still equals full recomputation, at the price of
+    running the upper layers over the whole context.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, device, dtype, recompute_from: int | None = None):
         hs = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, hs)
+        self.recompute_from = recompute_from
+        self.n_cached = config.n_layer if recompute_from is None else recompute_from
+        shape = (self.n_cached, batch_size, config.n_head, config.block_size, hs)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.x = None
+        if recompute_from is not None:
+            self.x = torch.zeros(batch_size, config.block_size, config.n_embd, device=device, dtype=dtype)
         self.pos = 0  # tokens already stored (same for every layer once a forward pass is done)
 
     def update(self, layer: int, k, v):
         """Store the new (B, nh, T, hs) keys/values of `layer`; return the whole context's."""
-        T = k.size(2)
-        end = self.pos + T
+        end = self.pos + k.size(2)
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def update_resid(self, x):
+        """Store the new (B, T, C) inputs of layer recompute_from; return the whole context's."""
+        end = self.pos + x.size(1)
+        self.x[:, self.pos:end] = x
+        return self.x[:, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -215,15 +235,18 @@ class GPT(nn.Module):
         tok_emb = self.transformer.wte(idx)  # (b, t, n_embd)
         pos_emb = self.transformer.wpe(pos)  # (t, n_embd)
         x = self.transformer.drop(tok_emb + pos_emb)
-        for block in self.transformer.h:
-            x = block(x, cache)
+        for i, block in enumerate(self.transformer.h):
+            if cache is not None and i == cache.recompute_from:
+                x = cache.update_resid(x)  # (b, start + t, n_embd): layers from here see every position
+            x = block(x, cache if cache is not None and i < cache.n_cached else None)
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.pos += t
 
         if targets is not None:
+            assert cache is None, "training and scoring run without a cache"
             logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
             return logits, loss
         return self.lm_head(x[:, [-1], :]), None
 
@@ -315,6 +338,10 @@ class GPT(nn.Module):
         """
         B = idx.size(0)
         block_size = self.config.block_size
+        # memories that rewrite earlier positions (memory.recompute) need the layers from the
+        # first of them recomputed over the whole context, see KVCache
+        recompute = [a.layer_idx for a in self.attentions if getattr(a.memory, "recompute", False)]
+        recompute_from = min(recompute) if recompute else None
         cache = None
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
@@ -323,7 +350,7 @@ class GPT(nn.Module):
             elif cache is None or cache.pos + 1 > block_size:
                 # (re)fill the cache with the visible window
                 param = next(self.parameters())
-                cache = KVCache(self.config, B, idx.device, param.dtype)
+                cache = KVCache(self.config, B, idx.device, param.dtype, recompute_from)
                 logits, _ = self(idx[:, -block_size:], cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], cache=cache)

@@ -1,7 +1,8 @@
-# Ask the quickstart model about a person it never saw in training.
+# Ask the quickstart model about a person it never saw in training (Cressida is a held-out name).
 out_dir = "out-facts"
-start = "Zora Lindqvist lives in Kyoto. Zora Lindqvist has a parrot named Pepper.\nQ: Where does Zora Lindqvist live?\nA:"
+start = ("Cressida Holt is aged 31. Cressida Holt has a flat in Vienna. Cressida Holt looks after a pony named Kiwi. "
+         "Cressida Holt's favourite colour is teal.\nQ: Where does Cressida Holt live?\nA:")
 num_samples = 3
-max_new_tokens = 60
+max_new_tokens = 40
 temperature = 0.8
 top_k = 10

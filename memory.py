@@ -1,0 +1,461 @@
+"""
+Memories that plug into the attention seam of model.py (`attn.memory`, see model.py's docstring).
+
+Persistent kNN attention memory
+-------------------------------
+The "medium-term memory" method (../shared/docs/knn-memory.md): run a text through the model once,
+keep the keys and values of every token at chosen layers, per head, and while generating let the
+heads that attend strongly to a position replace that position's value by a mix of the values of
+the memory entries nearest to its key. No parameter is trained.
+
+    mem = KNNMemory.create(model, settings, tokenizer_meta)
+    mem.add_text(model, tokenizer, "Cats are wonderful ...", source="cats.txt")   # grow
+    mem.attach(model)            # generate as usual: model.generate(...)
+    mem.save("memories/cats")    # a folder: manifest.json + kv.safetensors (+ faiss indexes)
+    mem = KNNMemory.load("memories/cats", model, settings)
+
+Every memory entry is one token of one document at every memory layer and head, so entry n is
+the same token everywhere and one `doc_ids` vector says where each entry came from.
+
+Differences from the reference, on purpose: the build pass is clean (no retrieval while building,
+so a multi-layer memory is not contaminated); text of any length is streamed in windows that each
+start with the bookkeeping token; the hook is batched and searches all heads of a layer at once;
+with fewer than k entries the search returns all of them instead of padding with a sentinel row;
+and a question-dependent variant (knn_query='query') searches with the newest token's query.
+"""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch.nn import functional as F
+
+FORMAT_VERSION = 1
+BACKENDS = ("torch", "faiss-flat", "faiss-ivf", "faiss-ivfpq")
+
+
+class KNNMemoryError(RuntimeError):
+    """A memory folder that cannot be used as asked; the message says why and what to do."""
+
+
+@dataclass
+class KNNSettings:
+    knn: list[int] = field(default_factory=list)  # neighbours per layer (one entry per layer), 0 = off; [] = no memory
+    bookkeeping_frac: float = 0.9  # BF: position 0 is used only where the newest token's attention to it exceeds this
+    mem_frac: float = 0.0  # MF: >0 also uses positions j with attention >= 1/(MF * T); 0: only position 0
+    knn_softmax_influence: float = 1.0  # TS: sharpness of the mix over candidates (1000 ~ argmax, 0.01 ~ uniform)
+    resid_only: bool = False  # True: the current value is not a candidate of the mix
+    resid_frac: float = 0.0  # r: v' = (1 - r) * mix + r * v (0: v' = mix)
+    remove_bookkeeping: int = 1  # leading positions of every build window (the bookkeeping token) kept out of memory
+    knn_query: str = "key"  # 'key': search with the chosen position's key (reference); 'query': with the newest token's query
+    knn_metric: str = "l2"  # 'l2' (reference) or 'ip' (inner product)
+    knn_backend: str = "torch"  # exact matmul + top-k, or 'faiss-flat', 'faiss-ivf', 'faiss-ivfpq'
+    knn_nlist: int = 0  # IVF lists; 0: about 4 * sqrt(entries)
+    knn_nprobe: int = 16  # IVF lists searched per query
+    knn_pq_m: int = 8  # IVF-PQ sub-quantizers (must divide the head size)
+
+    def check(self, n_layer: int):
+        if self.knn and len(self.knn) != n_layer:
+            raise KNNMemoryError(f"knn has {len(self.knn)} entries but the model has {n_layer} layers: "
+                               f"give one k per layer, e.g. knn={[0] * (n_layer - 1) + [5]}")
+        if any(k < 0 for k in self.knn):
+            raise KNNMemoryError(f"knn entries must be >= 0, got {self.knn}")
+        for name, value, allowed in (("knn_query", self.knn_query, ("key", "query")),
+                                     ("knn_metric", self.knn_metric, ("l2", "ip")),
+                                     ("knn_backend", self.knn_backend, BACKENDS)):
+            if value not in allowed:
+                raise KNNMemoryError(f"{name}={value!r}; choose one of {', '.join(allowed)}")
+
+    @property
+    def layers(self) -> list[int]:
+        return [i for i, k in enumerate(self.knn) if k > 0]
+
+    @classmethod
+    def from_config(cls, cfg) -> "KNNSettings":
+        """The KNNSettings part of a script's settings (which inherit from this class)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+
+
+def model_fingerprint(model) -> str:
+    """A short hash of the model's shape and weights: a memory only makes sense with the model
+    whose keys and values it holds. Samples ~256 values of every tensor, which is enough to tell
+    two trainings apart and cheap for GPT-2-sized models."""
+    h = hashlib.sha256()
+    shape = {k: v for k, v in asdict(model.config).items() if k != "dropout"}
+    h.update(json.dumps(shape, sort_keys=True).encode())
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().flatten()
+        h.update(name.encode())
+        h.update(flat[:: max(1, flat.numel() // 256)][:256].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# -----------------------------------------------------------------------------
+# search backends: search(heads (M,), vecs (M, d), k) -> ids (M, k) into that head's entries
+
+class TorchIndex:
+    """Exact search by one batched matrix product over all heads plus top-k (CPU or CUDA)."""
+
+    def __init__(self, keys, metric: str):
+        self.keys = keys  # (H, N, d)
+        self.metric = metric
+        self.sq_norms = (keys * keys).sum(-1) if metric == "l2" else None  # (H, N)
+
+    def search(self, heads, vecs, k):
+        H = self.keys.size(0)
+        # queries of each head side by side, padded to the busiest head: (H, Mmax, d)
+        counts = torch.bincount(heads, minlength=H)
+        order = torch.argsort(heads, stable=True)
+        sorted_heads = heads[order]
+        slot = torch.arange(len(heads), device=heads.device) - (torch.cumsum(counts, 0) - counts)[sorted_heads]
+        padded = vecs.new_zeros(H, int(counts.max()), vecs.size(-1))
+        padded[sorted_heads, slot] = vecs[order]
+        scores = torch.bmm(padded, self.keys.transpose(1, 2))  # (H, Mmax, N)
+        if self.metric == "l2":  # -||q - k||^2 up to the query's own norm, which does not change the ranking
+            scores = 2 * scores - self.sq_norms[:, None, :]
+        ids = scores.topk(k, dim=-1).indices  # (H, Mmax, k)
+        out = torch.empty(len(heads), k, dtype=torch.long, device=heads.device)
+        out[order] = ids[sorted_heads, slot]
+        return out
+
+
+class FaissIndex:
+    """One faiss index per head (faiss searches one database per call). Flat is exact; IVF and
+    IVF-PQ trade exactness for speed on large memories. On CUDA with faiss-gpu the indexes live
+    on the GPU."""
+
+    def __init__(self, keys, metric: str, kind: str, nlist: int, nprobe: int, pq_m: int, indexes=None):
+        import faiss
+        # faiss's OpenMP pool and torch's would otherwise both spin up to all cores and fight
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        self.faiss = faiss
+        H, N, d = keys.shape
+        self.device = keys.device
+        if indexes is None:
+            indexes = [self._build(keys[h].float().cpu().numpy(), metric, kind, nlist, pq_m) for h in range(H)]
+        for index in indexes:
+            if hasattr(index, "nprobe"):
+                index.nprobe = nprobe
+        if keys.is_cuda and hasattr(faiss, "StandardGpuResources"):
+            self.res = faiss.StandardGpuResources()
+            indexes = [faiss.index_cpu_to_gpu(self.res, keys.device.index or 0, ix) for ix in indexes]
+        self.indexes = indexes
+
+    def _build(self, x, metric, kind, nlist, pq_m):
+        faiss = self.faiss
+        N, d = x.shape
+        mt = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+        if kind == "faiss-flat":
+            index = faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d)
+        else:
+            nlist = nlist or max(1, int(4 * math.sqrt(N)))
+            if N < nlist:
+                raise KNNMemoryError(f"{kind} with {nlist} lists needs at least that many entries, the memory has {N}: "
+                                   "lower knn_nlist or use knn_backend='torch' for small memories")
+            quantizer = faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d)
+            if kind == "faiss-ivf":
+                index = faiss.IndexIVFFlat(quantizer, d, nlist, mt)
+            else:
+                if d % pq_m:
+                    raise KNNMemoryError(f"knn_pq_m={pq_m} must divide the head size {d}")
+                index = faiss.IndexIVFPQ(quantizer, d, nlist, pq_m, 8, mt)
+            # faiss's k-means wants ~39 points per centroid; train on a sample of the keys
+            sample = x[torch.randperm(N, generator=torch.Generator().manual_seed(0))[: 64 * nlist].numpy()]
+            index.train(sample)
+            index.quantizer_trains_alone = 0
+        index.add(x)
+        return index
+
+    def search(self, heads, vecs, k):
+        out = torch.empty(len(heads), k, dtype=torch.long)
+        heads_cpu, vecs_cpu = heads.cpu(), vecs.float().cpu().numpy()
+        for h in torch.unique(heads_cpu).tolist():
+            rows = (heads_cpu == h).nonzero().squeeze(1)
+            _, ids = self.indexes[h].search(vecs_cpu[rows.numpy()], k)
+            out[rows] = torch.from_numpy(ids).long()
+        return out.to(heads.device)
+
+
+# -----------------------------------------------------------------------------
+
+class KNNMemory:
+    """Keys and values of memory texts per (layer, head), their documents, and search indexes."""
+
+    def __init__(self, settings: KNNSettings, layers: list[int], n_head: int, head_size: int, fingerprint: str,
+                 tokenizer: dict, bookkeeping_token: int, device="cpu"):
+        self.settings = settings
+        self.layers = list(layers)
+        self.n_head, self.head_size = n_head, head_size
+        self.fingerprint = fingerprint
+        self.tokenizer = tokenizer  # the dataset meta of the model's tokenizer
+        self.bookkeeping_token = bookkeeping_token
+        self.remove_bookkeeping = settings.remove_bookkeeping
+        self.device = torch.device(device)
+        self.keys = {L: torch.zeros(n_head, 0, head_size, device=self.device) for L in self.layers}  # (H, N, d)
+        self.values = {L: torch.zeros(n_head, 0, head_size, device=self.device) for L in self.layers}  # (H, N, d)
+        self.doc_ids = torch.zeros(0, dtype=torch.long, device=self.device)  # (N,)
+        self.documents: list[dict] = []  # {"id", "source", "text", "n_tokens"}
+        self._indexes: dict = {}  # layer -> index, built lazily after every change
+
+    def __len__(self):
+        return self.doc_ids.numel()
+
+    @classmethod
+    def create(cls, model, settings: KNNSettings, tokenizer_meta: dict, tokenizer):
+        settings.check(model.config.n_layer)
+        if not settings.layers:
+            raise KNNMemoryError("knn selects no layer: set knn to one k per layer, e.g. knn=[0, 0, 5, 0]")
+        bk = tokenizer.encode("\n")
+        if len(bk) != 1:
+            raise KNNMemoryError("the tokenizer has no single-token '\\n' to use as the bookkeeping token")
+        cfg = model.config
+        return cls(settings, settings.layers, cfg.n_head, cfg.n_embd // cfg.n_head, model_fingerprint(model),
+                   tokenizer_meta, bk[0], device=next(model.parameters()).device)
+
+    # -- grow, forget --------------------------------------------------------
+
+    @torch.no_grad()
+    def add_tokens(self, model, tokens: list[int], source: str = "", text: str = "") -> int:
+        """Run tokens through the model in windows of block_size, each starting with the
+        bookkeeping token, and keep every memory layer's keys and values. Returns the document id."""
+        self._check_model(model)
+        if not tokens:
+            raise KNNMemoryError(f"document {source!r} is empty")
+        step = model.config.block_size - 1
+        windows = [[self.bookkeeping_token] + tokens[i:i + step] for i in range(0, len(tokens), step)]
+        captured = {L: [] for L in self.layers}
+
+        def capture(attn, q, k, v, attend):  # a clean pass: record, never retrieve
+            captured[attn.layer_idx].append((k[:, :, self.remove_bookkeeping:], v[:, :, self.remove_bookkeeping:]))
+            return attend(q, k, v)
+
+        saved = {L: model.attentions[L].memory for L in self.layers}
+        was_training = model.training
+        model.eval()
+        try:
+            for L in self.layers:
+                model.attentions[L].memory = capture
+            full = [w for w in windows if len(w) == step + 1]
+            batches = [full[i:i + 16] for i in range(0, len(full), 16)] + [[w] for w in windows if len(w) <= step]
+            for batch in batches:
+                model(torch.tensor(batch, device=self.device))
+        finally:
+            for L in self.layers:
+                model.attentions[L].memory = saved[L]
+            model.train(was_training)
+        doc_id = max((d["id"] for d in self.documents), default=-1) + 1
+        n = 0
+        for L in self.layers:
+            # windows of a batch are rows: (b, H, t, d) -> (H, b * t, d), window after window
+            ks = torch.cat([k.transpose(0, 1).reshape(self.n_head, -1, self.head_size) for k, _ in captured[L]], 1)
+            vs = torch.cat([v.transpose(0, 1).reshape(self.n_head, -1, self.head_size) for _, v in captured[L]], 1)
+            self.keys[L] = torch.cat([self.keys[L], ks.float()], 1)
+            self.values[L] = torch.cat([self.values[L], vs.float()], 1)
+            n = ks.size(1)
+        self.doc_ids = torch.cat([self.doc_ids, torch.full((n,), doc_id, dtype=torch.long, device=self.device)])
+        self.documents.append({"id": doc_id, "source": source, "text": text, "n_tokens": n})
+        self._indexes = {}
+        return doc_id
+
+    def add_text(self, model, tokenizer, text: str, source: str = "") -> int:
+        return self.add_tokens(model, tokenizer.encode(text), source=source, text=text)
+
+    def remove(self, doc_id: int):
+        if not any(d["id"] == doc_id for d in self.documents):
+            raise KNNMemoryError(f"no document {doc_id} in the memory (documents: {[d['id'] for d in self.documents]})")
+        keep = self.doc_ids != doc_id
+        for L in self.layers:
+            self.keys[L], self.values[L] = self.keys[L][:, keep], self.values[L][:, keep]
+        self.doc_ids = self.doc_ids[keep]
+        self.documents = [d for d in self.documents if d["id"] != doc_id]
+        self._indexes = {}
+
+    def clear(self):
+        for doc in list(self.documents):
+            self.remove(doc["id"])
+
+    # -- search ----------------------------------------------------------------
+
+    def index(self, layer: int):
+        if layer not in self._indexes:
+            s = self.settings
+            if s.knn_backend == "torch":
+                self._indexes[layer] = TorchIndex(self.keys[layer], s.knn_metric)
+            else:
+                self._indexes[layer] = FaissIndex(self.keys[layer], s.knn_metric, s.knn_backend, s.knn_nlist,
+                                                  s.knn_nprobe, s.knn_pq_m)
+        return self._indexes[layer]
+
+    # -- the hook --------------------------------------------------------------
+
+    def attach(self, model):
+        """Plug into the model's attention at every layer with k > 0."""
+        self._check_model(model)
+        self.settings.check(model.config.n_layer)
+        missing = [L for L in self.settings.layers if L not in self.layers]
+        if missing:
+            raise KNNMemoryError(f"knn asks for layers {missing}, but this memory holds layers {self.layers}: "
+                               "build a memory with those layers")
+        for attn in model.attentions:
+            k = self.settings.knn[attn.layer_idx] if self.settings.knn else 0
+            attn.memory = KNNAttention(self, attn.layer_idx, k) if k > 0 else None
+
+    @staticmethod
+    def detach(model):
+        for attn in model.attentions:
+            attn.memory = None
+
+    def _check_model(self, model):
+        cfg = model.config
+        if (cfg.n_head, cfg.n_embd // cfg.n_head) != (self.n_head, self.head_size) or max(self.layers) >= cfg.n_layer:
+            raise KNNMemoryError(f"this memory was built by a model with {self.n_head} heads of size {self.head_size} "
+                               f"at layers {self.layers}; the model has {cfg.n_layer} layers of {cfg.n_head} heads "
+                               f"of size {cfg.n_embd // cfg.n_head}")
+
+    # -- save, load ------------------------------------------------------------
+
+    def manifest(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION, "kind": "knn-attention-memory", "layers": self.layers,
+            "n_head": self.n_head, "head_size": self.head_size, "count": len(self),
+            "fingerprint": self.fingerprint, "tokenizer": self.tokenizer,
+            "bookkeeping_token": self.bookkeeping_token, "remove_bookkeeping": self.remove_bookkeeping,
+            "metric": self.settings.knn_metric, "backend": self.settings.knn_backend,
+            "documents": self.documents,
+        }
+
+    def save(self, path: str):
+        """Write the memory folder atomically: a new folder is written beside the old one and
+        swapped in by renames, so a crash leaves the previous memory (or path.old) intact."""
+        from safetensors.torch import save_file
+        path = os.path.abspath(path)
+        tmp, old = path + ".tmp", path + ".old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        tensors = {"doc_ids": self.doc_ids.cpu().contiguous()}
+        for L in self.layers:
+            tensors[f"keys.{L}"] = self.keys[L].cpu().contiguous()
+            tensors[f"values.{L}"] = self.values[L].cpu().contiguous()
+        save_file(tensors, os.path.join(tmp, "kv.safetensors"))
+        if self.settings.knn_backend != "torch" and len(self):
+            import faiss
+            for L in self.layers:
+                for h, ix in enumerate(self.index(L).indexes):
+                    ix = faiss.index_gpu_to_cpu(ix) if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(ix).__name__ else ix
+                    faiss.write_index(ix, os.path.join(tmp, f"index.{L}.{h}.faiss"))
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump(self.manifest(), f, indent=1)
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        if os.path.exists(path):
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+
+    @classmethod
+    def load(cls, path: str, model, settings: KNNSettings, force: bool = False) -> "KNNMemory":
+        """Load a memory folder for `model`; refuses one built by other weights unless force."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        path = os.path.abspath(path)
+        if not os.path.isdir(path) and os.path.isdir(path + ".old"):
+            path = path + ".old"  # a save was interrupted between its two renames
+        manifest_path = os.path.join(path, "manifest.json")
+        if not os.path.isfile(manifest_path):
+            raise KNNMemoryError(f"{path} is not a memory folder (no manifest.json): build one with memory_text=... "
+                               "and memory_save=...")
+        try:
+            with open(manifest_path) as f:
+                man = json.load(f)
+        except json.JSONDecodeError as e:
+            raise KNNMemoryError(f"{manifest_path} is corrupt ({e}); rebuild the memory from its texts") from None
+        if man.get("kind") != "knn-attention-memory" or man.get("format_version") != FORMAT_VERSION:
+            raise KNNMemoryError(f"{path}: not a kNN memory of format {FORMAT_VERSION} "
+                               f"(kind {man.get('kind')!r}, format {man.get('format_version')!r})")
+        fp = model_fingerprint(model)
+        if man["fingerprint"] != fp and not force:
+            raise KNNMemoryError(f"{path} was built by another model (fingerprint {man['fingerprint']}, this model "
+                               f"{fp}): its keys and values mean nothing here. Rebuild it from its texts with this "
+                               "model, or pass memory_force=True to use it anyway")
+        mem = cls(settings, man["layers"], man["n_head"], man["head_size"], man["fingerprint"], man["tokenizer"],
+                  man["bookkeeping_token"], device=next(model.parameters()).device)
+        mem.remove_bookkeeping = man["remove_bookkeeping"]
+        mem._check_model(model)
+        try:
+            tensors = load_file(os.path.join(path, "kv.safetensors"))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise KNNMemoryError(f"{path}/kv.safetensors is missing or corrupt ({e}); rebuild the memory") from None
+        shape = (man["n_head"], man["count"], man["head_size"])
+        for L in mem.layers:
+            k, v = tensors.get(f"keys.{L}"), tensors.get(f"values.{L}")
+            if k is None or v is None or tuple(k.shape) != shape or tuple(v.shape) != shape:
+                raise KNNMemoryError(f"{path}: tensors of layer {L} are missing or not of shape {shape}; "
+                                   "the folder is damaged, rebuild the memory")
+            mem.keys[L], mem.values[L] = k.to(mem.device), v.to(mem.device)
+        mem.doc_ids = tensors["doc_ids"].to(mem.device)
+        mem.documents = man["documents"]
+        if settings.knn_backend != "torch" and settings.knn_backend == man["backend"] \
+                and settings.knn_metric == man["metric"] and len(mem) > 0:
+            import faiss
+            for L in mem.layers:
+                files = [os.path.join(path, f"index.{L}.{h}.faiss") for h in range(mem.n_head)]
+                if all(os.path.isfile(f) for f in files):
+                    s = settings
+                    mem._indexes[L] = FaissIndex(mem.keys[L], s.knn_metric, s.knn_backend, s.knn_nlist, s.knn_nprobe,
+                                                 s.knn_pq_m, indexes=[faiss.read_index(f) for f in files])
+        return mem
+
+
+class KNNAttention:
+    """The hook at one memory layer (see the module docstring and knn-memory.md for the steps)."""
+
+    recompute = True  # the replaced values depend on the newest token: see model.KVCache
+
+    def __init__(self, memory: KNNMemory, layer: int, k: int):
+        self.memory, self.layer, self.k = memory, layer, k
+
+    def __call__(self, attn, q, k, v, attend):
+        mem, s = self.memory, self.memory.settings
+        B, H, T, d = q.shape
+        Tk = k.size(2)
+        assert T == Tk, "the kNN memory needs every position's query (recompute mode)"
+        n_entries = len(mem)
+        if n_entries == 0:
+            return attend(q, k, v)
+        scale = 1.0 / math.sqrt(d)
+        # 1-2. the newest token's attention row decides which (head, position) pairs use the memory
+        s_last = F.softmax((q[:, :, -1:] @ k.transpose(-2, -1)).squeeze(2).float() * scale, dim=-1)  # (B, H, Tk)
+        chosen = torch.zeros_like(s_last, dtype=torch.bool)
+        chosen[:, :, 0] = s_last[:, :, 0] > s.bookkeeping_frac
+        if s.mem_frac > 0:
+            chosen[:, :, 1:] = s_last[:, :, 1:] >= 1.0 / (s.mem_frac * Tk)
+        b, h, j = chosen.nonzero(as_tuple=True)  # (M,) each
+        if b.numel() == 0:
+            return attend(q, k, v)
+        k_j, v_j = k[b, h, j].float(), v[b, h, j].float()  # (M, d)
+        # 3. search that head's memory, with the position's key (reference) or the newest query
+        probe = k_j if s.knn_query == "key" else q[b, h, -1].float()  # (M, d)
+        kk = min(self.k, n_entries)
+        ids = mem.index(self.layer).search(h, probe, kk)  # (M, kk)
+        cand_k = mem.keys[self.layer][h[:, None], ids]  # (M, kk, d)
+        cand_v = mem.values[self.layer][h[:, None], ids]  # (M, kk, d)
+        # 4. the current pair is a candidate unless resid_only
+        if not s.resid_only:
+            cand_k = torch.cat([cand_k, k_j[:, None]], 1)
+            cand_v = torch.cat([cand_v, v_j[:, None]], 1)
+        # 5-6. softmax mix; the reference weighs with the position's own query
+        mix_q = q[b, h, j].float() if s.knn_query == "key" else probe
+        w = F.softmax(s.knn_softmax_influence * (cand_k @ mix_q[:, :, None]).squeeze(-1) * scale, dim=-1)  # (M, c)
+        mixed = (w[:, :, None] * cand_v).sum(1)  # (M, d)
+        if s.resid_frac > 0:
+            mixed = (1 - s.resid_frac) * mixed + s.resid_frac * v_j
+        # 7. the unchanged attention pattern applied to the new values
+        v = v.clone()
+        v[b, h, j] = mixed.to(v.dtype)
+        return attend(q, k, v)
