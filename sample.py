@@ -1,33 +1,42 @@
 """
-Sample from a trained model (a train.py checkpoint) or from GPT-2 weights.
+Sample from a trained model (a train.py checkpoint) or from GPT-2 weights, optionally with a
+persistent kNN attention memory, and evaluate what the memory does.
 
     python sample.py --out_dir=out-facts --start="Q: Where does Ada live?" --num_samples=3
     python sample.py config/sample_gpt2.py --init_from=path/to/hf_folder --start=FILE:prompt.txt
+    python sample.py config/sample_gpt2_type_3_method.py                      # sentiment direction
+    python sample.py config/sample_facts_recall.py                            # eval='recall'
 
 Sample i is drawn with its own generator seeded seed + i, whatever batch it runs in, so
 `--seed=S --num_samples=1` reproduces the sample printed with seed S on its own.
+
+Memory settings (see memory.KNNSettings): `knn` (one k per layer), the gates and mixing of the
+method's Types 1-3, the search backend; `memory_text` builds a memory (a string or FILE:path),
+`memory_dir` loads one, `memory_save` writes it (load + text + save grows a memory).
 """
 
 import json
 import os
+import re
 import sys
 from dataclasses import asdict, dataclass
 
 import torch
 
 from configurator import ConfigError, format_config, load_config
+from memory import KNNMemory, KNNMemoryError, KNNSettings
 from model import GPT, CheckpointError, load_checkpoint, model_from_checkpoint
 from prepare import DataError, get_tokenizer
 from train import autocast_context, resolve_device
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(KNNSettings):
     init_from: str = "resume"  # 'resume' (out_dir/ckpt.pt), 'gpt2*', or a local HF GPT-2 folder
     out_dir: str = "out"
     start: str = "\n"  # the prompt, or FILE:path to read it from a file
     num_samples: int = 5
-    max_new_tokens: int = 200
+    max_new_tokens: int = 200  # with eval='recall': the M tokens in which an answer must appear
     temperature: float = 0.8  # 0: greedy
     top_k: int | None = 200
     top_p: float | None = None
@@ -39,32 +48,42 @@ class SampleConfig:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    # the kNN memory (active when knn has a k > 0)
+    memory_text: str | None = None  # text to add to the memory, or FILE:path
+    memory_dir: str | None = None  # load this memory folder first
+    memory_save: str | None = None  # write the memory to this folder
+    memory_force: bool = False  # use a memory built by other weights anyway
+    # evaluation instead of plain sampling
+    eval: str | None = None  # 'recall' or 'sentiment'
+    eval_file: str | None = None  # recall: JSONL of {"memory", "prompt", "answers"}
+    eval_items: int | None = None  # recall: only the first N items
+    eval_seeds: int = 20  # seeds per item (recall) or per arm (sentiment): seed, seed + 1, ...
+    eval_out: str | None = None  # folder for the JSON and the plot; default out_dir/eval_<eval>
 
 
-def read_prompt(start: str) -> str:
-    if start.startswith("FILE:"):
-        path = start[len("FILE:"):]
+def read_text(value: str) -> str:
+    """A setting that holds text or FILE:path."""
+    if value.startswith("FILE:"):
+        path = value[len("FILE:"):]
         if not os.path.isfile(path):
-            raise ConfigError(f"prompt file {path} not found (start={start!r})")
+            raise ConfigError(f"file {path} not found ({value!r})")
         with open(path, encoding="utf-8") as f:
             return f.read()
-    return start
+    return value
 
 
 def load_model(init_from: str, out_dir: str, device: str):
-    """(model in eval mode, tokenizer, where it came from) for a checkpoint or GPT-2 weights."""
+    """(model in eval mode, tokenizer, tokenizer meta, where it came from)."""
     if init_from == "resume":
         path = os.path.join(out_dir, "ckpt.pt")
         ckpt = load_checkpoint(path, map_location=device)
         model = model_from_checkpoint(ckpt, dropout=0.0)
-        tokenizer = get_tokenizer(ckpt["meta"])
-        source = path
+        meta, source = ckpt["meta"], path
     else:
         model = GPT.from_pretrained(init_from)
-        tokenizer = get_tokenizer({"tokenizer": "gpt2"})
-        source = init_from
+        meta, source = {"tokenizer": "gpt2"}, init_from
     model.eval().to(device)
-    return model, tokenizer, source
+    return model, get_tokenizer(meta), meta, source
 
 
 def encode_stop(tokenizer, stop: str | None) -> int | None:
@@ -76,45 +95,192 @@ def encode_stop(tokenizer, stop: str | None) -> int | None:
     return ids[0]
 
 
-def main(cfg: SampleConfig) -> list[dict]:
-    """Generate cfg.num_samples continuations; returns [{'seed', 'text', 'completion', 'tokens'}]."""
-    device, dtype = resolve_device(cfg.device, cfg.dtype)
-    print(f"settings:\n{format_config(cfg)}")
-    model, tokenizer, source = load_model(cfg.init_from, cfg.out_dir, device)
-    if cfg.compile:
-        model = torch.compile(model)
-    prompt = read_prompt(cfg.start)
-    prompt_ids = tokenizer.encode(prompt)
-    if not prompt_ids:
-        raise ConfigError("the prompt is empty: set start to some text (e.g. --start='\\n')")
-    stop_token = encode_stop(tokenizer, cfg.stop)
-    ctx = autocast_context(device, dtype)
+def setup_memory(cfg: SampleConfig, model, tokenizer, meta) -> KNNMemory | None:
+    """Load, grow and save the kNN memory as the settings say, and attach it. None when off."""
+    settings = KNNSettings.from_config(cfg)
+    if not settings.layers:
+        if cfg.memory_text or cfg.memory_dir or cfg.memory_save:
+            raise ConfigError("memory_text/memory_dir/memory_save need a memory: set knn, one k per layer")
+        return None
+    if cfg.memory_dir and (os.path.isdir(cfg.memory_dir) or os.path.isdir(cfg.memory_dir + ".old")):
+        memory = KNNMemory.load(cfg.memory_dir, model, settings, force=cfg.memory_force)
+        print(f"loaded memory {cfg.memory_dir}: {len(memory):,} entries from {len(memory.documents)} document(s)")
+    elif cfg.memory_dir:
+        raise ConfigError(f"memory_dir {cfg.memory_dir} does not exist: build it with memory_text=... memory_save=...")
+    else:
+        memory = KNNMemory.create(model, settings, meta, tokenizer)
+    if cfg.memory_text:
+        source = cfg.memory_text[len("FILE:"):] if cfg.memory_text.startswith("FILE:") else "memory_text"
+        memory.add_text(model, tokenizer, read_text(cfg.memory_text), source=source)
+        print(f"memory: {len(memory):,} entries at layers {memory.layers}")
+    if cfg.memory_save:
+        memory.save(cfg.memory_save)
+        print(f"saved memory to {cfg.memory_save}")
+    memory.attach(model)
+    return memory
 
-    samples = []
-    for first in range(0, cfg.num_samples, cfg.batch_size):
-        seeds = [cfg.seed + i for i in range(first, min(cfg.num_samples, first + cfg.batch_size))]
-        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-        x = torch.tensor([prompt_ids] * len(seeds), dtype=torch.long, device=device)  # (B, T)
+
+def generate(model, prompt_ids: list[int], seeds: list[int], cfg: SampleConfig, stop_token=None,
+             device="cpu", dtype="float32") -> list[list[int]]:
+    """The new tokens of one sample per seed, batch_size rows at a time, each row with its own
+    generator (so a sample does not depend on its batch)."""
+    ctx = autocast_context(device, dtype)
+    out = []
+    for first in range(0, len(seeds), cfg.batch_size):
+        batch_seeds = seeds[first:first + cfg.batch_size]
+        generators = [torch.Generator(device=device).manual_seed(s) for s in batch_seeds]
+        x = torch.tensor([prompt_ids] * len(batch_seeds), dtype=torch.long, device=device)  # (B, T)
         with torch.no_grad(), ctx:
             y = model.generate(x, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                top_p=cfg.top_p, stop_token=stop_token, generators=generators,
                                use_cache=cfg.use_cache)
-        for seed, row in zip(seeds, y.tolist()):
+        for row in y.tolist():
             new = row[len(prompt_ids):]
             if stop_token is not None and stop_token in new:
                 new = new[:new.index(stop_token) + 1]
-            completion = tokenizer.decode(new)
-            samples.append({"seed": seed, "text": prompt + completion, "completion": completion, "tokens": new})
-            print(f"--- sample {seed - cfg.seed} (seed {seed}) ---")
-            print(prompt + completion)
+            out.append(new)
+    return out
 
+
+def write_json(path: str, obj):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def save_figure(fig, path: str):
+    import matplotlib.pyplot as plt
+    tmp = path + ".tmp.png"
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def contains_word(text: str, answer: str) -> bool:
+    return re.search(r"(?<!\w)" + re.escape(answer) + r"(?!\w)", text, flags=re.IGNORECASE) is not None
+
+
+def eval_recall(cfg, model, tokenizer, meta, memory, gen_kwargs) -> dict:
+    """Three arms per item, the same seeds in each: the question alone, the memory text placed
+    in the context before it, and the question with the memory holding the text."""
+    if not cfg.eval_file:
+        raise ConfigError("eval='recall' needs eval_file: a JSONL of {\"memory\", \"prompt\", \"answers\"}")
+    if memory is None:
+        raise ConfigError("eval='recall' needs a memory: set knn, one k per layer")
+    with open(cfg.eval_file) as f:
+        items = [json.loads(line) for line in f if line.strip()]
+    items = items[:cfg.eval_items] if cfg.eval_items else items
+    seeds = [cfg.seed + i for i in range(cfg.eval_seeds)]
+    bk = "\n"  # every prompt starts with the bookkeeping token, as the memory's windows do
+    arms = ("none", "context", "memory")
+    results = []
+    from tqdm import tqdm
+    for item in tqdm(items, desc="recall", disable=None):
+        prompts = {"none": bk + item["prompt"], "context": bk + item["memory"] + "\n" + item["prompt"],
+                   "memory": bk + item["prompt"]}
+        row = {"prompt": item["prompt"], "answers": item["answers"], "memory": item["memory"]}
+        for arm in arms:
+            if arm == "memory":
+                memory.clear()
+                memory.add_text(model, tokenizer, item["memory"], source="eval item")
+                memory.attach(model)
+            else:
+                KNNMemory.detach(model)
+            texts = [tokenizer.decode(t) for t in generate(model, tokenizer.encode(prompts[arm]), seeds, cfg,
+                                                          **gen_kwargs)]
+            hits = [any(contains_word(t, a) for a in item["answers"]) for t in texts]
+            row[arm] = sum(hits) / len(hits)
+            row[f"{arm}_samples"] = texts
+        results.append(row)
+    summary = {arm: sum(r[arm] for r in results) / len(results) for arm in arms}
+    for arm in arms:
+        print(f"{arm:>8}: hit rate {summary[arm]:.3f} over {len(results)} items x {len(seeds)} seeds")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 4))
+    n = len(results) * len(seeds)
+    errs = [(summary[a] * (1 - summary[a]) / n) ** 0.5 for a in arms]
+    ax.bar(["question only", "text in context", "kNN memory"], [summary[a] for a in arms], yerr=errs,
+           color=["#999", "#69c", "#c63"], capsize=4)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"hit rate (answer in first {cfg.max_new_tokens} tokens)")
+    ax.set_title(f"recall: {len(results)} items x {len(seeds)} seeds")
+    return {"summary": summary, "seeds": seeds, "items": results}, fig
+
+
+def eval_sentiment(cfg, model, tokenizer, meta, memory, gen_kwargs) -> dict:
+    """VADER compound score of each continuation (prompt removed), plain vs memory, same seeds."""
+    if memory is None:
+        raise ConfigError("eval='sentiment' needs a memory: set knn and memory_text or memory_dir")
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    vader = SentimentIntensityAnalyzer()
+    prompt_ids = tokenizer.encode(read_text(cfg.start))
+    seeds = [cfg.seed + i for i in range(cfg.eval_seeds)]
+    arms = {}
+    for arm in ("plain", "memory"):
+        if arm == "plain":
+            KNNMemory.detach(model)
+        else:
+            memory.attach(model)
+        texts = [tokenizer.decode(t) for t in generate(model, prompt_ids, seeds, cfg, **gen_kwargs)]
+        scores = torch.tensor([vader.polarity_scores(t)["compound"] for t in texts])
+        q1, med, q3 = torch.quantile(scores, torch.tensor([0.25, 0.5, 0.75])).tolist()
+        arms[arm] = {"median": med, "iqr": q3 - q1, "mean": scores.mean().item(), "scores": scores.tolist(),
+                     "samples": texts}
+        print(f"{arm:>7}: median {med:+.3f}, IQR {q3 - q1:.3f}, mean {scores.mean().item():+.3f} "
+              f"over {len(seeds)} seeds")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.boxplot([arms["plain"]["scores"], arms["memory"]["scores"]])
+    ax.set_xticks([1, 2], ["no memory", "kNN memory"])
+    ax.set_ylabel("VADER compound score of the continuation")
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_title(f"sentiment: {len(seeds)} seeds, prompt {read_text(cfg.start)!r}"[:60])
+    return {"arms": arms, "seeds": seeds}, fig
+
+
+def main(cfg: SampleConfig):
+    """Plain sampling returns [{'seed', 'text', 'completion', 'tokens'}]; eval=... returns the
+    evaluation's results (also written as JSON and a PNG to eval_out)."""
+    device, dtype = resolve_device(cfg.device, cfg.dtype)
+    if cfg.eval not in (None, "recall", "sentiment"):
+        raise ConfigError(f"eval={cfg.eval!r}; choose 'recall' or 'sentiment' (or leave it None)")
+    print(f"settings:\n{format_config(cfg)}")
+    model, tokenizer, meta, source = load_model(cfg.init_from, cfg.out_dir, device)
+    memory = setup_memory(cfg, model, tokenizer, meta)
+    if cfg.compile:
+        model = torch.compile(model)
+    gen_kwargs = dict(stop_token=encode_stop(tokenizer, cfg.stop), device=device, dtype=dtype)
+
+    if cfg.eval:
+        evaluate = eval_recall if cfg.eval == "recall" else eval_sentiment
+        result, fig = evaluate(cfg, model, tokenizer, meta, memory, gen_kwargs)
+        out = cfg.eval_out or os.path.join(cfg.out_dir, f"eval_{cfg.eval}")
+        os.makedirs(out, exist_ok=True)
+        write_json(os.path.join(out, f"{cfg.eval}.json"), {"settings": asdict(cfg), "model": source, **result})
+        save_figure(fig, os.path.join(out, f"{cfg.eval}.png"))
+        print(f"wrote {out}/{cfg.eval}.json and {cfg.eval}.png")
+        return result
+
+    prompt = read_text(cfg.start)
+    prompt_ids = tokenizer.encode(prompt)
+    if not prompt_ids:
+        raise ConfigError("the prompt is empty: set start to some text (e.g. --start='\\n')")
+    seeds = [cfg.seed + i for i in range(cfg.num_samples)]
+    samples = []
+    for seed, new in zip(seeds, generate(model, prompt_ids, seeds, cfg, **gen_kwargs)):
+        completion = tokenizer.decode(new)
+        samples.append({"seed": seed, "text": prompt + completion, "completion": completion, "tokens": new})
+        print(f"--- sample {seed - cfg.seed} (seed {seed}) ---")
+        print(prompt + completion)
     if cfg.output_json:
-        out = {"settings": asdict(cfg), "model": source, "prompt": prompt, "samples": samples}
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.output_json)), exist_ok=True)
-        tmp = cfg.output_json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, cfg.output_json)
+        write_json(cfg.output_json, {"settings": asdict(cfg), "model": source, "prompt": prompt, "samples": samples})
         print(f"wrote {len(samples)} samples to {cfg.output_json}")
     return samples
 
@@ -122,5 +288,5 @@ def main(cfg: SampleConfig) -> list[dict]:
 if __name__ == "__main__":
     try:
         main(load_config(SampleConfig))
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, KNNMemoryError) as e:
         sys.exit(f"error: {e}")

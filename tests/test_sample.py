@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 import sample
 import train
@@ -67,3 +68,69 @@ def test_sample_from_local_gpt2_folder(tmp_path):
     samples = sample.main(sample_cfg(tmp_path, init_from=str(tmp_path), start="Hello world", num_samples=2,
                                      max_new_tokens=5))
     assert all(s["text"].startswith("Hello world") and len(s["tokens"]) == 5 for s in samples)
+
+
+def test_memory_build_save_load_gives_identical_samples(trained, tmp_path):
+    knn = dict(knn=[5, 5], bookkeeping_frac=0.0, mem_frac=5.0, resid_only=True, knn_softmax_influence=1000.0)
+    text = "JULIET: my love is the sun and the stars, and mine the moon."
+    built = sample.main(sample_cfg(trained, start="\nROMEO:", memory_text=text, memory_save=str(tmp_path / "m"),
+                                   num_samples=3, **knn))
+    loaded = sample.main(sample_cfg(trained, start="\nROMEO:", memory_dir=str(tmp_path / "m"), num_samples=3, **knn))
+    assert [s["text"] for s in built] == [s["text"] for s in loaded]
+    # the loaded memory acts on the model (logits: a barely trained model's samples hardly move)
+    cfg = sample_cfg(trained, memory_dir=str(tmp_path / "m"), **knn)
+    model, tok, meta, _ = sample.load_model("resume", str(trained), "cpu")
+    idx = torch.tensor([tok.encode("\nROMEO: what")])
+    with torch.no_grad():
+        plain = model(idx, targets=idx)[0]
+        sample.setup_memory(cfg, model, tok, meta)
+        assert (model(idx, targets=idx)[0] - plain).abs().max() > 0.1
+    # grow: load, add a text, save; the folder now has both documents
+    sample.main(sample_cfg(trained, start="\nROMEO:", memory_dir=str(tmp_path / "m"), memory_text="FOOL: nuncle!",
+                           memory_save=str(tmp_path / "m"), num_samples=1, **knn))
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert [d["text"] for d in manifest["documents"]] == [text, "FOOL: nuncle!"]
+    with pytest.raises(ConfigError, match="need a memory"):
+        sample.main(sample_cfg(trained, memory_text="x"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        sample.main(sample_cfg(trained, memory_dir=str(tmp_path / "nope"), **knn))
+
+
+def test_recall_eval_writes_json_and_plot(trained, tmp_path):
+    items = tmp_path / "items.jsonl"
+    items.write_text("\n".join(json.dumps(x) for x in [
+        {"memory": "ROMEO: the sun is Juliet.", "prompt": "ROMEO: the sun is", "answers": ["Juliet"]},
+        {"memory": "KING: the crown is gold.", "prompt": "KING: the crown is", "answers": ["gold", "golden"]},
+    ]) + "\n")
+    cfg = sample_cfg(trained, eval="recall", eval_file=str(items), eval_seeds=3, max_new_tokens=12,
+                     eval_out=str(tmp_path / "ev"), knn=[0, 5], bookkeeping_frac=0.0, mem_frac=5.0)
+    result = sample.main(cfg)
+    saved = json.loads((tmp_path / "ev" / "recall.json").read_text())
+    assert saved["seeds"] == [100, 101, 102] and len(saved["items"]) == 2
+    for arm in ("none", "context", "memory"):
+        assert 0.0 <= saved["summary"][arm] <= 1.0 and len(saved["items"][0][f"{arm}_samples"]) == 3
+        # the rate is the share of samples containing an accepted answer as a word
+        for item in saved["items"]:
+            hits = [any(sample.contains_word(t, a) for a in item["answers"]) for t in item[f"{arm}_samples"]]
+            assert item[arm] == sum(hits) / 3
+    assert (tmp_path / "ev" / "recall.png").stat().st_size > 1000
+    assert sample.main(cfg)["summary"] == result["summary"]  # reproducible
+
+
+def test_contains_word():
+    assert sample.contains_word("A: Oslo\nQ:", "oslo")
+    assert not sample.contains_word("A: Oslofjord", "Oslo")
+
+
+def test_sentiment_eval_writes_json_and_plot(trained, tmp_path):
+    cfg = sample_cfg(trained, eval="sentiment", start="\nROMEO:", eval_seeds=4, max_new_tokens=20,
+                     eval_out=str(tmp_path / "ev"), knn=[0, 5], bookkeeping_frac=0.0, mem_frac=5.0,
+                     memory_text="good, great, lovely, happy, wonderful, joy, love")
+    result = sample.main(cfg)
+    saved = json.loads((tmp_path / "ev" / "sentiment.json").read_text())
+    for arm in ("plain", "memory"):
+        scores = saved["arms"][arm]["scores"]
+        assert len(scores) == 4 and all(-1 <= x <= 1 for x in scores)
+        assert saved["arms"][arm]["median"] == pytest.approx(sorted(scores)[1] / 2 + sorted(scores)[2] / 2)
+    assert saved["seeds"] == [100, 101, 102, 103]
+    assert (tmp_path / "ev" / "sentiment.png").stat().st_size > 1000
