@@ -1,8 +1,15 @@
 """
-Speed benchmarks: training tokens/s and generation tokens/s (batch 1 and 8, with and without
-the KV cache) for a model shaped by a training config, with random weights and random tokens.
+Speed benchmarks for a model shaped by a training config, with random weights and random tokens:
+
+- suite 'train', 'generate': training tokens/s; generation tokens/s (batch 1 and 8, with and
+  without the KV cache);
+- suite 'knn': the persistent kNN memory (config/bench_knn.py: GPT-2 small shape). Generation
+  with the memory on vs off for memory sizes knn_sizes (faiss IVF from knn_ivf_from entries up),
+  exact search backends against each other, build throughput vs a plain forward pass, the same
+  text placed in the context instead, and the reference's recomputing per-head-loop path.
 
     python bench.py config/train_facts.py
+    python bench.py config/bench_knn.py
     python bench.py --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --device=cuda --compile=True
 
 Prints a table and writes JSON (bench_json). Numbers, not pass/fail: targets are read from here,
@@ -10,6 +17,7 @@ never asserted in timed tests.
 """
 
 import json
+import math
 import os
 import sys
 import time
@@ -18,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from configurator import ConfigError, format_config, load_config
+from memory import KNNMemory, KNNSettings, FaissIndex, TorchIndex
 from model import GPT, GPTConfig
 from train import TrainConfig, autocast_context, resolve_device
 
@@ -30,6 +39,11 @@ class BenchConfig(TrainConfig):
     prompt_len: int = 16
     gen_batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
     bench_json: str = "bench.json"
+    suite: list[str] = field(default_factory=lambda: ["train", "generate"])  # and/or 'knn'
+    knn_sizes: list[int] = field(default_factory=lambda: [1000, 10000, 100000, 1000000])  # entries per layer
+    knn_layer: int = 9  # the memory layer (the reference's recall layer)
+    knn_ivf_from: int = 1000000  # memories this large use faiss IVF instead of exact search
+    knn_context: int = 640  # tokens of the text compared in context vs in memory
 
 
 def sync(device: str):
@@ -84,6 +98,144 @@ def bench_generation(model, cfg, device, dtype, batch: int, use_cache: bool) -> 
             "ms_per_token_step": dt / cfg.gen_tokens * 1000}
 
 
+def timed(fn, reps=1):
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+def reference_knn_hook(mem: KNNMemory, layer: int, k: int):
+    """The reference's structure: attention written out per head in a Python loop, one faiss
+    IndexFlatL2 search per chosen (head, position), the whole context recomputed every token."""
+    import faiss
+    s = mem.settings
+    indexes = []
+    for h in range(mem.n_head):
+        ix = faiss.IndexFlatL2(mem.head_size)
+        ix.add(mem.keys[layer][h].numpy())
+        indexes.append(ix)
+
+    def hook(attn, q, kc, v, attend):
+        B, H, T, d = q.shape
+        causal = torch.ones(T, T, dtype=torch.bool).triu(1)
+        out = []
+        for h in range(H):
+            att = ((q[:, h] @ kc[:, h].transpose(-2, -1)) / math.sqrt(d)).masked_fill(causal, float("-inf")).softmax(-1)
+            vh = v[:, h].clone()
+            for b in range(B):
+                row = att[b, -1]
+                chosen = [0] if row[0] > s.bookkeeping_frac else []
+                if s.mem_frac > 0:
+                    chosen += [j for j in range(1, T) if row[j] >= 1 / (s.mem_frac * T)]
+                for j in chosen:
+                    _, ids = indexes[h].search(kc[b, h, j][None].numpy(), k)
+                    ck = torch.cat([mem.keys[layer][h, ids[0]], kc[b, h, j][None]])
+                    cv = torch.cat([mem.values[layer][h, ids[0]], v[b, h, j][None]])
+                    w = (s.knn_softmax_influence * (ck @ q[b, h, j]) / math.sqrt(d)).softmax(-1)
+                    vh[b, j] = (w[:, None] * cv).sum(0)
+            out.append(att @ vh)
+        return torch.stack(out, 1)
+
+    hook.recompute = True
+    return hook
+
+
+def bench_knn(model, cfg, device, dtype) -> tuple[dict, list]:
+    """Rows and results of the 'knn' suite (Type 1 gates opened: every head searches at every token)."""
+    rows, res = [], {"search": [], "generate": []}
+    H, d = model.config.n_head, model.config.n_embd // model.config.n_head
+    L, n = cfg.knn_layer, cfg.gen_tokens
+    knn = [0] * model.config.n_layer
+    knn[L] = 5
+    settings = dict(knn=knn, bookkeeping_frac=0.0, mem_frac=0.0, knn_softmax_influence=1.0)
+    g = torch.Generator().manual_seed(cfg.seed)
+    prompt = torch.randint(0, model.config.vocab_size, (1, cfg.prompt_len), generator=g).to(device)
+
+    def new_memory(size, **extra):
+        mem = KNNMemory(KNNSettings(**settings, **extra), [L], H, d, "bench", {}, 198, device)
+        # random entries at GPT-2-like scale: search cost depends on the size, not the content
+        mem.add_entries({L: torch.randn(H, size, d, generator=g)}, {L: torch.randn(H, size, d, generator=g)})
+        return mem
+
+    def gen_tok_s(use_cache=True, idx=prompt):
+        gens = [torch.Generator(device=device).manual_seed(0)]
+        with autocast_context(device, dtype):
+            dt = timed(lambda: model.generate(idx, n, generators=gens, use_cache=use_cache))
+        return n / dt
+
+    # exact search backends, one query per head (the gate at position 0) and 32 per head
+    for size in cfg.knn_sizes:
+        if size >= cfg.knn_ivf_from:
+            continue
+        keys = torch.randn(H, size, d, generator=g)
+        for per_head in (1, 32):
+            heads = torch.arange(H).repeat_interleave(per_head)
+            vecs = torch.randn(len(heads), d, generator=g)
+            t_torch = timed(lambda: TorchIndex(keys, "l2").search(heads, vecs, 5), reps=5)
+            flat = FaissIndex(keys, "l2", "faiss-flat", 0, 1, 8)
+            t_faiss = timed(lambda: flat.search(heads, vecs, 5), reps=5)
+            res["search"].append({"size": size, "queries": len(heads), "torch_ms": t_torch * 1e3,
+                                  "faiss_flat_ms": t_faiss * 1e3})
+            rows.append((f"exact search {size:,} x {H} heads, {len(heads)} queries", f"torch {t_torch * 1e3:.2f} ms",
+                         f"faiss-flat {t_faiss * 1e3:.2f} ms ({t_faiss / t_torch:.2f}x torch)"))
+
+    # generation with the memory on vs off (KV cache)
+    KNNMemory.detach(model)
+    off = gen_tok_s()
+    res["generate"].append({"memory": 0, "tokens_per_s": off})
+    rows.append((f"generate {n} tokens, memory off", f"{off:,.1f} tok/s", "KV cache"))
+    for size in cfg.knn_sizes:
+        ivf = size >= cfg.knn_ivf_from
+        extra = dict(knn_backend="faiss-ivf", knn_nlist=1024, knn_nprobe=16) if ivf else {}
+        mem = new_memory(size, **extra)
+        t0 = time.perf_counter()
+        mem.index(L)
+        t_index = time.perf_counter() - t0
+        mem.attach(model)
+        on = gen_tok_s()
+        KNNMemory.detach(model)
+        res["generate"].append({"memory": size, "backend": mem.settings.knn_backend, "tokens_per_s": on,
+                                "slowdown": off / on, "index_build_s": t_index})
+        rows.append((f"generate {n} tokens, memory {size:,} ({mem.settings.knn_backend})", f"{on:,.1f} tok/s",
+                     f"{off / on:.2f}x slower than off"))
+        del mem
+
+    # build throughput vs a plain forward pass over the same windows
+    mem = new_memory(0)
+    tokens = torch.randint(0, model.config.vocab_size, (4 * (model.config.block_size - 1),), generator=g).tolist()
+    t_build = timed(lambda: mem.add_tokens(model, tokens))
+    step = model.config.block_size - 1
+    windows = torch.tensor([[198] + tokens[i:i + step] for i in range(0, len(tokens), step)], device=device)
+    with torch.no_grad():
+        t_fwd = timed(lambda: model(windows))
+    res["build"] = {"tokens": len(tokens), "tokens_per_s": len(tokens) / t_build, "forward_ratio": t_fwd / t_build}
+    rows.append((f"build memory from {len(tokens):,} tokens", f"{len(tokens) / t_build:,.0f} tok/s",
+                 f"{t_fwd / t_build:.2f}x the speed of a plain forward pass"))
+
+    # the same text in the context instead of in the memory
+    text = torch.randint(0, model.config.vocab_size, (1, cfg.knn_context), generator=g).to(device)
+    in_ctx = gen_tok_s(idx=torch.cat([text, prompt], 1))
+    mem = new_memory(0)
+    mem.add_tokens(model, text[0].tolist())
+    mem.attach(model)
+    in_mem = gen_tok_s()
+    res["context_vs_memory"] = {"text_tokens": cfg.knn_context, "in_context_tok_s": in_ctx, "in_memory_tok_s": in_mem}
+    rows.append((f"text of {cfg.knn_context} tokens in context", f"{in_ctx:,.1f} tok/s",
+                 f"in memory: {in_mem:,.1f} tok/s ({in_mem / in_ctx:.2f}x)"))
+
+    # the reference's path: recompute everything every token, per-head loop, faiss per query
+    model.attentions[L].memory = reference_knn_hook(mem, L, 5)
+    ref = gen_tok_s(use_cache=False)
+    KNNMemory.detach(model)
+    res["reference"] = {"memory": cfg.knn_context, "tokens_per_s": ref, "ours_tokens_per_s": in_mem,
+                        "speedup": in_mem / ref}
+    rows.append((f"reference path, memory {cfg.knn_context}", f"{ref:,.1f} tok/s",
+                 f"ours is {in_mem / ref:.1f}x faster"))
+    return res, rows
+
+
 def main(cfg: BenchConfig) -> dict:
     device, dtype = resolve_device(cfg.device, cfg.dtype)
     print(f"settings:\n{format_config(cfg)}")
@@ -92,16 +244,22 @@ def main(cfg: BenchConfig) -> dict:
                           n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)).to(device)
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters on {device} ({dtype}), "
           f"{torch.get_num_threads()} CPU threads")
+    unknown = set(cfg.suite) - {"train", "generate", "knn"}
+    if unknown:
+        raise ConfigError(f"unknown suite {sorted(unknown)}; choose from 'train', 'generate', 'knn'")
     rows = []
-    train_res = bench_training(model, cfg, device, dtype)
-    mfu = f"{train_res['mfu'] * 100:.1f}%" if train_res["mfu"] is not None else "unknown"
-    rows.append((f"train (batch {cfg.batch_size} x {cfg.block_size})", f"{train_res['tokens_per_s']:,.0f} tok/s",
-                 f"{train_res['ms_per_iter']:.1f} ms/iter, mfu {mfu}"))
+    result = {"settings": asdict(cfg), "device": device, "dtype": dtype, "torch": torch.__version__,
+              "threads": torch.get_num_threads()}
+    if "train" in cfg.suite:
+        train_res = result["train"] = bench_training(model, cfg, device, dtype)
+        mfu = f"{train_res['mfu'] * 100:.1f}%" if train_res["mfu"] is not None else "unknown"
+        rows.append((f"train (batch {cfg.batch_size} x {cfg.block_size})", f"{train_res['tokens_per_s']:,.0f} tok/s",
+                     f"{train_res['ms_per_iter']:.1f} ms/iter, mfu {mfu}"))
     model.eval()
     gen_res = []
     if cfg.prompt_len + cfg.gen_tokens > cfg.block_size:
         print(f"note: prompt_len + gen_tokens exceeds block_size {cfg.block_size}: the window is cropped")
-    for batch in cfg.gen_batch_sizes:
+    for batch in (cfg.gen_batch_sizes if "generate" in cfg.suite else []):
         pair = {c: bench_generation(model, cfg, device, dtype, batch, c) for c in (True, False)}
         gen_res += list(pair.values())
         speedup = pair[True]["tokens_per_s"] / pair[False]["tokens_per_s"]
@@ -109,13 +267,16 @@ def main(cfg: BenchConfig) -> dict:
             rows.append((f"generate batch {batch}, {'KV cache' if c else 'recompute'}",
                          f"{pair[c]['tokens_per_s']:,.0f} tok/s",
                          f"{pair[c]['ms_per_token_step']:.2f} ms/step" + (f", cache {speedup:.2f}x" if c else "")))
+    if gen_res:
+        result["generate"] = gen_res
+    if "knn" in cfg.suite:
+        result["knn"], knn_rows = bench_knn(model, cfg, device, dtype)
+        rows += knn_rows
     width = max(len(r[0]) for r in rows)
     print(f"\n{'benchmark'.ljust(width)} | {'throughput':>16} | notes")
     print("-" * (width + 40))
     for name, value, note in rows:
         print(f"{name.ljust(width)} | {value:>16} | {note}")
-    result = {"settings": asdict(cfg), "device": device, "dtype": dtype, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "train": train_res, "generate": gen_res}
     tmp = cfg.bench_json + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)

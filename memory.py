@@ -247,15 +247,20 @@ class KNNMemory:
             for L in self.layers:
                 model.attentions[L].memory = saved[L]
             model.train(was_training)
-        doc_id = max((d["id"] for d in self.documents), default=-1) + 1
-        n = 0
+        # windows of a batch are rows: (b, H, t, d) -> (H, b * t, d), window after window
+        flat = lambda xs: torch.cat([x.transpose(0, 1).reshape(self.n_head, -1, self.head_size) for x in xs], 1)
+        return self.add_entries({L: flat([k for k, _ in captured[L]]) for L in self.layers},
+                                {L: flat([v for _, v in captured[L]]) for L in self.layers}, source, text)
+
+    def add_entries(self, keys: dict, values: dict, source: str = "", text: str = "") -> int:
+        """Append one document's entries: keys[L], values[L] of shape (H, n, d) per memory layer."""
+        n = keys[self.layers[0]].size(1)
         for L in self.layers:
-            # windows of a batch are rows: (b, H, t, d) -> (H, b * t, d), window after window
-            ks = torch.cat([k.transpose(0, 1).reshape(self.n_head, -1, self.head_size) for k, _ in captured[L]], 1)
-            vs = torch.cat([v.transpose(0, 1).reshape(self.n_head, -1, self.head_size) for _, v in captured[L]], 1)
-            self.keys[L] = torch.cat([self.keys[L], ks.float()], 1)
-            self.values[L] = torch.cat([self.values[L], vs.float()], 1)
-            n = ks.size(1)
+            if keys[L].shape != (self.n_head, n, self.head_size) or values[L].shape != keys[L].shape:
+                raise KNNMemoryError(f"layer {L}: entries must be ({self.n_head}, {n}, {self.head_size})")
+            self.keys[L] = torch.cat([self.keys[L], keys[L].float().to(self.device)], 1)
+            self.values[L] = torch.cat([self.values[L], values[L].float().to(self.device)], 1)
+        doc_id = max((d["id"] for d in self.documents), default=-1) + 1
         self.doc_ids = torch.cat([self.doc_ids, torch.full((n,), doc_id, dtype=torch.long, device=self.device)])
         self.documents.append({"id": doc_id, "source": source, "text": text, "n_tokens": n})
         self._indexes = {}

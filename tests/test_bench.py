@@ -17,3 +17,17 @@ def test_bench_prints_table_and_writes_json(tmp_path, capsys):
     combos = {(g["batch"], g["kv_cache"]) for g in res["generate"]}
     assert combos == {(1, True), (1, False), (8, True), (8, False)}
     assert all(g["tokens_per_s"] > 0 for g in res["generate"])
+
+
+def test_knn_bench_suite(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    cfg = load_config(bench.BenchConfig, [], n_layer=2, n_head=2, n_embd=16, block_size=64, vocab_size=256,
+                      gen_tokens=6, prompt_len=4, device="cpu", dtype="float32", suite=["knn"], knn_layer=1,
+                      knn_sizes=[200, 3000], knn_ivf_from=3000, knn_context=20, bench_json=str(out))
+    bench.main(cfg)
+    table = capsys.readouterr().out
+    assert "memory 3,000 (faiss-ivf)" in table and "reference path" in table
+    res = json.loads(out.read_text())["knn"]
+    assert [g["memory"] for g in res["generate"]] == [0, 200, 3000]
+    assert {s["size"] for s in res["search"]} == {200}  # exact-search rows below the IVF size
+    assert res["build"]["tokens_per_s"] > 0 and res["reference"]["speedup"] > 0

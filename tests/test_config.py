@@ -66,3 +66,18 @@ def test_wrong_types_are_named():
 def test_shipped_train_configs_are_valid(path):
     cfg = load_config(TrainConfig, [str(path)])
     assert cfg.max_iters > 0
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "config").glob("sample_*.py")), ids=lambda p: p.name)
+def test_shipped_sample_configs_are_valid(path, monkeypatch):
+    from memory import KNNSettings
+    from sample import SampleConfig
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(SampleConfig, [str(path)])
+    settings = KNNSettings.from_config(cfg)
+    if settings.knn:
+        settings.check(len(settings.knn))
+    for value in (cfg.memory_text or "", cfg.eval_file or "", cfg.start):
+        if value.startswith("FILE:") or value.endswith(".jsonl"):
+            path = value.removeprefix("FILE:")
+            assert path.startswith("data/") or (ROOT / path).is_file(), path  # data/ is made by prepare.py

@@ -134,3 +134,17 @@ def test_sentiment_eval_writes_json_and_plot(trained, tmp_path):
         assert saved["arms"][arm]["median"] == pytest.approx(sorted(scores)[1] / 2 + sorted(scores)[2] / 2)
     assert saved["seeds"] == [100, 101, 102, 103]
     assert (tmp_path / "ev" / "sentiment.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("method", [1, 2, 3])
+def test_gpt2_method_configs_run_end_to_end(method, tmp_path, monkeypatch):
+    """The shipped GPT-2 configs, on a random-weight 12-layer stand-in for the real weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from conftest import ROOT
+    monkeypatch.chdir(ROOT)
+    GPT2LMHeadModel(GPT2Config(n_layer=12, n_head=2, n_embd=16, n_positions=256)).save_pretrained(tmp_path / "hf")
+    cfg = load_config(sample.SampleConfig, [f"config/sample_gpt2_type_{method}_method.py"], init_from=str(tmp_path / "hf"),
+                      eval_seeds=2, max_new_tokens=4, eval_items=2, eval_out=str(tmp_path / "ev"), device="cpu")
+    sample.main(cfg)
+    saved = json.loads((tmp_path / "ev" / f"{cfg.eval}.json").read_text())
+    assert saved["settings"]["knn"] == cfg.knn and saved["seeds"] == [cfg.seed, cfg.seed + 1]
