@@ -38,6 +38,8 @@ TYPES = {
     "type1": dict(resid_only=False, resid_frac=0.0, knn_softmax_influence=1.0, mem_frac=0.0),
     "type2": dict(resid_only=True, resid_frac=0.1, knn_softmax_influence=1000.0, mem_frac=0.0),
     "type3": dict(resid_only=False, resid_frac=0.33, knn_softmax_influence=0.01, mem_frac=5.0),
+    # gates half open (attention of a random model is ~1/T): some heads and positions pass, some not
+    "gated": dict(resid_only=False, resid_frac=0.33, knn_softmax_influence=1.0, mem_frac=1.0, bookkeeping_frac=0.06),
 }
 
 
@@ -98,7 +100,7 @@ def reference_hook(mem: KNNMemory, layer: int, k: int):
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_fast_path_equals_line_by_line_reference(kind, query, metric):
     model = tiny()
-    s = settings(knn=[0, 3, 2], knn_query=query, knn_metric=metric, **TYPES[kind])
+    s = settings(**{"knn": [0, 3, 2], "knn_query": query, "knn_metric": metric, **TYPES[kind]})
     mem = build(model, s)
     idx = torch.tensor([TOK.encode("\nthe lazy fox naps"), TOK.encode("\nwarm sun over dog")])
     with torch.no_grad():
