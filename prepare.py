@@ -354,20 +354,19 @@ def load_text(input, val_frac, seed):
 # -----------------------------------------------------------------------------
 # facts: a synthetic corpus for reading facts from context and answering questions about them
 
-FACTS_FIRST_NAMES = [
-    "Ada", "Ben", "Cara", "Dan", "Eva", "Finn", "Gina", "Hugo", "Iris", "Jack", "Kate", "Leo", "Mia", "Noah", "Olga",
-    "Paul", "Rosa", "Sam", "Tara", "Umar", "Vera", "Will", "Yara", "Zane", "Alma", "Boris", "Clara", "Dev", "Elin",
-    "Felix", "Greta", "Hana", "Ivan", "Joel", "Kira", "Lars", "Maya", "Nils", "Omar", "Petra", "Quinn", "Ravi", "Sara",
-    "Theo", "Una", "Victor", "Wanda", "Xavier", "Yusuf", "Zoe", "Anton", "Bea", "Chloe", "Dara", "Emil", "Flora",
-    "Gus", "Hector", "Ines", "Jonas",
-]
-# first names that never occur in train.bin: val and recall.jsonl are about these people only, so they
-# measure reading facts about unseen entities rather than recalling ones seen in training
+# training people get invented names, thousands of them, so a model cannot learn anything about a
+# name by heart and has to read every document; the people of val and recall.jsonl have real first
+# names that never occur in train.bin, so those measure reading facts about unseen entities
+NAME_ONSETS = ["b", "br", "c", "ch", "d", "dr", "f", "fl", "g", "gr", "h", "j", "k", "l", "m", "n", "p", "pr", "qu",
+               "r", "s", "sh", "st", "t", "th", "tr", "v", "w", "z"]
+NAME_VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "ie", "ou", "y"]
+NAME_CODAS = ["", "", "n", "l", "r", "s", "th", "nd", "m", "x", "ck", "ne", "tte"]
 FACTS_HELDOUT_NAMES = [
     "Ottoline", "Bartholomew", "Cressida", "Dorothea", "Ezekiel", "Fenella", "Gideon", "Hyacinth", "Ignatius",
     "Jemima", "Kasimir", "Lucinda", "Montgomery", "Nerissa", "Octavius", "Perpetua", "Thaddeus", "Wilhelmina",
     "Cornelius", "Imogen",
 ]
+# surnames of the held-out people
 FACTS_LAST_NAMES = [
     "Quill", "Stone", "Marsh", "Fletcher", "Hale", "Brook", "Carver", "Dale", "Ellis", "Frost", "Gray", "Hart",
     "Irwin", "Joyce", "Kemp", "Lowe", "Moss", "Nash", "Oakes", "Pike", "Reed", "Shaw", "Thorne", "Vance", "Wells",
@@ -409,8 +408,25 @@ FACTS_QUESTIONS = {
     "job": "What does {name} do for a living?",
 }
 FACTS_DOCS = 4400  # train + val; about 2 MB of text, which a tiny char model learns in minutes on a CPU
-FACTS_TRAIN_PEOPLE = 400  # full names sampled from the train first x last names
+FACTS_TRAIN_PEOPLE = 20000  # invented full names
 FACTS_RECALL_ITEMS = 200
+
+
+def invented_name(rng):
+    def word(syllables):
+        return ("".join(rng.choice(NAME_ONSETS) + rng.choice(NAME_VOWELS) for _ in range(syllables))
+                + rng.choice(NAME_CODAS)).capitalize()
+    return f"{word(rng.randint(1, 3))} {word(rng.randint(1, 2))}"
+
+
+def facts_train_names(n, rng):
+    """n distinct invented full names, none containing a held-out first name."""
+    names = set()
+    while len(names) < n:
+        name = invented_name(rng)
+        if not any(heldout in name for heldout in FACTS_HELDOUT_NAMES):
+            names.add(name)
+    return sorted(names)
 
 
 def facts_prompt(question):
@@ -458,7 +474,7 @@ def load_facts(input, val_frac, seed):
     if input:
         raise DataError("facts is generated, not read: drop --input (use --seed for a different corpus)")
     rng = random.Random(seed)
-    train_names = rng.sample([f"{f} {l}" for f in FACTS_FIRST_NAMES for l in FACTS_LAST_NAMES], FACTS_TRAIN_PEOPLE)
+    train_names = facts_train_names(FACTS_TRAIN_PEOPLE, rng)
     heldout_names = [f"{f} {l}" for f in FACTS_HELDOUT_NAMES for l in FACTS_LAST_NAMES]
     n_val = max(1, round(FACTS_DOCS * val_frac))
     train = facts_documents(FACTS_DOCS - n_val, train_names, rng)
