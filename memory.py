@@ -54,6 +54,9 @@ class KNNSettings:
     knn_query: str = "key"  # 'key': search with the chosen position's key (reference); 'query': with the newest token's query
     knn_metric: str = "l2"  # 'l2' (reference) or 'ip' (inner product)
     knn_backend: str = "torch"  # exact matmul + top-k, or 'faiss-flat', 'faiss-ivf', 'faiss-ivfpq'
+    knn_recompute: bool = True  # True: the reference (the newest token re-chooses values every position reads;
+    # decoding recomputes the layers from the first memory layer up); False: causal, each token applies the
+    # memory to its own attention only, mixing with its own query, so the ordinary KV cache applies
     knn_nlist: int = 0  # IVF lists; 0: about 4 * sqrt(entries)
     knn_nprobe: int = 16  # IVF lists searched per query
     knn_pq_m: int = 8  # IVF-PQ sub-quantizers (must divide the head size)
@@ -418,49 +421,73 @@ class KNNMemory:
 
 
 class KNNAttention:
-    """The hook at one memory layer (see the module docstring and knn-memory.md for the steps)."""
+    """The hook at one memory layer (see the module docstring and knn-memory.md for the steps).
 
-    recompute = True  # the replaced values depend on the newest token: see model.KVCache
+    Reference mode (knn_recompute=True): the newest token's attention row chooses the (head,
+    position) pairs whose values are replaced, for every query; so earlier positions' outputs
+    change with each new token and decoding recomputes the layers from here up (model.KVCache).
+    Causal mode: every query row chooses and mixes for itself (with its own query), and its
+    output is what the replaced values add to plain attention; earlier rows never change.
+    """
 
     def __init__(self, memory: KNNMemory, layer: int, k: int):
         self.memory, self.layer, self.k = memory, layer, k
+        self.recompute = memory.settings.knn_recompute  # read by GPT.generate
 
     def __call__(self, attn, q, k, v, attend):
-        mem, s = self.memory, self.memory.settings
+        s = self.memory.settings
         B, H, T, d = q.shape
         Tk = k.size(2)
-        assert T == Tk, "the kNN memory needs every position's query (recompute mode)"
-        n_entries = len(mem)
-        if n_entries == 0:
+        if len(self.memory) == 0:
             return attend(q, k, v)
         scale = 1.0 / math.sqrt(d)
-        # 1-2. the newest token's attention row decides which (head, position) pairs use the memory
-        s_last = F.softmax((q[:, :, -1:] @ k.transpose(-2, -1)).squeeze(2).float() * scale, dim=-1)  # (B, H, Tk)
-        chosen = torch.zeros_like(s_last, dtype=torch.bool)
-        chosen[:, :, 0] = s_last[:, :, 0] > s.bookkeeping_frac
+        if self.recompute:
+            assert T == Tk, "reference mode needs every position's query: generate recomputes (see KVCache)"
+            rows = q[:, :, -1:]  # only the newest token's attention row decides
+        else:
+            rows = q
+        # 1-2. attention rows (B, H, R, Tk) decide which positions use the memory; query row r sits at
+        # position Tk - R + r and sees the first Tk - R + r + 1 keys
+        R = rows.size(2)
+        att = (rows @ k.transpose(-2, -1)).float() * scale
+        seen = torch.arange(Tk, device=q.device)[None, :] <= torch.arange(Tk - R, Tk, device=q.device)[:, None]
+        att = F.softmax(att.masked_fill(~seen, float("-inf")), dim=-1)  # (B, H, R, Tk)
+        chosen = torch.zeros_like(att, dtype=torch.bool)
+        chosen[..., 0] = att[..., 0] > s.bookkeeping_frac
         if s.mem_frac > 0:
-            chosen[:, :, 1:] = s_last[:, :, 1:] >= 1.0 / (s.mem_frac * Tk)
-        b, h, j = chosen.nonzero(as_tuple=True)  # (M,) each
+            context = torch.arange(Tk - R + 1, Tk + 1, device=q.device, dtype=att.dtype)[:, None]  # (R, 1)
+            chosen[..., 1:] = (att[..., 1:] >= 1.0 / (s.mem_frac * context)) & seen[:, 1:]
+        b, h, r, j = chosen.nonzero(as_tuple=True)  # (M,) each
         if b.numel() == 0:
             return attend(q, k, v)
         k_j, v_j = k[b, h, j].float(), v[b, h, j].float()  # (M, d)
-        # 3. search that head's memory, with the position's key (reference) or the newest query
-        probe = k_j if s.knn_query == "key" else q[b, h, -1].float()  # (M, d)
-        kk = min(self.k, n_entries)
+        q_r = rows[b, h, r].float()  # (M, d) the deciding row's query
+        # the reference mixes with the chosen position's own query; the causal mode has only the row's
+        mix_q = q[b, h, j].float() if s.knn_query == "key" and self.recompute else q_r
+        mixed = self.mix(h, k_j, v_j, k_j if s.knn_query == "key" else q_r, mix_q)  # (M, d)
+        if self.recompute:
+            # 7. the unchanged attention pattern applied to the new values
+            v = v.clone()
+            v[b, h, j] = mixed.to(v.dtype)
+            return attend(q, k, v)
+        # causal: row r reads att[r, j] * (v'_j - v_j) more than plain attention
+        y = attend(q, k, v)
+        delta = att[b, h, r, j][:, None] * (mixed - v_j)
+        return y.index_put((b, h, r), delta.to(y.dtype), accumulate=True)
+
+    def mix(self, h, k_j, v_j, probe, mix_q):
+        """Steps 3-6 for M chosen pairs of heads h: search, candidates, softmax mix, residual."""
+        mem, s = self.memory, self.memory.settings
+        kk = min(self.k, len(mem))
         ids = mem.index(self.layer).search(h, probe, kk)  # (M, kk)
         cand_k = mem.keys[self.layer][h[:, None], ids]  # (M, kk, d)
         cand_v = mem.values[self.layer][h[:, None], ids]  # (M, kk, d)
-        # 4. the current pair is a candidate unless resid_only
-        if not s.resid_only:
+        if not s.resid_only:  # the current pair is a candidate too
             cand_k = torch.cat([cand_k, k_j[:, None]], 1)
             cand_v = torch.cat([cand_v, v_j[:, None]], 1)
-        # 5-6. softmax mix; the reference weighs with the position's own query
-        mix_q = q[b, h, j].float() if s.knn_query == "key" else probe
+        scale = 1.0 / math.sqrt(k_j.size(-1))
         w = F.softmax(s.knn_softmax_influence * (cand_k @ mix_q[:, :, None]).squeeze(-1) * scale, dim=-1)  # (M, c)
         mixed = (w[:, :, None] * cand_v).sum(1)  # (M, d)
         if s.resid_frac > 0:
             mixed = (1 - s.resid_frac) * mixed + s.resid_frac * v_j
-        # 7. the unchanged attention pattern applied to the new values
-        v = v.clone()
-        v[b, h, j] = mixed.to(v.dtype)
-        return attend(q, k, v)
+        return mixed

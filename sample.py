@@ -2,7 +2,7 @@
 Sample from a trained model (a train.py checkpoint) or from GPT-2 weights, optionally with a
 persistent kNN attention memory, and evaluate what the memory does.
 
-    python sample.py --out_dir=out-facts --start="Q: Where does Ada live?" --num_samples=3
+    python sample.py --out_dir=out-facts --start=$'Imogen Hale lives in Oslo.\nQ: Where does Imogen Hale live?\nA:' --num_samples=3
     python sample.py config/sample_gpt2.py --init_from=path/to/hf_folder --start=FILE:prompt.txt
     python sample.py config/sample_gpt2_type_3_method.py                      # sentiment direction
     python sample.py config/sample_facts_recall.py                            # eval='recall'

@@ -52,55 +52,71 @@ def build(model, s, texts=(TEXT,)):
 
 def reference_hook(mem: KNNMemory, layer: int, k: int):
     """The method written out line by line, one batch row, head and position at a time, with a
-    brute-force nearest-neighbour search and attention computed by hand."""
+    brute-force nearest-neighbour search and attention computed by hand. Reference mode: the last
+    row decides for every query; causal mode (knn_recompute=False): every row decides for itself."""
     s = mem.settings
     keys, values = mem.keys[layer], mem.values[layer]
 
+    def softmax(xs):
+        mx = max(xs)
+        ex = [math.exp(x - mx) for x in xs]
+        return [e / sum(ex) for e in ex]
+
+    def replaced_values(q, kc, v, b, h, t, mix_own_query):
+        """Values of positions 0..t after the memory, as row t decides."""
+        d = q.size(-1)
+        att = softmax([float(q[b, h, t] @ kc[b, h, j]) / math.sqrt(d) for j in range(t + 1)])
+        V = v[b, h, : t + 1].clone()
+        for j in range(t + 1):
+            if j == 0:
+                use = att[0] > s.bookkeeping_frac
+            else:
+                use = s.mem_frac > 0 and att[j] >= 1.0 / (s.mem_frac * (t + 1))
+            if not use:
+                continue
+            probe = kc[b, h, j] if s.knn_query == "key" else q[b, h, t]
+            if s.knn_metric == "l2":
+                score = [-float(((probe - keys[h, n]) ** 2).sum()) for n in range(keys.size(1))]
+            else:
+                score = [float(probe @ keys[h, n]) for n in range(keys.size(1))]
+            nearest = sorted(range(len(score)), key=lambda n: -score[n])[:k]
+            cands = [(keys[h, n], values[h, n]) for n in nearest]
+            if not s.resid_only:
+                cands.append((kc[b, h, j], v[b, h, j]))
+            mix_q = q[b, h, j] if s.knn_query == "key" and mix_own_query else q[b, h, t]
+            ws = softmax([s.knn_softmax_influence * float(mix_q @ ck) / math.sqrt(d) for ck, _ in cands])
+            m = sum(w * cv for w, (_, cv) in zip(ws, cands))
+            V[j] = (1 - s.resid_frac) * m + s.resid_frac * v[b, h, j] if s.resid_frac > 0 else m
+        return att, V
+
     def hook(attn, q, kc, v, attend):
         B, H, T, d = q.shape
-        V = v.clone()
+        y = torch.zeros_like(q)
         for b in range(B):
             for h in range(H):
-                row = [float(q[b, h, T - 1] @ kc[b, h, j]) / math.sqrt(d) for j in range(T)]
-                mx = max(row)
-                ex = [math.exp(x - mx) for x in row]
-                att = [e / sum(ex) for e in ex]
-                for j in range(T):
-                    if j == 0:
-                        use = att[0] > s.bookkeeping_frac
-                    else:
-                        use = s.mem_frac > 0 and att[j] >= 1.0 / (s.mem_frac * T)
-                    if not use:
-                        continue
-                    probe = kc[b, h, j] if s.knn_query == "key" else q[b, h, T - 1]
-                    if s.knn_metric == "l2":
-                        score = [-float(((probe - keys[h, n]) ** 2).sum()) for n in range(keys.size(1))]
-                    else:
-                        score = [float(probe @ keys[h, n]) for n in range(keys.size(1))]
-                    nearest = sorted(range(len(score)), key=lambda n: -score[n])[:k]
-                    cands = [(keys[h, n], values[h, n]) for n in nearest]
-                    if not s.resid_only:
-                        cands.append((kc[b, h, j], v[b, h, j]))
-                    mix_q = q[b, h, j] if s.knn_query == "key" else probe
-                    logits = [s.knn_softmax_influence * float(mix_q @ ck) / math.sqrt(d) for ck, _ in cands]
-                    mx = max(logits)
-                    ws = [math.exp(x - mx) for x in logits]
-                    m = sum(w / sum(ws) * cv for w, (_, cv) in zip(ws, cands))
-                    V[b, h, j] = (1 - s.resid_frac) * m + s.resid_frac * v[b, h, j] if s.resid_frac > 0 else m
-        att = (q @ kc.transpose(-2, -1)) / math.sqrt(d)
-        att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
-        return att @ V
+                if s.knn_recompute:
+                    _, V = replaced_values(q, kc, v, b, h, T - 1, mix_own_query=True)
+                    for t in range(T):
+                        att = softmax([float(q[b, h, t] @ kc[b, h, j]) / math.sqrt(d) for j in range(t + 1)])
+                        y[b, h, t] = sum(a * V[j] for j, a in enumerate(att))
+                else:
+                    for t in range(T):
+                        att, V = replaced_values(q, kc, v, b, h, t, mix_own_query=False)
+                        y[b, h, t] = sum(a * V[j] for j, a in enumerate(att))
+        return y
 
-    hook.recompute = True
+    hook.recompute = s.knn_recompute
     return hook
 
 
 @pytest.mark.parametrize("kind", sorted(TYPES))
 @pytest.mark.parametrize("query", ["key", "query"])
 @pytest.mark.parametrize("metric", ["l2", "ip"])
-def test_fast_path_equals_line_by_line_reference(kind, query, metric):
+@pytest.mark.parametrize("recompute", [True, False], ids=["reference", "causal"])
+def test_fast_path_equals_line_by_line_reference(kind, query, metric, recompute):
     model = tiny()
-    s = settings(**{"knn": [0, 3, 2], "knn_query": query, "knn_metric": metric, **TYPES[kind]})
+    s = settings(**{"knn": [0, 3, 2], "knn_query": query, "knn_metric": metric, "knn_recompute": recompute,
+                    **TYPES[kind]})
     mem = build(model, s)
     idx = torch.tensor([TOK.encode("\nthe lazy fox naps"), TOK.encode("\nwarm sun over dog")])
     with torch.no_grad():
@@ -114,9 +130,10 @@ def test_fast_path_equals_line_by_line_reference(kind, query, metric):
     assert (fast - plain).abs().max().item() > 1e-3  # the memory really acted
 
 
-def test_cached_generation_equals_recomputation():
+@pytest.mark.parametrize("recompute", [True, False], ids=["reference", "causal"])
+def test_cached_generation_equals_recomputation(recompute):
     model = tiny(seed=1)
-    build(model, settings(knn=[0, 3, 2], **{**TYPES["type1"], "mem_frac": 5.0})).attach(model)
+    build(model, settings(knn=[0, 3, 2], knn_recompute=recompute, **{**TYPES["type1"], "mem_frac": 5.0})).attach(model)
     idx = torch.tensor([TOK.encode("\nthe quick"), TOK.encode("\nlazy dogs")])
     gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2)]
     for temperature in (0.0, 1.0):  # greedy, and sampling with the same per-row generators
@@ -315,8 +332,10 @@ def test_ivfpq_is_a_good_approximation():
         FaissIndex(keys[:, :10], "l2", "faiss-ivf", nlist=16, nprobe=1, pq_m=8)
 
 
-def test_memory_layer_hook_is_recomputing():
+def test_memory_layer_hook_and_cache_mode():
     model = tiny()
     build(model, settings()).attach(model)
     assert isinstance(model.attentions[1].memory, KNNAttention) and model.attentions[1].memory.recompute
     assert model.attentions[0].memory is None and model.attentions[2].memory is None
+    build(model, settings(knn_recompute=False)).attach(model)
+    assert not model.attentions[1].memory.recompute  # causal: generate keeps the ordinary KV cache
