@@ -26,8 +26,9 @@ def test_knn_bench_suite(tmp_path, capsys):
                       knn_sizes=[200, 3000], knn_ivf_from=3000, knn_context=20, bench_json=str(out))
     bench.main(cfg)
     table = capsys.readouterr().out
-    assert "memory 3,000 (faiss-ivf)" in table and "reference path" in table
+    assert "memory 3,000 (faiss-ivf, causal)" in table and "reference implementation" in table
     res = json.loads(out.read_text())["knn"]
-    assert [g["memory"] for g in res["generate"]] == [0, 200, 3000]
+    assert [(g["memory"], g.get("mode")) for g in res["generate"]] == [(0, None), (200, "causal"), (200, "reference"),
+                                                                       (3000, "causal")]
     assert {s["size"] for s in res["search"]} == {200}  # exact-search rows below the IVF size
-    assert res["build"]["tokens_per_s"] > 0 and res["reference"]["speedup"] > 0
+    assert res["build"]["tokens_per_s"] > 0 and set(res["reference"]["speedup"]) == {"causal", "reference"}
