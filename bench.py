@@ -199,9 +199,9 @@ def bench_knn(model, cfg, device, dtype) -> tuple[dict, list]:
             on = gen_tok_s()
             KNNMemory.detach(model)
             mode = "reference" if recompute else "causal"
-            res["generate"].append({"memory": size, "mode": mode, "backend": mem.settings.knn_backend,
+            res["generate"].append({"memory": size, "mode": mode, "backend": mem.backend,
                                     "tokens_per_s": on, "slowdown": off / on, "index_build_s": t_index})
-            rows.append((f"generate {n} tokens, memory {size:,} ({mem.settings.knn_backend}, {mode})",
+            rows.append((f"generate {n} tokens, memory {size:,} ({mem.backend}, {mode})",
                          f"{on:,.1f} tok/s", f"{off / on:.2f}x the time of memory off"))
             del mem
 

@@ -35,7 +35,10 @@ import torch
 from torch.nn import functional as F
 
 FORMAT_VERSION = 1
-BACKENDS = ("torch", "faiss-flat", "faiss-ivf", "faiss-ivfpq")
+BACKENDS = ("auto", "torch", "faiss-flat", "faiss-ivf", "faiss-ivfpq")
+# measured on 2 CPU cores, 12 heads of 64 (bench.py config/bench_knn.py): with one query per head faiss's
+# flat scan beats a matmul + top-k from ~3k entries; with tens of queries per head the batched matmul wins
+AUTO_FAISS_FROM = 3000
 
 
 class KNNMemoryError(RuntimeError):
@@ -53,7 +56,8 @@ class KNNSettings:
     remove_bookkeeping: int = 1  # leading positions of every build window (the bookkeeping token) kept out of memory
     knn_query: str = "key"  # 'key': search with the chosen position's key (reference); 'query': with the newest token's query
     knn_metric: str = "l2"  # 'l2' (reference) or 'ip' (inner product)
-    knn_backend: str = "torch"  # exact matmul + top-k, or 'faiss-flat', 'faiss-ivf', 'faiss-ivfpq'
+    knn_backend: str = "auto"  # exact: 'auto' (the faster of the two below), 'torch' (matmul + top-k), 'faiss-flat';
+    # approximate: 'faiss-ivf', 'faiss-ivfpq'
     knn_recompute: bool = True  # True: the reference (the newest token re-chooses values every position reads;
     # decoding recomputes the layers from the first memory layer up); False: causal, each token applies the
     # memory to its own attention only, mixing with its own query, so the ordinary KV cache applies
@@ -117,9 +121,10 @@ class TorchIndex:
         slot = torch.arange(len(heads), device=heads.device) - (torch.cumsum(counts, 0) - counts)[sorted_heads]
         padded = vecs.new_zeros(H, int(counts.max()), vecs.size(-1))
         padded[sorted_heads, slot] = vecs[order]
-        scores = torch.bmm(padded, self.keys.transpose(1, 2))  # (H, Mmax, N)
         if self.metric == "l2":  # -||q - k||^2 up to the query's own norm, which does not change the ranking
-            scores = 2 * scores - self.sq_norms[:, None, :]
+            scores = torch.baddbmm(-self.sq_norms[:, None, :], padded, self.keys.transpose(1, 2), alpha=2)
+        else:
+            scores = torch.bmm(padded, self.keys.transpose(1, 2))  # (H, Mmax, N)
         ids = scores.topk(k, dim=-1).indices  # (H, Mmax, k)
         out = torch.empty(len(heads), k, dtype=torch.long, device=heads.device)
         out[order] = ids[sorted_heads, slot]
@@ -288,13 +293,23 @@ class KNNMemory:
 
     # -- search ----------------------------------------------------------------
 
+    @property
+    def backend(self) -> str:
+        """The search backend in use; 'auto' picks the faster exact one (AUTO_FAISS_FROM): faiss-flat
+        on CPU when only position 0 can be chosen (mem_frac=0: one query per head and row), else torch."""
+        s = self.settings
+        if s.knn_backend != "auto":
+            return s.knn_backend
+        few_queries = s.mem_frac == 0
+        return "faiss-flat" if self.device.type == "cpu" and few_queries and len(self) >= AUTO_FAISS_FROM else "torch"
+
     def index(self, layer: int):
         if layer not in self._indexes:
             s = self.settings
-            if s.knn_backend == "torch":
+            if self.backend == "torch":
                 self._indexes[layer] = TorchIndex(self.keys[layer], s.knn_metric)
             else:
-                self._indexes[layer] = FaissIndex(self.keys[layer], s.knn_metric, s.knn_backend, s.knn_nlist,
+                self._indexes[layer] = FaissIndex(self.keys[layer], s.knn_metric, self.backend, s.knn_nlist,
                                                   s.knn_nprobe, s.knn_pq_m)
         return self._indexes[layer]
 
@@ -332,7 +347,7 @@ class KNNMemory:
             "n_head": self.n_head, "head_size": self.head_size, "count": len(self),
             "fingerprint": self.fingerprint, "tokenizer": self.tokenizer,
             "bookkeeping_token": self.bookkeeping_token, "remove_bookkeeping": self.remove_bookkeeping,
-            "metric": self.settings.knn_metric, "backend": self.settings.knn_backend,
+            "metric": self.settings.knn_metric, "backend": self.backend,
             "documents": self.documents,
         }
 
@@ -349,7 +364,7 @@ class KNNMemory:
             tensors[f"keys.{L}"] = self.keys[L].cpu().contiguous()
             tensors[f"values.{L}"] = self.values[L].cpu().contiguous()
         save_file(tensors, os.path.join(tmp, "kv.safetensors"))
-        if self.settings.knn_backend != "torch" and len(self):
+        if self.backend != "torch" and len(self):
             import faiss
             for L in self.layers:
                 for h, ix in enumerate(self.index(L).indexes):
@@ -408,14 +423,13 @@ class KNNMemory:
             mem.keys[L], mem.values[L] = k.to(mem.device), v.to(mem.device)
         mem.doc_ids = tensors["doc_ids"].to(mem.device)
         mem.documents = man["documents"]
-        if settings.knn_backend != "torch" and settings.knn_backend == man["backend"] \
-                and settings.knn_metric == man["metric"] and len(mem) > 0:
+        if mem.backend != "torch" and mem.backend == man["backend"] and settings.knn_metric == man["metric"]:
             import faiss
             for L in mem.layers:
                 files = [os.path.join(path, f"index.{L}.{h}.faiss") for h in range(mem.n_head)]
                 if all(os.path.isfile(f) for f in files):
                     s = settings
-                    mem._indexes[L] = FaissIndex(mem.keys[L], s.knn_metric, s.knn_backend, s.knn_nlist, s.knn_nprobe,
+                    mem._indexes[L] = FaissIndex(mem.keys[L], s.knn_metric, mem.backend, s.knn_nlist, s.knn_nprobe,
                                                  s.knn_pq_m, indexes=[faiss.read_index(f) for f in files])
         return mem
 

@@ -339,3 +339,14 @@ def test_memory_layer_hook_and_cache_mode():
     assert model.attentions[0].memory is None and model.attentions[2].memory is None
     build(model, settings(knn_recompute=False)).attach(model)
     assert not model.attentions[1].memory.recompute  # causal: generate keeps the ordinary KV cache
+
+
+def test_auto_backend_follows_the_measured_rule():
+    model = tiny()
+    mem = build(model, settings(knn_backend="auto", mem_frac=0.0))
+    assert mem.backend == "torch"  # small
+    d = mem.head_size
+    mem.add_entries({L: torch.randn(2, 4000, d) for L in mem.layers}, {L: torch.randn(2, 4000, d) for L in mem.layers})
+    assert mem.backend == "faiss-flat"  # large, one query per head
+    mem.settings.mem_frac = 5.0
+    assert mem.backend == "torch"  # many queries per head
