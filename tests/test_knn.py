@@ -109,10 +109,12 @@ def reference_hook(mem: KNNMemory, layer: int, k: int):
     return hook
 
 
-@pytest.mark.parametrize("kind", sorted(TYPES))
-@pytest.mark.parametrize("query", ["key", "query"])
-@pytest.mark.parametrize("metric", ["l2", "ip"])
-@pytest.mark.parametrize("recompute", [True, False], ids=["reference", "causal"])
+# every type x search mode x cache mode with L2; inner product (it only changes the search) on two of them
+CASES = [(kind, query, "l2", recompute) for kind in sorted(TYPES) for query in ("key", "query")
+         for recompute in (True, False)] + [("gated", "key", "ip", True), ("type1", "query", "ip", False)]
+
+
+@pytest.mark.parametrize("kind,query,metric,recompute", CASES, ids=lambda x: str(x))
 def test_fast_path_equals_line_by_line_reference(kind, query, metric, recompute):
     model = tiny()
     s = settings(**{"knn": [0, 3, 2], "knn_query": query, "knn_metric": metric, "knn_recompute": recompute,
