@@ -142,9 +142,17 @@ def reference_knn_hook(mem: KNNMemory, layer: int, k: int):
     return hook
 
 
+class Rows(list):
+    """Table rows, each also printed as soon as it is measured (the knn suite runs for minutes)."""
+
+    def append(self, row):
+        print(" | ".join(row), flush=True)
+        super().append(row)
+
+
 def bench_knn(model, cfg, device, dtype) -> tuple[dict, list]:
     """Rows and results of the 'knn' suite (Type 1 gates opened: every head searches at every token)."""
-    rows, res = [], {"search": [], "generate": []}
+    rows, res = Rows(), {"search": [], "generate": []}
     H, d = model.config.n_head, model.config.n_embd // model.config.n_head
     L, n = cfg.knn_layer, cfg.gen_tokens
     knn = [0] * model.config.n_layer
