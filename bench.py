@@ -33,7 +33,7 @@ from train import TrainConfig, autocast_context, resolve_device
 
 @dataclass
 class BenchConfig(TrainConfig):
-    vocab_size: int = 50257
+    vocab_size: int | None = None  # None: the prepared dataset's (data_dir/dataset), else GPT-2's 50257
     bench_iters: int = 10  # timed training steps (after 2 untimed warm-up steps)
     gen_tokens: int = 128  # tokens generated per timed generation
     prompt_len: int = 16
@@ -257,7 +257,11 @@ def main(cfg: BenchConfig) -> dict:
     device, dtype = resolve_device(cfg.device, cfg.dtype)
     print(f"settings:\n{format_config(cfg)}")
     torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
+    vocab_size = cfg.vocab_size
+    if vocab_size is None:
+        meta_path = os.path.join(cfg.data_dir, cfg.dataset, "meta.json")
+        vocab_size = json.load(open(meta_path))["vocab_size"] if os.path.isfile(meta_path) else 50257
+    model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
                           n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)).to(device)
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters on {device} ({dtype}), "
           f"{torch.get_num_threads()} CPU threads")
