@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch.nn import functional as F
 
 from configurator import ConfigError, format_config, load_config
 from model import GPT, GPTConfig
@@ -82,6 +83,69 @@ def bench_generation(model, cfg, device, dtype, batch: int, use_cache: bool) -> 
     dt = time.perf_counter() - t0
     return {"batch": batch, "kv_cache": use_cache, "tokens_per_s": batch * cfg.gen_tokens / dt,
             "ms_per_token_step": dt / cfg.gen_tokens * 1000}
+
+
+# -----------------------------------------------------------------------------
+# DNC: memory.DNC against a step-serial reference of the same size
+
+def naive_dnc_forward(dnc, x):
+    """The DNC's documented equations written out one sample and one read head at a time, the
+    way a straightforward port does it: the speed baseline for memory.DNC, and an independent
+    check of its numbers in the tests. Shares dnc's controller and layers; dense links only."""
+    from memory import DNC_EPS
+    c = dnc.cfg
+    B, T, _ = x.shape
+    N, W, R = c.memory_slots, c.word_size, c.read_heads
+    eye = torch.eye(N)
+    mem = [torch.zeros(N, W) for _ in range(B)]
+    usage = [torch.zeros(N) for _ in range(B)]
+    prec = [torch.zeros(N) for _ in range(B)]
+    link = [torch.zeros(N, N) for _ in range(B)]
+    write_w = [torch.zeros(N) for _ in range(B)]
+    read_w = [[torch.zeros(N) for _ in range(R)] for _ in range(B)]
+    reads = [[torch.zeros(W) for _ in range(R)] for _ in range(B)]
+    ctrl = dnc.controller.initial_state(B, x.device)
+
+    def content(M, key, beta):
+        norms = torch.sqrt((M * M).sum(1) + DNC_EPS) * torch.sqrt((key * key).sum() + DNC_EPS)
+        return torch.softmax(beta * (M @ key) / norms, dim=0)
+
+    ys = []
+    for t in range(T):
+        prev_reads = torch.stack([torch.cat(reads[b]) for b in range(B)])
+        h, ctrl = dnc.controller(torch.cat([x[:, t], prev_reads], dim=1), ctrl)
+        xi = dnc.interface(h)
+        for b in range(B):
+            parts = iter(xi[b].split([W] * R + [1] * R + [W, 1, W, W] + [1] * R + [1, 1] + [3] * R))
+            keys = [next(parts) for _ in range(R)]
+            betas = [1 + F.softplus(next(parts)) for _ in range(R)]
+            wkey, wbeta = next(parts), 1 + F.softplus(next(parts))
+            erase, wvec = torch.sigmoid(next(parts)), next(parts)
+            free = [torch.sigmoid(next(parts)) for _ in range(R)]
+            ga, gw = torch.sigmoid(next(parts)), torch.sigmoid(next(parts))
+            modes = [torch.softmax(next(parts), dim=0) for _ in range(R)]
+            psi = torch.ones(N)
+            for r in range(R):
+                psi = psi * (1 - free[r] * read_w[b][r])
+            u = (usage[b] + write_w[b] - usage[b] * write_w[b]) * psi
+            usage[b] = u
+            u = DNC_EPS + (1 - DNC_EPS) * u
+            su, phi = torch.sort(u, stable=True)
+            before = torch.cumprod(torch.cat([torch.ones(1), su[:-1]]), dim=0)
+            alloc = torch.zeros(N).scatter(0, phi, (1 - su) * before)
+            ww = gw * (ga * alloc + (1 - ga) * content(mem[b], wkey, wbeta))
+            mem[b] = mem[b] * (1 - torch.outer(ww, erase)) + torch.outer(ww, wvec)
+            link[b] = ((1 - ww[:, None] - ww[None, :]) * link[b] + torch.outer(ww, prec[b])) * (1 - eye)
+            prec[b] = (1 - ww.sum()) * prec[b] + ww
+            write_w[b] = ww
+            for r in range(R):
+                fwd, bwd = link[b] @ read_w[b][r], link[b].t() @ read_w[b][r]
+                wr = modes[r][0] * bwd + modes[r][1] * content(mem[b], keys[r], betas[r]) + modes[r][2] * fwd
+                read_w[b][r] = wr
+                reads[b][r] = mem[b].t() @ wr
+        now_reads = torch.stack([torch.cat(reads[b]) for b in range(B)])
+        ys.append(dnc.output(torch.cat([h, now_reads], dim=1)))
+    return torch.stack(ys, dim=1)
 
 
 def main(cfg: BenchConfig) -> dict:
