@@ -306,8 +306,8 @@ class DNC(nn.Module):
         else:
             self.check_state(state, x.size(0))
         ys = []
-        for t in range(x.size(1)):
-            y, state = self.step(x[:, t], state)
+        for x_t in x.transpose(0, 1).contiguous():  # (B, input_size) blocks of one layout, whatever T is
+            y, state = self.step(x_t, state)
             ys.append(y)
         return torch.stack(ys, dim=1), state
 

@@ -277,8 +277,8 @@ def train_algorithmic(cfg, device) -> dict:
             optimizers[name].load_state_dict(ckpt["optimizer"][name])
         iter_num, train_time = ckpt["iter_num"], ckpt["train_time"]
         print(f"resuming from {ckpt_path} at iteration {iter_num}")
-    # the DNC's step is where the time goes; compiling it fuses its many small operations
-    steps = {name: torch.compile(m) if cfg.compile else m for name, m in models.items()}
+    if cfg.compile:  # the DNC's step is where the time goes: compiling it fuses its many small operations
+        models["dnc"].step = torch.compile(models["dnc"].step)
 
     eval_set = [make_batch(cfg, np.random.default_rng([cfg.seed, 1, k]), cfg.batch_size, device)
                 for k in range(cfg.eval_iters)]
@@ -286,7 +286,7 @@ def train_algorithmic(cfg, device) -> dict:
     @torch.no_grad()
     def evaluate(name):
         models[name].eval()
-        wrong = torch.cat([bits_wrong(steps[name](x)[0], y, mask) for x, y, mask in eval_set])
+        wrong = torch.cat([bits_wrong(models[name](x)[0], y, mask) for x, y, mask in eval_set])
         models[name].train()
         return wrong.mean().item()
 
@@ -324,7 +324,7 @@ def train_algorithmic(cfg, device) -> dict:
             t0 = time.perf_counter()
             for group in optimizers[name].param_groups:
                 group["lr"] = lr
-            loss = masked_bce(steps[name](x)[0], y, mask)
+            loss = masked_bce(model(x)[0], y, mask)
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -441,6 +441,10 @@ def run_continual(cfg, n_tasks, build, batch, loss_fn, evaluate, fisher=None) ->
                 if it % cfg.log_interval == 0:
                     print(f"{method} task {task} iter {it}: loss {loss.item():.4f}")
             model.eval()
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise FloatingPointError(f"{method}: the weights diverged during task {task}; lower learning_rate"
+                                         + (" or ewc_lambda (lr * lambda * Fisher must stay well below 2)"
+                                            if ewc is not None else ""))
             if ewc is not None:
                 ewc.consolidate(model, fisher(model, task))
             with torch.no_grad():
