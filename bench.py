@@ -204,7 +204,7 @@ def bench_dnc(cfg: BenchConfig, device: str) -> dict:
                 forward = lambda x: dnc(x)[0]
             seconds, saved = time_forward_backward(forward, x, cfg.bench_iters, device)
             dense_s = dense_s or seconds
-            note = f"{saved / 2**20:,.1f} MB kept for backward"
+            note = f"{saved / 2**20:,.2f} MB kept for backward"
             if label != "dense links":
                 note += f", {seconds / dense_s:.2f}x the dense DNC's time"
             rows.append((f"DNC N={N} W={cfg.word_size} R={cfg.read_heads}, {label}", f"{seconds * 1000:,.1f} ms", note))

@@ -472,5 +472,5 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
 if __name__ == "__main__":
     try:
         main(load_config(TrainConfig))
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

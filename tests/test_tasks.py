@@ -261,3 +261,10 @@ def test_language_model_sequence_with_and_without_replay(tmp_path):
     assert replay[1, 0] < finetune[1, 0] - 0.3  # replaying a's windows keeps much of it
     assert res["methods"]["replay"]["stored"] == 2 * 12 * 4
     assert json.loads((tmp_path / "out" / "results.json").read_text())["score"] == "val loss"
+
+
+def test_diverging_continual_training_stops_with_a_clear_error(shared_data, tmp_path):
+    cfg = task_config(tmp_path, task="pmnist", data_dir=str(shared_data), n_tasks=1, optimizer="sgd",
+                      learning_rate=1e9, max_iters=20, batch_size=32, methods=["finetune"], grad_clip=0.0)
+    with pytest.raises(FloatingPointError, match="diverged during task 0; lower learning_rate"):
+        train.main(cfg)
