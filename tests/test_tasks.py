@@ -264,7 +264,9 @@ def test_language_model_sequence_with_and_without_replay(tmp_path):
 
 
 def test_diverging_continual_training_stops_with_a_clear_error(shared_data, tmp_path):
-    cfg = task_config(tmp_path, task="pmnist", data_dir=str(shared_data), n_tasks=1, optimizer="sgd",
-                      learning_rate=1e9, max_iters=20, batch_size=32, methods=["finetune"], grad_clip=0.0)
-    with pytest.raises(FloatingPointError, match="diverged during task 0; lower learning_rate"):
+    # SGD on a penalty this stiff overshoots further every step: lr * lambda * Fisher >> 2
+    cfg = task_config(tmp_path, task="pmnist", data_dir=str(shared_data), n_tasks=2, optimizer="sgd",
+                      learning_rate=0.5, max_iters=50, batch_size=32, methods=["ewc"], ewc_lambda=1e6,
+                      ewc_samples=50, grad_clip=0.0)
+    with pytest.raises(FloatingPointError, match="diverged during task 1; lower learning_rate or ewc_lambda"):
         train.main(cfg)
