@@ -21,7 +21,6 @@ ReplayBuffer keeps a fixed number of past training examples (ring buffer or rese
 hands back random ones from its filled slots to mix into new batches.
 """
 
-import math
 import os
 from dataclasses import dataclass
 

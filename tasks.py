@@ -330,6 +330,8 @@ def train_algorithmic(cfg, device) -> dict:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizers[name].step()
             optimizers[name].zero_grad(set_to_none=True)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()  # count the GPU's time, not only the launches
             train_time[name] += time.perf_counter() - t0
             if iter_num % cfg.log_interval == 0:
                 losses[name][iter_num] = loss.item()
@@ -483,6 +485,7 @@ def report_continual(cfg, results, n_tasks, score_name, extra) -> dict:
     left.set(xlabel="task", ylabel=score_name, title=f"after the last of {n_tasks} tasks")
     right.set(xlabel="tasks trained", ylabel=f"mean {score_name} over tasks so far", title="running average")
     for ax in (left, right):
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend()
         ax.grid(alpha=0.3)
     save_figure(fig, os.path.join(cfg.out_dir, "continual.png"))

@@ -16,9 +16,9 @@ batch_size = 8
 dropout = 0.0
 
 learning_rate = 2e-3
-max_iters = 500  # per corpus; the learning-rate schedule starts again on each
+max_iters = 250  # per corpus; the learning-rate schedule starts again on each
 warmup_iters = 20
-lr_decay_iters = 500
+lr_decay_iters = 250
 min_lr = 2e-4
 beta2 = 0.99
 
@@ -27,5 +27,5 @@ replay_every = 5
 replay_store = 4
 replay_batch = 8
 replay_policy = "reservoir"
-eval_iters = 25
+eval_iters = 20
 log_interval = 100
