@@ -7,10 +7,13 @@ Speed benchmarks for a model shaped by a training config, with random weights an
   with the memory on vs off for memory sizes knn_sizes (faiss IVF from knn_ivf_from entries up),
   exact search backends against each other, build throughput vs a plain forward pass, the same
   text placed in the context instead, and the reference's recomputing per-head-loop path.
+- a DNC task's config (task 'copy', ...): the DNC's forward + backward time and memory, dense and
+  sparse links, against a step-serial reference implementation.
 
     python bench.py config/train_facts.py
     python bench.py config/bench_knn.py
     python bench.py --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --device=cuda --compile=True
+    python bench.py config/bench_dnc.py
 
 Prints a table and writes JSON (bench_json). Numbers, not pass/fail: targets are read from here,
 never asserted in timed tests.
@@ -21,9 +24,10 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
+from torch.nn import functional as F
 
 from configurator import ConfigError, format_config, load_config
 from memory import KNNMemory, KNNSettings, FaissIndex, TorchIndex
@@ -44,6 +48,12 @@ class BenchConfig(TrainConfig):
     knn_layer: int = 9  # the memory layer (the reference's recall layer)
     knn_ivf_from: int = 1000000  # memories this large use faiss IVF instead of exact search
     knn_context: int = 640  # tokens of the text compared in context vs in memory
+    # with task 'copy', 'repeat_copy' or 'assoc_recall': the DNC of that config, forward + backward of
+    # batch_size sequences of dnc_seq_len steps, with dense links, sparse ones (sparse_links > 0) and
+    # the step-serial reference (dnc_reference), for each memory size in dnc_slots (empty: memory_slots)
+    dnc_slots: list[int] = field(default_factory=list)
+    dnc_seq_len: int = 20
+    dnc_reference: bool = True
 
 
 def sync(device: str):
@@ -253,9 +263,134 @@ def bench_knn(model, cfg, device, dtype) -> tuple[dict, list]:
     return res, rows
 
 
+# -----------------------------------------------------------------------------
+# DNC: memory.DNC against a step-serial reference of the same size
+
+def naive_dnc_forward(dnc, x):
+    """The DNC's documented equations written out one sample and one read head at a time, the
+    way a straightforward port does it: the speed baseline for memory.DNC, and an independent
+    check of its numbers in the tests. Shares dnc's controller and layers; dense links only."""
+    from memory import DNC_EPS
+    c = dnc.cfg
+    B, T, _ = x.shape
+    N, W, R = c.memory_slots, c.word_size, c.read_heads
+    zeros = lambda *shape: torch.zeros(*shape, device=x.device)
+    eye = torch.eye(N, device=x.device)
+    mem = [zeros(N, W) for _ in range(B)]
+    usage = [zeros(N) for _ in range(B)]
+    prec = [zeros(N) for _ in range(B)]
+    link = [zeros(N, N) for _ in range(B)]
+    write_w = [zeros(N) for _ in range(B)]
+    read_w = [[zeros(N) for _ in range(R)] for _ in range(B)]
+    reads = [[zeros(W) for _ in range(R)] for _ in range(B)]
+    ctrl = dnc.controller.initial_state(B, x.device)
+
+    def content(M, key, beta):
+        norms = torch.sqrt((M * M).sum(1) + DNC_EPS) * torch.sqrt((key * key).sum() + DNC_EPS)
+        return torch.softmax(beta * (M @ key) / norms, dim=0)
+
+    ys = []
+    for t in range(T):
+        prev_reads = torch.stack([torch.cat(reads[b]) for b in range(B)])
+        h, ctrl = dnc.controller(torch.cat([x[:, t], prev_reads], dim=1), ctrl)
+        xi = dnc.interface(h)
+        for b in range(B):
+            parts = iter(xi[b].split([W] * R + [1] * R + [W, 1, W, W] + [1] * R + [1, 1] + [3] * R))
+            keys = [next(parts) for _ in range(R)]
+            betas = [1 + F.softplus(next(parts)) for _ in range(R)]
+            wkey, wbeta = next(parts), 1 + F.softplus(next(parts))
+            erase, wvec = torch.sigmoid(next(parts)), next(parts)
+            free = [torch.sigmoid(next(parts)) for _ in range(R)]
+            ga, gw = torch.sigmoid(next(parts)), torch.sigmoid(next(parts))
+            modes = [torch.softmax(next(parts), dim=0) for _ in range(R)]
+            psi = torch.ones(N, device=x.device)
+            for r in range(R):
+                psi = psi * (1 - free[r] * read_w[b][r])
+            u = (usage[b] + write_w[b] - usage[b] * write_w[b]) * psi
+            usage[b] = u
+            u = DNC_EPS + (1 - DNC_EPS) * u
+            su, phi = torch.sort(u, stable=True)
+            before = torch.cumprod(torch.cat([torch.ones(1, device=x.device), su[:-1]]), dim=0)
+            alloc = zeros(N).scatter(0, phi, (1 - su) * before)
+            ww = gw * (ga * alloc + (1 - ga) * content(mem[b], wkey, wbeta))
+            mem[b] = mem[b] * (1 - torch.outer(ww, erase)) + torch.outer(ww, wvec)
+            link[b] = ((1 - ww[:, None] - ww[None, :]) * link[b] + torch.outer(ww, prec[b])) * (1 - eye)
+            prec[b] = (1 - ww.sum()) * prec[b] + ww
+            write_w[b] = ww
+            for r in range(R):
+                fwd, bwd = link[b] @ read_w[b][r], link[b].t() @ read_w[b][r]
+                wr = modes[r][0] * bwd + modes[r][1] * content(mem[b], keys[r], betas[r]) + modes[r][2] * fwd
+                read_w[b][r] = wr
+                reads[b][r] = mem[b].t() @ wr
+        now_reads = torch.stack([torch.cat(reads[b]) for b in range(B)])
+        ys.append(dnc.output(torch.cat([h, now_reads], dim=1)))
+    return torch.stack(ys, dim=1)
+
+
+def time_forward_backward(forward, x, iters, device):
+    """Mean seconds for forward(x) + backward of a scalar loss, and the bytes of the tensors autograd
+    keeps for the backward pass (the memory a training step needs beyond the weights)."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    def step():
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = forward(x).pow(2).mean()
+        loss.backward()
+
+    step()  # warm-up, and the memory count
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync(device)
+    return (time.perf_counter() - t0) / iters, sum(saved.values())
+
+
+def bench_dnc(cfg: BenchConfig, device: str) -> dict:
+    from memory import DNC
+    from tasks import ALGORITHMIC, dnc_config
+    if cfg.task not in ALGORITHMIC:
+        raise ConfigError(f"bench.py times the GPT (task='lm') or the DNC of task {', '.join(ALGORITHMIC)}; "
+                          f"not {cfg.task!r}")
+    B, T = cfg.batch_size, cfg.dnc_seq_len
+    print(f"DNC forward + backward, batch {B} x {T} steps, on {device}, {torch.get_num_threads()} CPU threads")
+    rows, runs = [], []
+    for N in cfg.dnc_slots or [cfg.memory_slots]:
+        variants = [("dense links", 0)] + ([(f"sparse links K={cfg.sparse_links}", cfg.sparse_links)]
+                                           if cfg.sparse_links else [])
+        dense_s = None
+        for label, K in variants + ([("step-serial reference", 0)] if cfg.dnc_reference else []):
+            torch.manual_seed(cfg.seed)
+            dnc = DNC(dnc_config(replace(cfg, memory_slots=N, sparse_links=K))).to(device)
+            x = torch.randn(B, T, dnc.cfg.input_size, device=device)
+            if label == "step-serial reference":
+                forward = lambda x: naive_dnc_forward(dnc, x)
+            else:
+                forward = lambda x: dnc(x)[0]
+            seconds, saved = time_forward_backward(forward, x, cfg.bench_iters, device)
+            dense_s = dense_s or seconds
+            note = f"{saved / 2**20:,.2f} MB kept for backward"
+            if label != "dense links":
+                note += f", {seconds / dense_s:.2f}x the dense DNC's time"
+            rows.append((f"DNC N={N} W={cfg.word_size} R={cfg.read_heads}, {label}", f"{seconds * 1000:,.1f} ms", note))
+            runs.append({"memory_slots": N, "variant": label, "sparse_links": K, "ms_per_batch": seconds * 1000,
+                         "saved_for_backward_mb": saved / 2**20})
+    print_table(rows, "per batch")
+    result = {"settings": asdict(cfg), "device": device, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "dnc": runs}
+    write_result(result, cfg.bench_json)
+    return result
+
+
 def main(cfg: BenchConfig) -> dict:
     device, dtype = resolve_device(cfg.device, cfg.dtype)
     print(f"settings:\n{format_config(cfg)}")
+    if cfg.task != "lm":
+        return bench_dnc(cfg, device)
     torch.manual_seed(cfg.seed)
     vocab_size = cfg.vocab_size
     if vocab_size is None:
@@ -293,17 +428,25 @@ def main(cfg: BenchConfig) -> dict:
     if "knn" in cfg.suite:
         result["knn"], knn_rows = bench_knn(model, cfg, device, dtype)
         rows += knn_rows
+    print_table(rows, "throughput")
+    write_result(result, cfg.bench_json)
+    return result
+
+
+def print_table(rows, value_header):
     width = max(len(r[0]) for r in rows)
-    print(f"\n{'benchmark'.ljust(width)} | {'throughput':>16} | notes")
+    print(f"\n{'benchmark'.ljust(width)} | {value_header:>16} | notes")
     print("-" * (width + 40))
     for name, value, note in rows:
         print(f"{name.ljust(width)} | {value:>16} | {note}")
-    tmp = cfg.bench_json + ".tmp"
+
+
+def write_result(result, path):
+    tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
-    os.replace(tmp, cfg.bench_json)
-    print(f"\nwrote {cfg.bench_json}")
-    return result
+    os.replace(tmp, path)
+    print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -74,6 +74,38 @@ class TrainConfig:
     dtype: str = "auto"  # 'auto' (bfloat16 on GPUs that have it, else float16 on GPU, float32 on CPU), 'float32', 'bfloat16', 'float16'
     compile: bool = False  # torch.compile the model (worth it on GPU for long runs)
     seed: int = 1337
+    # what to train: 'lm' (the GPT above), or one of tasks.py's tasks, which use the settings below:
+    # 'copy', 'repeat_copy', 'assoc_recall' (a DNC against an LSTM of its size), 'pmnist' and
+    # 'lm_sequence' (continual learning: fine-tuning, EWC and replay under one protocol)
+    task: str = "lm"
+    # DNC (memory.DNCConfig); the 'gpt' controller takes n_head from above and attends over block_size steps
+    memory_slots: int = 16  # N
+    word_size: int = 16  # W
+    read_heads: int = 4  # R
+    controller: str = "lstm"  # 'lstm' (the reference) or 'gpt' (a GPT block)
+    hidden_size: int = 64  # controller width
+    sparse_links: int = 0  # K > 0: sparse temporal links (top-K), for large memory_slots; 0: dense N x N
+    optimizer: str = "adamw"  # tasks other than 'lm': 'adamw', 'rmsprop' (the DNC reference's) or 'sgd'
+    # algorithmic tasks: random bit patterns
+    bits: int = 8
+    min_len: int = 1  # pattern length (copy, repeat_copy) or number of items (assoc_recall)
+    max_len: int = 20
+    min_repeats: int = 1  # repeat_copy
+    max_repeats: int = 2
+    item_len: int = 3  # assoc_recall: vectors per item
+    baseline: bool = True  # also train an LSTM with the DNC's parameter count on the same batches
+    # continual learning: max_iters iterations per task, tasks one after another
+    n_tasks: int = 20  # pmnist: permutations
+    datasets: list[str] = field(default_factory=list)  # lm_sequence: prepared datasets in data_dir, in order
+    classifier: str = "linear"  # pmnist: 'linear' (784 -> 10, the reference) or 'mlp' (2 x 256 ReLU)
+    methods: list[str] = field(default_factory=lambda: ["finetune", "ewc", "replay"])  # run in turn, same batches
+    replay_capacity: int = 15000  # stored examples
+    replay_every: int = 1000  # store part of the current batch every this many iterations
+    replay_store: int = 32  # rows of that batch stored
+    replay_batch: int = 32  # stored examples added to every batch (once any are stored)
+    replay_policy: str = "ring"  # 'ring' (newest replace oldest) or 'reservoir' (uniform over all offered)
+    ewc_lambda: float = 100.0  # EWC penalty strength
+    ewc_samples: int = 500  # examples per task for EWC's Fisher information
 
 
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
@@ -205,7 +237,11 @@ def plot_losses(metrics_path: str, png_path: str):
 
 
 def main(cfg: TrainConfig) -> dict:
-    """Train as cfg says; returns {'losses': {iter: loss}, 'val_loss': ..., 'iter_num': ...}."""
+    """Train as cfg says; returns {'losses': {iter: loss}, 'val_loss': ..., 'iter_num': ...}.
+    A task other than 'lm' runs in tasks.py and returns its own results."""
+    if cfg.task != "lm":
+        import tasks  # the DNC's algorithmic tasks and continual learning
+        return tasks.main(cfg)
     ddp, rank, local_rank, world_size = ddp_info()
     master_process = rank == 0
     device, dtype = resolve_device(cfg.device, cfg.dtype)
@@ -436,5 +472,5 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
 if __name__ == "__main__":
     try:
         main(load_config(TrainConfig))
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

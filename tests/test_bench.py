@@ -32,3 +32,20 @@ def test_knn_bench_suite(tmp_path, capsys):
                                                                        (3000, "causal")]
     assert {s["size"] for s in res["search"]} == {200}  # exact-search rows below the IVF size
     assert res["build"]["tokens_per_s"] > 0 and set(res["reference"]["speedup"]) == {"causal", "reference"}
+
+
+def test_dnc_bench_times_dense_sparse_and_the_reference(tmp_path, capsys):
+    out = tmp_path / "bench_dnc.json"
+    cfg = load_config(bench.BenchConfig, [], task="copy", bits=4, dnc_slots=[8, 128], word_size=4, read_heads=2,
+                      hidden_size=8, sparse_links=4, batch_size=2, dnc_seq_len=3, bench_iters=1, device="cpu",
+                      bench_json=str(out))
+    bench.main(cfg)
+    table = capsys.readouterr().out
+    assert "DNC N=128 W=4 R=2, sparse links K=4" in table and "step-serial reference" in table
+    runs = {(r["memory_slots"], r["variant"]): r for r in json.loads(out.read_text())["dnc"]}
+    assert set(runs) == {(n, v) for n in (8, 128) for v in ("dense links", "sparse links K=4", "step-serial reference")}
+    assert all(r["ms_per_batch"] > 0 for r in runs.values())
+    # dense links keep N x N per step for the backward pass; sparse ones N x K
+    dense, sparse = runs[(128, "dense links")], runs[(128, "sparse links K=4")]
+    assert sparse["saved_for_backward_mb"] < dense["saved_for_backward_mb"] / 2
+    assert dense["saved_for_backward_mb"] > 10 * runs[(8, "dense links")]["saved_for_backward_mb"]
