@@ -96,6 +96,15 @@ def test_copy_run_trains_both_models_and_writes_results(tmp_path):
     assert ckpt["iter_num"] == 200 and set(ckpt["model"]) == {"dnc", "lstm"}
 
 
+def test_dnc_with_a_gpt_block_controller_learns_copy(tmp_path):
+    cfg = task_config(tmp_path, task="copy", bits=4, min_len=1, max_len=4, memory_slots=8, word_size=8, read_heads=1,
+                      controller="gpt", hidden_size=32, n_head=2, block_size=16, baseline=False,
+                      learning_rate=3e-3, max_iters=100, eval_interval=100, grad_clip=10.0)
+    train.main(cfg)
+    history = json.loads((tmp_path / "results.json").read_text())["history"]
+    assert history[0]["bits"]["dnc"] > 4 and history[-1]["bits"]["dnc"] < history[0]["bits"]["dnc"] / 2
+
+
 def test_algorithmic_resume_equals_uninterrupted_run(tmp_path):
     common = dict(task="assoc_recall", bits=3, min_len=2, max_len=3, item_len=1, memory_slots=6, word_size=4,
                   read_heads=2, hidden_size=16, max_iters=8, eval_interval=4, log_interval=1, eval_iters=1,
