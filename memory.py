@@ -612,16 +612,40 @@ def allocation_weights(usage):
     return torch.zeros_like(u).scatter(-1, phi, (1 - sorted_u) * before)
 
 
+class _DenseLinkUpdate(torch.autograd.Function):
+    """L[i,j] = (1 - w[i] - w[j]) L[i,j] + w[i] p_prev[j], diagonal 0, with a written-out backward.
+    At large N the N x N sweeps are the whole cost; autograd would keep an extra N x N tensor per
+    step and sweep more of them. This keeps only the old links (which the reads keep anyway)."""
+
+    @staticmethod
+    def forward(ctx, link, precedence, w):
+        new = torch.baddbmm(link * (1 - w[:, :, None] - w[:, None, :]), w[:, :, None], precedence[:, None, :])
+        new.diagonal(dim1=1, dim2=2).zero_()
+        ctx.save_for_backward(link, precedence, w)
+        return new
+
+    @staticmethod
+    def backward(ctx, g):
+        link, precedence, w = ctx.saved_tensors
+        g_diag = g.diagonal(dim1=1, dim2=2)  # (B, N): these outputs are fixed at 0, their gradients go nowhere
+        g_link = g * (1 - w[:, :, None] - w[:, None, :])
+        g_link.diagonal(dim1=1, dim2=2).zero_()
+        g_keep = g * link  # d/d(keep[i,j]); keep = 1 - w[i] - w[j]
+        g_keep.diagonal(dim1=1, dim2=2).zero_()
+        g_w = (g @ precedence[:, :, None])[:, :, 0] - g_diag * precedence - g_keep.sum(2) - g_keep.sum(1)
+        g_precedence = (w[:, None, :] @ g)[:, 0] - g_diag * w
+        return g_link, g_precedence, g_w
+
+
 def dense_link_update(link, precedence, write_w):
     """L[i,j] = (1 - w[i] - w[j]) L[i,j] + w[i] p_prev[j], diagonal 0. link (B, N, N)."""
-    N = link.size(-1)
-    link = (1 - write_w[:, :, None] - write_w[:, None, :]) * link + write_w[:, :, None] * precedence[:, None, :]
-    return link.masked_fill(torch.eye(N, dtype=torch.bool, device=link.device), 0.0)
+    return _DenseLinkUpdate.apply(link, precedence, write_w)
 
 
 def dense_link_reads(link, read_w):
-    """Forward f = L w and backward b = L^T w for every head: read_w (B, R, N) -> two (B, R, N)."""
-    return read_w @ link.transpose(1, 2), read_w @ link
+    """Forward f = L w and backward b = L^T w for every head: read_w (B, R, N) -> two (B, R, N).
+    Both as products with the links untransposed, whose backward then copies no N x N tensor."""
+    return (link @ read_w.transpose(1, 2)).transpose(1, 2), read_w @ link
 
 
 def sparse_link_update(idx, val, precedence, write_w):

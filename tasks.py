@@ -468,8 +468,8 @@ def summarise(results, n_tasks) -> dict:
     return results
 
 
-def report_continual(cfg, results, n_tasks, score_name, extra) -> dict:
-    """Prints the table, writes results.json and continual.png."""
+def report_continual(cfg, results, n_tasks, score_name, extra, names=None) -> dict:
+    """Prints the table, writes results.json and continual.png (tasks labelled by `names` if given)."""
     summarise(results, n_tasks)
     print(f"\n{score_name} on every task after the last task (task 0 first), and their mean")
     for method, r in results.items():
@@ -488,6 +488,9 @@ def report_continual(cfg, results, n_tasks, score_name, extra) -> dict:
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend()
         ax.grid(alpha=0.3)
+    if names:
+        left.set_xticks(range(n_tasks), names)
+        right.set_xticks(range(1, n_tasks + 1), [f"+{name}" for name in names])
     save_figure(fig, os.path.join(cfg.out_dir, "continual.png"))
     print(f"wrote {cfg.out_dir}/results.json and continual.png")
     return out
@@ -645,4 +648,4 @@ def run_lm_sequence(cfg, device) -> dict:
                               for _ in range(cfg.eval_iters)]))
 
     results = run_continual(cfg, len(paths), build, batch, loss_fn, evaluate)
-    return report_continual(cfg, results, len(paths), "val loss", {"datasets": cfg.datasets})
+    return report_continual(cfg, results, len(paths), "val loss", {"datasets": cfg.datasets}, names=cfg.datasets)

@@ -108,6 +108,17 @@ def test_links_record_write_order_and_reads_follow_it():
         torch.testing.assert_close(new["read_vectors"][0, 0], one_hot(2, W), atol=1e-4, rtol=0)
 
 
+def test_dense_link_update_backward_passes_gradcheck():
+    """The link update's hand-written backward against finite differences, in float64."""
+    torch.manual_seed(0)
+    link = torch.rand(2, 5, 5, dtype=torch.float64).requires_grad_()
+    prec = torch.rand(2, 5, dtype=torch.float64).requires_grad_()
+    w = (torch.rand(2, 5, dtype=torch.float64) / 5).requires_grad_()
+    assert torch.autograd.gradcheck(dense_link_update, (link, prec, w))
+    expected = (1 - w[:, :, None] - w[:, None, :]) * link + w[:, :, None] * prec[:, None, :]
+    torch.testing.assert_close(dense_link_update(link, prec, w), expected * (1 - torch.eye(5, dtype=torch.float64)))
+
+
 @pytest.mark.parametrize("K", [0, 6])
 def test_vectorised_dnc_equals_step_serial_reference(K):
     """memory.DNC (dense links, and sparse links with K = N, which must be exact) against
