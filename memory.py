@@ -10,7 +10,7 @@ keep the keys and values of every token at chosen layers, per head, and while ge
 heads that attend strongly to a position replace that position's value by a mix of the values of
 the memory entries nearest to its key. No parameter is trained.
 
-    mem = KNNMemory.create(model, settings, tokenizer_meta)
+    mem = KNNMemory.create(model, settings, tokenizer_meta, tokenizer)
     mem.add_text(model, tokenizer, "Cats are wonderful ...", source="cats.txt")   # grow
     mem.attach(model)            # generate as usual: model.generate(...)
     mem.save("memories/cats")    # a folder: manifest.json + kv.safetensors (+ faiss indexes)
