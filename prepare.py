@@ -407,7 +407,9 @@ FACTS_QUESTIONS = {
     "age": "How old is {name}?",
     "job": "What does {name} do for a living?",
 }
-FACTS_DOCS = 4400  # train + val; about 2 MB of text, which a tiny char model learns in minutes on a CPU
+FACTS_DOCS = 20000  # train + val; about 9 MB of text, so the quickstart's training sees a document about once
+FACTS_TOPICS = (2, 4)  # facts stated per person (min, max)
+FACTS_QAS = (4, 6)  # questions asked per document (min, max)
 FACTS_TRAIN_PEOPLE = 20000  # invented full names
 FACTS_RECALL_ITEMS = 200
 
@@ -439,7 +441,7 @@ def facts_scene(names, rng):
     sentences, qas = [], []
     for name in names:
         person = {attribute: rng.choice(values) for attribute, values in FACTS_VALUES.items()}
-        for topic in rng.sample(list(FACTS_TEMPLATES), rng.randint(3, 5)):
+        for topic in rng.sample(list(FACTS_TEMPLATES), rng.randint(*FACTS_TOPICS)):
             sentences.append(rng.choice(FACTS_TEMPLATES[topic]).format(name=name, **person))
             # a pet sentence states both the kind of pet and its name
             for attribute in ("pet", "pet_name") if topic == "pet" else (topic,):
@@ -450,12 +452,14 @@ def facts_scene(names, rng):
 
 
 def facts_documents(n_docs, names, rng):
-    """Documents about 2-3 of names: a line of facts, then 2-4 "Q: ...\\nA: ..." pairs."""
+    """Documents about 1-3 of names: a line of facts, then FACTS_QAS "Q: ...\\nA: ..." pairs about
+    them (fewer when fewer facts were stated). Many questions per document make the answers, the
+    only tokens that reading the facts predicts, a dense part of the loss."""
     docs = []
     for _ in range(n_docs):
-        facts, qas = facts_scene(rng.sample(names, rng.randint(2, 3)), rng)
-        answered = [f"{facts_prompt(qa['question'])} {qa['answer']}" for qa in rng.sample(qas, rng.randint(2, 4))]
-        docs.append("\n".join([facts] + answered))
+        facts, qas = facts_scene(rng.sample(names, rng.randint(1, 3)), rng)
+        asked = rng.sample(qas, min(len(qas), rng.randint(*FACTS_QAS)))
+        docs.append("\n".join([facts] + [f"{facts_prompt(qa['question'])} {qa['answer']}" for qa in asked]))
     return docs
 
 
@@ -479,10 +483,10 @@ def load_facts(input, val_frac, seed):
     n_val = max(1, round(FACTS_DOCS * val_frac))
     train = facts_documents(FACTS_DOCS - n_val, train_names, rng)
     val = facts_documents(n_val, heldout_names, rng)
-    recall = facts_recall_items(FACTS_RECALL_ITEMS, heldout_names, rng)
-    recall_text = "".join(json.dumps(item) + "\n" for item in recall)
-    return Corpus("built-in", TextDocs(lambda: train, len(train)), TextDocs(lambda: val, len(val)),
-                  {"recall.jsonl": recall_text})
+    # recall.jsonl reports the memory's recall; recall_tune.jsonl, drawn apart, is for choosing its settings
+    recall = {file: "".join(json.dumps(item) + "\n" for item in facts_recall_items(FACTS_RECALL_ITEMS, heldout_names, rng))
+              for file in ("recall.jsonl", "recall_tune.jsonl")}
+    return Corpus("built-in", TextDocs(lambda: train, len(train)), TextDocs(lambda: val, len(val)), recall)
 
 
 # name -> (default tokenizer, loader(input, val_frac, seed) -> Corpus)
