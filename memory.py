@@ -932,25 +932,29 @@ class MNM(nn.Module):
       'grad'   (MNM-g) W -= lr * grad_W sum_t beta_t |f(k_t) - v_t|^2 / 2, lr learned per head;
       'titans' S = eta S - lr * grad; W = (1 - alpha) W + S, with the momentum eta and the forgetting
                gate alpha predicted per head from the segment's mean output.
+    With pool=True a segment makes a single write per head, of its tokens' keys, values and strengths
+    averaged with learned attention weights (what a dialogue turn uses: one turn, one fact); otherwise
+    every token writes its own pair.
     The gradient is written out by hand (two layers), so meta-training back-propagates through the
     writes with one ordinary backward pass. The write loss returned is the beta-weighted |f(k) - v|^2
     after the write, which the trainer adds to the task loss (write_loss_weight)."""
 
     write_loss_weight = 0.1
-    beta_offset = -1.0  # added to the strength's logit: writes start moderate (beta ~ 0.27)
+    beta_offset = 0.0  # added to the strength logit (kept as the knob for a gentler start)
 
-    def __init__(self, n_embd: int, heads: int, key_size: int, hidden: int, write: str = "local"):
+    def __init__(self, n_embd: int, heads: int, key_size: int, hidden: int, write: str = "local",
+                 pool: bool = False):
         super().__init__()
         if write not in MNM_WRITES:
             raise ValueError(f"mnm_write must be one of {MNM_WRITES}, got {write!r}")
         if n_embd % heads:
             raise ValueError(f"n_embd {n_embd} must be a multiple of mnm_heads {heads}")
-        self.write_rule = write
+        self.write_rule, self.pool = write, pool
         self.H, self.dk, self.dv, self.dh = heads, key_size, n_embd // heads, hidden
         H, dk, dv, dh = self.H, self.dk, self.dv, self.dh
-        self.c_mem = nn.Linear(n_embd, H * (2 * dk + dv + 1))  # write key, read key, write value, strength
-        self.w1 = nn.Parameter(torch.randn(H, dh, dk) / math.sqrt(dk))  # initial fast weights
-        self.w2 = nn.Parameter(torch.randn(H, dv, dh))
+        self.c_mem = nn.Linear(n_embd, H * (2 * dk + dv + 2))  # write key, read key, value, strength, pooling score
+        self.w1 = nn.Parameter(torch.randn(H, dh, dk))  # initial fast weights; unit keys -> unit-variance preactivations
+        self.w2 = nn.Parameter(torch.zeros(H, dv, dh))  # an empty memory reads zeros: reads are what was written
         if write == "local":
             self.target = nn.Parameter(torch.randn(H, dh, dv) / math.sqrt(dv))  # P: layer-1 targets from v_w
         else:
@@ -965,8 +969,8 @@ class MNM(nn.Module):
         """Start the read-key projection equal to the write-key one (call again after re-initialising
         c_mem): a token read in the context it was written in then finds its value from the first step,
         which gives meta-training a signal to start from. They are trained apart from there."""
-        w = self.c_mem.weight.view(self.H, 2 * self.dk + self.dv + 1, -1)
-        b = self.c_mem.bias.view(self.H, 2 * self.dk + self.dv + 1)
+        w = self.c_mem.weight.view(self.H, 2 * self.dk + self.dv + 2, -1)
+        b = self.c_mem.bias.view(self.H, 2 * self.dk + self.dv + 2)
         w[:, self.dk:2 * self.dk] = w[:, :self.dk]
         b[:, self.dk:2 * self.dk] = b[:, :self.dk]
 
@@ -1012,11 +1016,15 @@ class MNM(nn.Module):
         """h (B, S, n_embd) a segment's outputs, mask (B, S) its real tokens, valid (B,) the rows that have
         a segment here (others keep their state). Returns (reads (B, S, n_embd), new state, write loss)."""
         B, S, _ = h.shape
-        p = self.c_mem(h).view(B, S, self.H, -1).transpose(1, 2)  # (B, H, S, 2 dk + dv + 1)
-        kw, kr, v, b = p.split([self.dk, self.dk, self.dv, 1], dim=-1)
-        kw, kr = F.normalize(kw, dim=-1), F.normalize(kr, dim=-1)
+        p = self.c_mem(h).view(B, S, self.H, -1).transpose(1, 2)  # (B, H, S, 2 dk + dv + 2)
+        kw, kr, v, b, score = p.split([self.dk, self.dk, self.dv, 1, 1], dim=-1)
         live = mask if valid is None else mask & valid[:, None]  # (B, S)
-        beta = torch.sigmoid(b + self.beta_offset) * live[:, None, :, None]  # (B, H, S, 1)
+        if self.pool:  # one write per segment: its tokens' keys, values and strengths, attention-pooled
+            a = score.masked_fill(~mask[:, None, :, None], float("-inf")).softmax(dim=2)  # (B, H, S, 1)
+            kw, v, b = [(a * t).sum(2, keepdim=True) for t in (kw, v, b)]
+            live = live.any(1, keepdim=True)  # (B, 1)
+        kw, kr = F.normalize(kw, dim=-1), F.normalize(kr, dim=-1)
+        beta = torch.sigmoid(b + self.beta_offset) * live[:, None, :, None]  # (B, H, S or 1, 1)
         if read_first:
             reads, _ = self.recall(state, kr)
         new = self.write(state, kw, v, beta, h, mask)

@@ -489,7 +489,10 @@ class Seq2Seq(GPT):
         if config.memory == "mnm":
             from memory import MNM  # memory.py builds on this file
             self.memory = MNM(config.n_embd, config.mnm_heads, config.mnm_key_size, config.mnm_hidden,
-                              config.mnm_write)
+                              config.mnm_write, pool=True)
+            # reads are normalised like the encoder's outputs they sit beside: the decoder sees them at
+            # full scale from the first step, however small the memory's output starts
+            self.transformer.ln_mem = nn.LayerNorm(config.n_embd, bias=config.bias)
         elif config.memory != "none":
             raise ValueError(f"memory must be 'none' or 'mnm', got {config.memory!r}")
         self.apply(self._init_weights)
@@ -539,8 +542,8 @@ class Seq2Seq(GPT):
             return enc, mask, state, enc.new_zeros(())
         if not persist:
             state = self.initial_state(enc.size(0))
-        reads, state, write_loss = self.memory(enc, mask, state, valid)
-        return torch.cat([enc, reads], dim=1), torch.cat([mask, mask], dim=1), state, write_loss
+        reads, state, write_loss = self.memory(enc, mask, state, valid, read_first=True)
+        return torch.cat([enc, self.transformer.ln_mem(reads)], dim=1), torch.cat([mask, mask], dim=1), state, write_loss
 
     def decode(self, tgt, cross, cross_mask, slots=None, cache: KVCache | None = None, cross_kv=None):
         """tgt (B, T) reply tokens so far (starting with <bos>) -> logits (B, T, V [+ K])."""
