@@ -38,6 +38,17 @@ Python loop is over time, which the recurrence makes inherent.
     y2, state = dnc(x2, state)   # carry the memory on to the next sequence
     save_dnc_state(state, "mem.pt"); state = load_dnc_state("mem.pt", dnc)
 
+Metalearned neural memory (Munkhdalai et al. 2019; ../shared/docs/neural-memory.md)
+---------------------------------------------------------------------------------
+MNM: per head, a small MLP of fast weights written by a learned local rule, a gradient step, or a
+Titans-style update (momentum plus a forgetting gate), read through the written weights. The
+initial fast weights are learned; the state is one copy per batch row. model.Seq2Seq carries it from
+turn to turn of a conversation; MNMBlock puts one after a GPT block, written segment by segment.
+
+    mnm = MNM(n_embd=64, heads=4, key_size=16, hidden=32, write="local")
+    reads, state, write_loss = mnm(h, mask, mnm.initial_state(B))
+    save_conversation("chats/ada", state, embedding, vocab.to_dict())   # safetensors + JSON
+
 Replay memory
 -------------
 ReplayBuffer keeps a fixed number of past training examples (ring buffer or reservoir) and

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import ConfigError, format_config, load_config
+from memory import MNM_WRITES
 from model import (GPT, GPTConfig, CheckpointError, Seq2Seq, Seq2SeqConfig, atomic_save, load_checkpoint,
                    model_args, model_from_checkpoint, remap_vocab, new_embedding_rows)
 from prepare import DataError, WordVocab, check_meta_compatible, load_meta, open_split
@@ -387,6 +388,9 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
     splits = {s: open_split(data_path, s, meta) for s in ("train", "val")}
     dialogs = vocab = None  # task='dialog': the dialogue batches and the elastic vocabulary
     if cfg.task == "dialog":
+        if cfg.memory not in ("mnm", "none") or cfg.mnm_write not in MNM_WRITES:
+            raise ConfigError(f"memory must be 'mnm' or 'none' (got {cfg.memory!r}) and mnm_write one of "
+                              f"{MNM_WRITES} (got {cfg.mnm_write!r})")
         dialogs = DialogBatches(data_path, cfg.seed, cfg.dialog_slots, cfg.block_size)
         vocab = WordVocab()  # starts with the special tokens; grows as the batches bring words
 

@@ -402,3 +402,14 @@ def test_eval_dialog_writes_json_and_png(trained, dialog_data, tmp_path):
     assert summary["new_word"]["True"]["memory"]["n"] > 0 and set(summary["repeat"]) <= {"True", "False"}
     assert json.load(open(tmp_path / "ev" / "dialog.json"))["questions"]
     assert (tmp_path / "ev" / "dialog.png").stat().st_size > 5000
+
+
+def test_gpt_trains_and_samples_on_the_word_vocabulary(dialog_data, tmp_path):
+    from conftest import tiny_train_config
+    result = train.main(tiny_train_config(dialog_data, tmp_path, dataset="dialogs", max_iters=4, eval_interval=4))
+    assert result["iter_num"] == 4
+    samples = sample.main(chat_config(tmp_path, start="<user> my name is bob . <bot>", num_samples=1,
+                                      max_new_tokens=5, temperature=0.0))
+    assert len(WordVocab.tokenize(samples[0]["completion"])) >= 1
+    with pytest.raises(Exception, match="seq2seq"):
+        sample.main(chat_config(tmp_path, mode="chat"))
