@@ -411,6 +411,7 @@ class Seq2SeqConfig(GPTConfig):
     mnm_key_size: int = 32
     mnm_hidden: int = 64  # width of the fast-weight MLP's hidden layer, per head
     mnm_write: str = "local"  # 'local' (learned local rule), 'grad' (gradient step), 'titans' (momentum + forgetting)
+    mnm_read: str = "before"  # a turn reads the memory 'before' or 'after' its own write
     mnm_tbptt: int = 0  # > 0: training cuts the gradient through the memory every this many turns
 
 
@@ -495,6 +496,8 @@ class Seq2Seq(GPT):
             self.transformer.ln_mem = nn.LayerNorm(config.n_embd, bias=config.bias)
         elif config.memory != "none":
             raise ValueError(f"memory must be 'none' or 'mnm', got {config.memory!r}")
+        if config.mnm_read not in ("before", "after"):
+            raise ValueError(f"mnm_read must be 'before' or 'after', got {config.mnm_read!r}")
         self.apply(self._init_weights)
         scale_residual_init(self, config.n_layer + config.n_enc_layer)
         if self.memory is not None:
@@ -542,7 +545,7 @@ class Seq2Seq(GPT):
             return enc, mask, state, enc.new_zeros(())
         if not persist:
             state = self.initial_state(enc.size(0))
-        reads, state, write_loss = self.memory(enc, mask, state, valid, read_first=True)
+        reads, state, write_loss = self.memory(enc, mask, state, valid, read_first=self.config.mnm_read == "before")
         return torch.cat([enc, self.transformer.ln_mem(reads)], dim=1), torch.cat([mask, mask], dim=1), state, write_loss
 
     def decode(self, tgt, cross, cross_mask, slots=None, cache: KVCache | None = None, cross_kv=None):

@@ -116,6 +116,7 @@ class TrainConfig:
     mnm_key_size: int = 32
     mnm_hidden: int = 64
     mnm_write: str = "local"  # 'local', 'grad' or 'titans'
+    mnm_read: str = "before"  # the decoder reads the memory 'before' or 'after' the turn's own write
     mnm_tbptt: int = 0  # > 0: back-propagate through at most this many turns of memory writes
     dialog_slots: int = 16  # random embedding rows per dialogue, which its fact words are swapped for
     # the elastic vocabulary grows with every new word in the training batches; pruning every
@@ -127,7 +128,7 @@ class TrainConfig:
 
 
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
-DIALOG_ARCH_KEYS = ("n_enc_layer", "memory", "mnm_heads", "mnm_key_size", "mnm_hidden", "mnm_write")
+DIALOG_ARCH_KEYS = ("n_enc_layer", "memory", "mnm_heads", "mnm_key_size", "mnm_hidden", "mnm_write", "mnm_read")
 
 
 # -----------------------------------------------------------------------------
@@ -388,9 +389,9 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
     splits = {s: open_split(data_path, s, meta) for s in ("train", "val")}
     dialogs = vocab = None  # task='dialog': the dialogue batches and the elastic vocabulary
     if cfg.task == "dialog":
-        if cfg.memory not in ("mnm", "none") or cfg.mnm_write not in MNM_WRITES:
-            raise ConfigError(f"memory must be 'mnm' or 'none' (got {cfg.memory!r}) and mnm_write one of "
-                              f"{MNM_WRITES} (got {cfg.mnm_write!r})")
+        if cfg.memory not in ("mnm", "none") or cfg.mnm_write not in MNM_WRITES or cfg.mnm_read not in ("before", "after"):
+            raise ConfigError(f"memory must be 'mnm' or 'none' (got {cfg.memory!r}), mnm_write one of {MNM_WRITES} "
+                              f"(got {cfg.mnm_write!r}) and mnm_read 'before' or 'after' (got {cfg.mnm_read!r})")
         dialogs = DialogBatches(data_path, cfg.seed, cfg.dialog_slots, cfg.block_size)
         vocab = WordVocab()  # starts with the special tokens; grows as the batches bring words
 
@@ -403,7 +404,7 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
             block_size=cfg.block_size, vocab_size=len(vocab), n_layer=cfg.n_layer, n_head=cfg.n_head,
             n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, n_enc_layer=cfg.n_enc_layer, memory=cfg.memory,
             mnm_heads=cfg.mnm_heads, mnm_key_size=cfg.mnm_key_size, mnm_hidden=cfg.mnm_hidden,
-            mnm_write=cfg.mnm_write, mnm_tbptt=cfg.mnm_tbptt))
+            mnm_write=cfg.mnm_write, mnm_read=cfg.mnm_read, mnm_tbptt=cfg.mnm_tbptt))
     elif cfg.init_from == "scratch":
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))

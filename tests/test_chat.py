@@ -169,9 +169,9 @@ def test_gradient_reaches_every_parameter(write):
     assert not frozen, f"parameters without gradient: {frozen}"
 
 
-@pytest.mark.parametrize("write", ["local", "grad", "titans"])
-def test_memory_rows_are_separate_conversations(write):
-    model = tiny_seq2seq(write=write).eval()
+@pytest.mark.parametrize("write,read", [("local", "before"), ("grad", "after"), ("titans", "before")])
+def test_memory_rows_are_separate_conversations(write, read):
+    model = tiny_seq2seq(write=write, mnm_read=read).eval()
     batch = dialog_batch()
     with torch.no_grad():
         together, _ = model(*batch)
@@ -180,8 +180,9 @@ def test_memory_rows_are_separate_conversations(write):
             torch.testing.assert_close(alone[0], together[b], rtol=1e-5, atol=1e-5)
 
 
-def test_memory_carries_turns_and_off_is_a_baseline():
-    model = tiny_seq2seq().eval()
+@pytest.mark.parametrize("read", ["before", "after"])
+def test_memory_carries_turns_and_off_is_a_baseline(read):
+    model = tiny_seq2seq(mnm_read=read).eval()
     src, *_ = dialog_batch()
     with torch.no_grad():
         enc, mask = model.encode(src[:, 0])
@@ -190,8 +191,13 @@ def test_memory_carries_turns_and_off_is_a_baseline():
         with_memory = model.remember(enc2, mask2, state)[0]
         fresh = model.remember(enc2, mask2, model.initial_state(3))[0]
         off = model.remember(enc2, mask2, state, persist=False)[0]
+        # reading after the write, a turn's reads see its own write; before it, only the earlier turns
+        first = read == "before"
+        written = model.memory(enc2, mask2, state, torch.ones(3, dtype=torch.bool), read_first=first)[0]
+        unwritten = model.memory(enc2, mask2, state, torch.zeros(3, dtype=torch.bool), read_first=first)[0]
     assert not torch.allclose(with_memory, fresh)  # the first turn reached the second through the memory
     assert torch.equal(off, fresh)  # memory off: nothing of the first turn is left
+    assert torch.equal(written, unwritten) == first
 
 
 def test_grad_write_is_the_gradient_of_the_write_loss():
