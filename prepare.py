@@ -6,6 +6,7 @@ plus OUT/meta.json, which says how to read them back (tokenizer, dtype, token co
     python prepare.py shakespeare_char --input input.txt  # same, from a local copy
     python prepare.py text --input books/ --tokenizer char
     python prepare.py facts                               # built-in synthetic QA corpus
+    python prepare.py dialogs                             # built-in dialogues for the seq2seq chatbot
 
 train.py and sample.py use load_meta, open_split and get_tokenizer from here, so the
 on-disk format is defined in one place.

@@ -50,13 +50,15 @@ def dialog_data(tmp_path_factory):
     return data_dir
 
 
+def tiny_dialog_settings(data_dir, out_dir):
+    return dict(task="dialog", dataset="dialogs", data_dir=str(data_dir), out_dir=str(out_dir), device="cpu",
+                dtype="float32", n_layer=1, n_enc_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4,
+                mnm_heads=2, mnm_key_size=8, mnm_hidden=16, dialog_slots=8, max_iters=6, eval_interval=3,
+                eval_iters=2, log_interval=1, learning_rate=3e-3, warmup_iters=2, seed=7)
+
+
 def tiny_dialog_config(data_dir, out_dir, **overrides):
-    settings = dict(task="dialog", dataset="dialogs", data_dir=str(data_dir), out_dir=str(out_dir), device="cpu",
-                    dtype="float32", n_layer=1, n_enc_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4,
-                    mnm_heads=2, mnm_key_size=8, mnm_hidden=16, dialog_slots=8, max_iters=6, eval_interval=3,
-                    eval_iters=2, log_interval=1, learning_rate=3e-3, warmup_iters=2, seed=7)
-    settings.update(overrides)
-    return load_config(TrainConfig, [], **settings)
+    return load_config(TrainConfig, [], **{**tiny_dialog_settings(data_dir, out_dir), **overrides})
 
 
 # ---- vocabulary ----
@@ -419,3 +421,19 @@ def test_gpt_trains_and_samples_on_the_word_vocabulary(dialog_data, tmp_path):
     assert len(WordVocab.tokenize(samples[0]["completion"])) >= 1
     with pytest.raises(Exception, match="seq2seq"):
         sample.main(chat_config(tmp_path, mode="chat"))
+
+
+@pytest.mark.slow
+def test_ddp_dialog_training_equals_one_process(dialog_data, tmp_path):
+    import os
+    from test_train import _torchrun
+    common = dict(gradient_accumulation_steps=2, batch_size=2)
+    single = train.main(tiny_dialog_config(dialog_data, tmp_path / "one", **common))
+    args = [f"--{k}={v}" for k, v in {**tiny_dialog_settings(dialog_data, tmp_path / "two"), **common}.items()]
+    r = _torchrun(args, {**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(l) for l in open(tmp_path / "two" / "metrics.jsonl")]
+    ddp_losses = {l["iter"]: l["loss"] for l in lines if "loss" in l}
+    assert sorted(ddp_losses) == list(range(6))  # the vocabulary grew on both ranks alike
+    for it in range(6):
+        assert ddp_losses[it] == pytest.approx(single["losses"][it], rel=1e-4)
