@@ -400,7 +400,7 @@ def eval_dialog(cfg, model, vocab, test_file):
         ax.set_title(title)
         ax.set_ylim(0, 1)
     axes[0].set_ylabel("recall (answer word in the reply)")
-    axes[0].legend()
+    axes[0].legend(loc="lower left")
     return {"summary": summary, "questions": rows, "test_file": test_file, "dialogues": len(dialogs)}, fig
 
 

@@ -76,7 +76,8 @@ class TrainConfig:
     dtype: str = "auto"  # 'auto' (bfloat16 on GPUs that have it, else float16 on GPU, float32 on CPU), 'float32', 'bfloat16', 'float16'
     compile: bool = False  # torch.compile the model (worth it on GPU for long runs)
     seed: int = 1337
-    # what to train: 'lm' (the GPT above), or one of tasks.py's tasks, which use the settings below:
+    # what to train: 'lm' (the GPT above), 'dialog' (the seq2seq chatbot, settings at the end), or one of
+    # tasks.py's tasks, which use the settings below:
     # 'copy', 'repeat_copy', 'assoc_recall' (a DNC against an LSTM of its size), 'pmnist' and
     # 'lm_sequence' (continual learning: fine-tuning, EWC and replay under one protocol)
     task: str = "lm"

@@ -294,7 +294,7 @@ def test_dialogs_generator(dialog_data):
     assert (dialog_data / "again" / "dialogs_test.jsonl").read_text() == (folder / "dialogs_test.jsonl").read_text()
 
 
-def test_jsonl_turns_and_hugging_face_layout(tmp_path):
+def test_jsonl_turns_and_hugging_face_layout(tmp_path, monkeypatch):
     rows = [{"dialog": d, "user": f"hello number {d} .", "bot": f"hi {d} !"} for d in range(6) for _ in range(2)]
     path = tmp_path / "turns.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -309,6 +309,12 @@ def test_jsonl_turns_and_hugging_face_layout(tmp_path):
     ds = datasets.Dataset.from_dict({"dialog": [["Hi!", "Hello.", "How are you?", "Fine."], ["One"]]})
     assert hf_dialogs(ds) == [{"turns": [{"user": "Hi!", "bot": "Hello.", "kind": "chat"},
                                          {"user": "How are you?", "bot": "Fine.", "kind": "chat"}], "entities": []}]
+    import prepare as prepare_module
+    monkeypatch.setattr(prepare_module, "load_hf", lambda path, *a, **k: {"train": datasets.Dataset.from_dict(
+        {"dialog": [[f"Hello {i}.", f"Hi {i}!"] for i in range(10)]})})
+    meta = prepare("dialogs", input="hf:someone/dialogues", out_dir=str(tmp_path / "hf"))
+    assert meta["source"] == "https://huggingface.co/datasets/someone/dialogues"
+    assert json.loads(open(tmp_path / "hf" / "dialogs_test.jsonl").readline())["turns"][0]["user"] == "Hello 9."
 
 
 def test_batches_swap_fact_words_for_slots(dialog_data):
@@ -437,3 +443,35 @@ def test_ddp_dialog_training_equals_one_process(dialog_data, tmp_path):
     assert sorted(ddp_losses) == list(range(6))  # the vocabulary grew on both ranks alike
     for it in range(6):
         assert ddp_losses[it] == pytest.approx(single["losses"][it], rel=1e-4)
+
+
+@pytest.mark.parametrize("tbptt", [0, 1])
+def test_truncated_backpropagation_through_the_writes(tbptt):
+    model = tiny_seq2seq(mnm_tbptt=tbptt)
+    model.memory.write_loss_weight = 0.0  # only the reply loss, which reaches earlier turns through the memory
+    src, tgt, targets, slots = dialog_batch()
+    targets = torch.full_like(targets, -1)
+    targets[:, 2] = 7  # a loss on the third turn's reply only
+    inputs = {}
+
+    def keep_input(module, args):
+        args[0].retain_grad()
+        inputs["x"] = args[0]
+
+    model.transformer.enc[0].register_forward_pre_hook(keep_input)
+    _, loss = model(src, tgt, targets, slots)
+    loss.backward()
+    first_turn = inputs["x"].grad.view(3, 4, 6, 32)[:, 0]
+    # the first turn reaches the third only through the memory's writes, which tbptt=1 cuts
+    assert (first_turn.abs().sum() > 0) == (tbptt == 0)
+
+
+def test_chat_vocabulary_capacity_evicts_least_recent_new_words(trained):
+    out, _ = trained
+    model, vocab, _, _ = sample.load_model("resume", str(out), "cpu")
+    conv = Conversation(model, vocab, capacity=len(vocab) + 2)
+    for name in ("aaron", "berta", "cyril"):
+        conv.turn([f"my name is {name} ."])
+    assert "aaron" not in conv.vocab and "berta" in conv.vocab and "cyril" in conv.vocab
+    assert conv.vocab.words[:len(conv.trained_words)] == conv.trained_words
+    assert model.transformer.wte.weight.size(0) == len(conv.vocab) == model.config.vocab_size
