@@ -180,10 +180,10 @@ class WordVocab:
         """Drop words seen fewer than min_count times, then, over capacity, the least recently seen
         (ties: fewer counts first, then the newer id). Specials and the words in `keep` always stay.
         Returns the surviving old ids in their new order (order is kept); the vocabulary is remapped."""
-        if capacity is not None and capacity < len(SPECIALS) + len(set(keep)):
-            raise DataError(f"vocabulary capacity {capacity} is below the {len(SPECIALS)} special tokens plus "
-                            f"{len(set(keep))} protected words; raise it")
         protected = set(range(len(SPECIALS))) | {self.stoi[w] for w in keep if w in self.stoi}
+        if capacity is not None and capacity < len(protected):
+            raise DataError(f"vocabulary capacity {capacity} is below the {len(protected)} special tokens and "
+                            "protected words (at chat time: the words the model was trained with); raise it")
         alive = [i for i in range(len(self.words)) if i in protected or self.counts[i] >= min_count]
         if capacity is not None and len(alive) > capacity:
             evictable = sorted((i for i in alive if i not in protected),
