@@ -434,8 +434,12 @@ def run_chat(cfg, model, vocab):
         if command == "/quit":
             break
         if command in ("/save", "/load") and arg:
-            conv.save(arg) if command == "/save" else conv.load(arg)
-            print(f"{command[1:]}d conversation {arg}")
+            if command == "/save":
+                conv.save(arg)
+                print(f"saved conversation {arg}")
+            else:
+                conv.load(arg)
+                print(f"loaded conversation {arg}")
         elif command == "/reset":
             conv.reset()
             print("memory reset")
