@@ -38,6 +38,17 @@ Python loop is over time, which the recurrence makes inherent.
     y2, state = dnc(x2, state)   # carry the memory on to the next sequence
     save_dnc_state(state, "mem.pt"); state = load_dnc_state("mem.pt", dnc)
 
+Metalearned neural memory (Munkhdalai et al. 2019; ../shared/docs/neural-memory.md)
+---------------------------------------------------------------------------------
+MNM: per head, a small MLP of fast weights written by a learned local rule, a gradient step, or a
+Titans-style update (momentum plus a forgetting gate), read through the written weights. The
+initial fast weights are learned; the state is one copy per batch row. model.Seq2Seq carries it from
+turn to turn of a conversation; MNMBlock puts one after a GPT block, written segment by segment.
+
+    mnm = MNM(n_embd=64, heads=4, key_size=16, hidden=32, write="local")
+    reads, state, write_loss = mnm(h, mask, mnm.initial_state(B))
+    save_conversation("chats/ada", state, embedding, vocab.to_dict())   # safetensors + JSON
+
 Replay memory
 -------------
 ReplayBuffer keeps a fixed number of past training examples (ring buffer or reservoir) and
@@ -908,3 +919,191 @@ class ReplayBuffer:
             raise ValueError("ReplayBuffer.sample: the buffer is empty; add examples first")
         idx = torch.from_numpy(self.rng.integers(0, self.filled, size=n)).to(self.slots[0].device)
         return tuple(s[idx] for s in self.slots)
+
+
+# ---- Metalearned neural memory ----
+
+MNM_WRITES = ("local", "grad", "titans")
+
+
+class MNM(nn.Module):
+    """Metalearned neural memory (Munkhdalai et al. 2019), with a Titans-style update as a third rule.
+
+    The controller (the model's outputs h, one linear layer here) emits per head and per token a write
+    key, a read key, a write value and a write strength beta. The memory is, per head, a small MLP of
+    fast weights, f(k) = W2 z1 with z1 = tanh(W1 k) / sqrt(hidden) (keys are unit vectors and |z1| <= 1,
+    so a write of strength beta moves f(k) at most by about beta: writes stay stable); the state holds one copy per batch row (one conversation each,
+    never shared) and starts from the learned initial weights (w1, w2). A call writes all tokens of a
+    segment (a turn) at once, then reads every token's read key through the just-written weights (or,
+    with read_first, reads before writing: what a causal language model needs).
+
+    Write rules, each a function of (z0 = k_w, z1, z2 = W2 z1, v_w, beta):
+      'local'  (MNM-p) W_l -= sum_t beta_t (z_l - z'_l) z_{l-1}^T with targets z'_2 = v_w and
+               z'_1 = tanh(P v_w) / sqrt(hidden), P learned: a local rule, no back-propagation inside the memory;
+      'grad'   (MNM-g) W -= lr * grad_W sum_t beta_t |f(k_t) - v_t|^2 / 2, lr learned per head;
+      'titans' S = eta S - lr * grad; W = (1 - alpha) W + S, with the momentum eta and the forgetting
+               gate alpha predicted per head from the segment's mean output.
+    With pool=True a segment makes a single write per head, of its tokens' keys, values and strengths
+    averaged with learned attention weights (what a dialogue turn uses: one turn, one fact); otherwise
+    every token writes its own pair.
+    The gradient is written out by hand (two layers), so meta-training back-propagates through the
+    writes with one ordinary backward pass. The write loss returned is the beta-weighted |f(k) - v|^2
+    after the write, which the trainer adds to the task loss (write_loss_weight)."""
+
+    write_loss_weight = 0.1
+    beta_offset = 0.0  # added to the strength logit (kept as the knob for a gentler start)
+
+    def __init__(self, n_embd: int, heads: int, key_size: int, hidden: int, write: str = "local",
+                 pool: bool = False):
+        super().__init__()
+        if write not in MNM_WRITES:
+            raise ValueError(f"mnm_write must be one of {MNM_WRITES}, got {write!r}")
+        if n_embd % heads:
+            raise ValueError(f"n_embd {n_embd} must be a multiple of mnm_heads {heads}")
+        self.write_rule, self.pool = write, pool
+        self.H, self.dk, self.dv, self.dh = heads, key_size, n_embd // heads, hidden
+        H, dk, dv, dh = self.H, self.dk, self.dv, self.dh
+        self.c_mem = nn.Linear(n_embd, H * (2 * dk + dv + 2))  # write key, read key, value, strength, pooling score
+        self.w1 = nn.Parameter(torch.randn(H, dh, dk))  # initial fast weights; unit keys -> unit-variance preactivations
+        self.w2 = nn.Parameter(torch.zeros(H, dv, dh))  # an empty memory reads zeros: reads are what was written
+        if write == "local":
+            self.target = nn.Parameter(torch.randn(H, dh, dv) / math.sqrt(dv))  # P: layer-1 targets from v_w
+        else:
+            self.lr = nn.Parameter(torch.zeros(H))  # softplus(0) ~ 0.69
+        if write == "titans":
+            self.c_gate = nn.Linear(n_embd, 2 * H)  # momentum eta and forgetting alpha, per head
+        self.c_proj = nn.Linear(H * dv, n_embd)
+        self.match_read_keys()
+
+    @torch.no_grad()
+    def match_read_keys(self):
+        """Start the read-key projection equal to the write-key one (call again after re-initialising
+        c_mem): a token read in the context it was written in then finds its value from the first step,
+        which gives meta-training a signal to start from. They are trained apart from there."""
+        w = self.c_mem.weight.view(self.H, 2 * self.dk + self.dv + 2, -1)
+        b = self.c_mem.bias.view(self.H, 2 * self.dk + self.dv + 2)
+        w[:, self.dk:2 * self.dk] = w[:, :self.dk]
+        b[:, self.dk:2 * self.dk] = b[:, :self.dk]
+
+    def initial_state(self, batch_size: int) -> dict:
+        state = {"w1": self.w1.expand(batch_size, *self.w1.shape), "w2": self.w2.expand(batch_size, *self.w2.shape)}
+        if self.write_rule == "titans":
+            state["s1"] = torch.zeros_like(state["w1"])
+            state["s2"] = torch.zeros_like(state["w2"])
+        return state
+
+    def check_state(self, state: dict, batch_size: int):
+        want = self.initial_state(batch_size)
+        bad = [k for k in set(want) | set(state) if k not in state or k not in want or state[k].shape != want[k].shape]
+        if bad:
+            raise ValueError(f"memory state entries {sorted(bad)} do not fit this memory ({self.write_rule} write, "
+                             f"batch {batch_size}): it was saved by another model or with another batch size")
+
+    def recall(self, state, k):
+        """f(k) through the fast weights: k (B, H, S, dk) -> (B, H, S, dv), and tanh(W1 k) (B, H, S, dh)."""
+        t = torch.tanh(k @ state["w1"].transpose(-1, -2))
+        return (t @ state["w2"].transpose(-1, -2)) / math.sqrt(self.dh), t
+
+    def write(self, state, k, v, beta, h, mask):
+        z2, t = self.recall(state, k)
+        z1 = t / math.sqrt(self.dh)
+        e = (z2 - v) * beta  # (B, H, S, dv)
+        if self.write_rule == "local":
+            t1 = torch.tanh(v @ self.target.transpose(-1, -2)) / math.sqrt(self.dh)  # (B, H, S, dh)
+            return {"w1": state["w1"] - ((z1 - t1) * beta).transpose(-1, -2) @ k,
+                    "w2": state["w2"] - e.transpose(-1, -2) @ z1}
+        lr = F.softplus(self.lr)[None, :, None, None]  # (1, H, 1, 1)
+        g2 = e.transpose(-1, -2) @ z1  # (B, H, dv, dh)
+        g1 = ((e @ state["w2"]) * (1 - t * t) / math.sqrt(self.dh)).transpose(-1, -2) @ k  # (B, H, dh, dk)
+        if self.write_rule == "grad":
+            return {"w1": state["w1"] - lr * g1, "w2": state["w2"] - lr * g2}
+        m = mask[..., None].to(h.dtype)
+        pooled = (h * m).sum(1) / m.sum(1)  # (B, n_embd)
+        eta, alpha = torch.sigmoid(self.c_gate(pooled)).view(-1, 2, self.H, 1, 1).unbind(1)  # (B, H, 1, 1)
+        s1, s2 = eta * state["s1"] - lr * g1, eta * state["s2"] - lr * g2
+        return {"w1": (1 - alpha) * state["w1"] + s1, "w2": (1 - alpha) * state["w2"] + s2, "s1": s1, "s2": s2}
+
+    def forward(self, h, mask, state: dict, valid=None, read_first=False):
+        """h (B, S, n_embd) a segment's outputs, mask (B, S) its real tokens, valid (B,) the rows that have
+        a segment here (others keep their state). Returns (reads (B, S, n_embd), new state, write loss)."""
+        B, S, _ = h.shape
+        p = self.c_mem(h).view(B, S, self.H, -1).transpose(1, 2)  # (B, H, S, 2 dk + dv + 2)
+        kw, kr, v, b, score = p.split([self.dk, self.dk, self.dv, 1, 1], dim=-1)
+        live = mask if valid is None else mask & valid[:, None]  # (B, S)
+        if self.pool:  # one write per segment: its tokens' keys, values and strengths, attention-pooled
+            a = score.masked_fill(~mask[:, None, :, None], float("-inf")).softmax(dim=2)  # (B, H, S, 1)
+            kw, v, b = [(a * t).sum(2, keepdim=True) for t in (kw, v, b)]
+            live = live.any(1, keepdim=True)  # (B, 1)
+        kw, kr = F.normalize(kw, dim=-1), F.normalize(kr, dim=-1)
+        beta = torch.sigmoid(b + self.beta_offset) * live[:, None, :, None]  # (B, H, S or 1, 1)
+        if read_first:
+            reads, _ = self.recall(state, kr)
+        new = self.write(state, kw, v, beta, h, mask)
+        if valid is not None:  # rows without a segment here keep their memory untouched
+            keep = valid[:, None, None, None]
+            new = {k: torch.where(keep, t, state[k]) for k, t in new.items()}
+        if not read_first:
+            reads, _ = self.recall(new, kr)
+        stored, _ = self.recall(new, kw)
+        weight = beta.detach()
+        write_loss = ((stored - v).pow(2).mean(-1, keepdim=True) * weight).sum() / weight.sum().clamp(min=1e-6)
+        return self.c_proj(reads.transpose(1, 2).reshape(B, S, -1)), new, write_loss
+
+
+class MNMBlock(nn.Module):
+    """A GPT block followed by an MNM that a long document is written into segment by segment:
+
+        model.transformer.h[L] = MNMBlock(model.transformer.h[L], MNM(n_embd, 4, 32, 64))
+        block.reset(); then model(segment_1), model(segment_2), ...   # in order, one document per row
+
+    Each forward call is one segment: its tokens first read what the earlier segments wrote (so no
+    token sees its own segment's future), then the segment is written. reset() starts new documents."""
+
+    def __init__(self, block: nn.Module, mnm: MNM):
+        super().__init__()
+        self.block, self.mnm = block, mnm
+        self.state, self.write_loss = None, None
+
+    def reset(self):
+        self.state = None
+
+    def forward(self, x, cache=None, mask=None):
+        x = self.block(x, cache, mask)
+        if self.state is None:
+            self.state = self.mnm.initial_state(x.size(0))
+        live = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        reads, self.state, self.write_loss = self.mnm(x, live, self.state, read_first=True)
+        return x + reads
+
+
+def save_conversation(path: str, state: dict, embedding, vocab: dict, extra: dict | None = None):
+    """A conversation's state as two files: PATH.safetensors (the memory's fast weights and the token
+    embedding, which holds the rows of words added while chatting) and PATH.json (the vocabulary with
+    its counts, and `extra`). Both are written atomically; no pickle."""
+    from safetensors.torch import save_file
+    tensors = {f"memory.{k}": v.detach().contiguous().cpu() for k, v in state.items()}
+    tensors["wte"] = embedding.detach().contiguous().cpu()
+    for name, write in ((f"{path}.safetensors", lambda p: save_file(tensors, p)),
+                        (f"{path}.json", lambda p: open(p, "w").write(json.dumps(
+                            {"format_version": FORMAT_VERSION, "vocab": vocab, **(extra or {})})))):
+        tmp = f"{name}.tmp"
+        write(tmp)
+        os.replace(tmp, name)
+
+
+def load_conversation(path: str, device="cpu"):
+    """(memory state, embedding, vocab dict, the JSON's other entries) as save_conversation wrote them."""
+    from safetensors.torch import load_file
+    for name in (f"{path}.safetensors", f"{path}.json"):
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"no conversation state {name}: save one first (/save {path} in the chat)")
+    try:
+        tensors = load_file(f"{path}.safetensors", device=str(device))
+        with open(f"{path}.json") as f:
+            meta = json.load(f)
+    except Exception as e:
+        raise ValueError(f"conversation state {path} is damaged ({type(e).__name__}: {e})") from None
+    if meta.get("format_version") != FORMAT_VERSION or "vocab" not in meta or "wte" not in tensors:
+        raise ValueError(f"{path}.json/.safetensors is not a conversation state of this version")
+    state = {k[len("memory."):]: v for k, v in tensors.items() if k.startswith("memory.")}
+    return state, tensors["wte"], meta.pop("vocab"), meta

@@ -6,6 +6,7 @@ plus OUT/meta.json, which says how to read them back (tokenizer, dtype, token co
     python prepare.py shakespeare_char --input input.txt  # same, from a local copy
     python prepare.py text --input books/ --tokenizer char
     python prepare.py facts                               # built-in synthetic QA corpus
+    python prepare.py dialogs                             # built-in dialogues for the seq2seq chatbot
 
 train.py and sample.py use load_meta, open_split and get_tokenizer from here, so the
 on-disk format is defined in one place.
@@ -94,12 +95,137 @@ class GPT2Tokenizer:
         return self.enc.encode_ordinary_batch(texts)
 
 
+
+# Word-level tokenizer rules (the elastic vocabulary's): text is lowercased (case is not kept: "Oslo"
+# and "oslo" are one word, and replies come out lowercase); a word is a run of letters and digits,
+# optionally with an inner apostrophe ("don't", "bob's"); every other non-space character is a token of
+# its own (punctuation is split off); "<name>" in the text is a special token; spaces only separate.
+WORD_RE = re.compile(r"<[a-z]+>|[a-z0-9]+(?:'[a-z0-9]+)*|[^\sa-z0-9]")
+PAD, BOS, EOS, UNK, USER, BOT = "<pad>", "<bos>", "<eos>", "<unk>", "<user>", "<bot>"
+SPECIALS = (PAD, BOS, EOS, UNK, USER, BOT)  # ids 0..5 in every WordVocab, never pruned
+NO_SPACE_BEFORE = set(".,!?;:)'")
+
+
+class WordVocab:
+    """An elastic word-level vocabulary: ids for SPECIALS and words, with per-id counts and the step at
+    which each id was last seen. add() grows it (new ids at the end); prune() drops words by minimum
+    count and/or down to a capacity (least recently seen first) and returns the old ids that survive,
+    in their new order, so the caller can remap embeddings and optimizer state the same way
+    (model.remap_vocab). Plain lists only: to_dict() goes into checkpoints and JSON files."""
+    name = "word"
+
+    def __init__(self, words=(), counts=None, last_seen=None):
+        words = list(words) or list(SPECIALS)
+        if tuple(words[:len(SPECIALS)]) != SPECIALS:
+            raise DataError(f"a word vocabulary starts with the special tokens {SPECIALS}, got {words[:len(SPECIALS)]}")
+        self.words = words
+        self.stoi = {w: i for i, w in enumerate(words)}
+        if len(self.stoi) != len(words):
+            raise DataError("a word vocabulary lists some word twice")
+        self.counts = list(counts) if counts is not None else [0] * len(words)
+        self.last_seen = list(last_seen) if last_seen is not None else [-1] * len(words)
+        self.pad, self.bos, self.eos, self.unk, self.user, self.bot = range(len(SPECIALS))
+        self.eot_token = self.eos
+        self.separator = [self.eos]
+
+    @property
+    def vocab_size(self):
+        return len(self.words)
+
+    def __len__(self):
+        return len(self.words)
+
+    def __contains__(self, word):
+        return word in self.stoi
+
+    @staticmethod
+    def tokenize(text):
+        return WORD_RE.findall(text.lower())
+
+    def add(self, words, step=-1):
+        """Give each unknown word a new id (in order of first appearance); returns the new words."""
+        new = []
+        for w in words:
+            if w not in self.stoi:
+                self.stoi[w] = len(self.words)
+                self.words.append(w)
+                self.counts.append(0)
+                self.last_seen.append(step)
+                new.append(w)
+        return new
+
+    def observe(self, ids, step):
+        """Count the ids as seen once each at `step` (what pruning by count and by recency reads)."""
+        for i in ids:
+            self.counts[i] += 1
+            self.last_seen[i] = max(self.last_seen[i], step)
+
+    def encode(self, text):
+        """Ids of the words; a word not in the vocabulary becomes <unk> (add() it first to keep it)."""
+        return [self.stoi.get(w, self.unk) for w in self.tokenize(text)]
+
+    def encode_batch(self, texts):
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids, skip_special=True):
+        out = ""
+        for i in ids:
+            w = self.words[i]
+            if skip_special and i in (self.pad, self.bos, self.eos):
+                continue
+            out += w if not out or w[0] in NO_SPACE_BEFORE else " " + w
+        return out
+
+    def prune(self, min_count=0, capacity=None, keep=()):
+        """Drop words seen fewer than min_count times, then, over capacity, the least recently seen
+        (ties: fewer counts first, then the newer id). Specials and the words in `keep` always stay.
+        Returns the surviving old ids in their new order (order is kept); the vocabulary is remapped."""
+        protected = set(range(len(SPECIALS))) | {self.stoi[w] for w in keep if w in self.stoi}
+        if capacity is not None and capacity < len(protected):
+            raise DataError(f"vocabulary capacity {capacity} is below the {len(protected)} special tokens and "
+                            "protected words (at chat time: the words the model was trained with); raise it")
+        alive = [i for i in range(len(self.words)) if i in protected or self.counts[i] >= min_count]
+        if capacity is not None and len(alive) > capacity:
+            evictable = sorted((i for i in alive if i not in protected),
+                               key=lambda i: (self.last_seen[i], self.counts[i], -i))
+            dropped = set(evictable[:len(alive) - capacity])
+            alive = [i for i in alive if i not in dropped]
+        self.words = [self.words[i] for i in alive]
+        self.counts = [self.counts[i] for i in alive]
+        self.last_seen = [self.last_seen[i] for i in alive]
+        self.stoi = {w: i for i, w in enumerate(self.words)}
+        return alive
+
+    def to_dict(self):
+        return {"words": list(self.words), "counts": list(self.counts), "last_seen": list(self.last_seen)}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(d["words"], d.get("counts"), d.get("last_seen"))
+
+    @classmethod
+    def from_texts(cls, texts, step=-1):
+        vocab = cls()
+        for text in texts:
+            ids = vocab.encode_words(vocab.tokenize(text), grow=True, step=step)
+            vocab.observe(ids, step)
+        return vocab
+
+    def encode_words(self, words, grow=False, step=-1):
+        """Ids of already tokenized words; with grow, unknown words are added first."""
+        if grow:
+            self.add(words, step)
+        return [self.stoi.get(w, self.unk) for w in words]
+
+
 def get_tokenizer(meta):
     if meta["tokenizer"] == "gpt2":
         return GPT2Tokenizer()
     if meta["tokenizer"] == "char":
         return CharTokenizer(meta["chars"])
-    raise DataError(f"unknown tokenizer {meta['tokenizer']!r} (expected 'char' or 'gpt2')")
+    if meta["tokenizer"] == "word":
+        return WordVocab.from_dict(meta["vocab"])
+    raise DataError(f"unknown tokenizer {meta['tokenizer']!r} (expected 'char', 'gpt2' or 'word')")
 
 
 def token_dtype(vocab_size):
@@ -489,6 +615,169 @@ def load_facts(input, val_frac, seed):
     return Corpus("built-in", TextDocs(lambda: train, len(train)), TextDocs(lambda: val, len(val)), recall)
 
 
+# -----------------------------------------------------------------------------
+# dialogs: multi-turn conversations that state facts about the user, chat a little, then ask about them
+#
+# One line of dialogs_{train,val,test}.jsonl is one dialogue: {"turns": [{"user", "bot", "kind", ...}],
+# "entities": [...]}. kind is "fact" (with "attribute" and "answer"), "chat" (a distractor) or "question"
+# (with "attribute", "answer", "fact_turn": the turn that stated it, "repeat": asked before). "entities"
+# lists the words that carry facts: the seq2seq trainer swaps them for fresh random embeddings so the
+# model learns to copy whatever word the user gives (seq2seq_batch). train.bin/val.bin hold the same
+# dialogues as flat word ids ("<user> ... <bot> ..."), for the GPT.
+
+# names for training are invented from syllables; validation and test use real first names, half each,
+# none of which can come out of the syllable generator's pool (checked in load_dialogs)
+DIALOG_HELDOUT_NAMES = [
+    "alice", "bruno", "clara", "diego", "elena", "felix", "greta", "hugo", "irene", "jonas", "karla", "lukas",
+    "maria", "nadia", "oscar", "paula", "quentin", "rosa", "stefan", "tilda", "ulrich", "vera", "walter", "xenia",
+    "yusuf", "zoe", "agnes", "boris", "cecile", "dmitri", "esther", "fabio", "gloria", "henrik", "ingrid", "jasper",
+    "katrin", "lorenzo", "magnus", "nina", "otto", "petra", "rafael", "sofia", "tobias", "ursula", "viktor",
+    "wanda", "yasmin", "zeno",
+]
+DIALOG_VALUES = {
+    "city": [c.lower() for c in FACTS_VALUES["city"]],
+    "pet": FACTS_VALUES["pet"],
+    "colour": FACTS_VALUES["colour"],
+    "job": FACTS_VALUES["job"],
+    "age": FACTS_VALUES["age"],
+}
+# attribute -> (statements, questions, answer, acknowledgement); {x} is the value
+DIALOG_TEMPLATES = {
+    "name": (["my name is {x} .", "i am {x} .", "call me {x} .", "hi , i am {x} ."],
+             ["what is my name ?", "who am i ?", "do you remember my name ?"],
+             "your name is {x} .", "nice to meet you , {x} ."),
+    "friend": (["my best friend is {x} .", "my friend is called {x} ."],
+               ["who is my best friend ?", "what is my friend called ?"],
+               "your friend is {x} .", "ok ."),
+    "city": (["i live in {x} .", "i moved to {x} .", "my home is in {x} ."],
+             ["where do i live ?", "which city do i live in ?"],
+             "you live in {x} .", "ok ."),
+    "pet": (["i have a {x} .", "my pet is a {x} ."],
+            ["what pet do i have ?", "what kind of pet do i have ?"],
+            "you have a {x} .", "ok ."),
+    "colour": (["my favourite colour is {x} .", "i like {x} best ."],
+               ["what is my favourite colour ?", "which colour do i like ?"],
+               "your favourite colour is {x} .", "ok ."),
+    "job": (["i work as a {x} .", "my job is {x} ."],
+            ["what do i do for a living ?", "what is my job ?"],
+            "you are a {x} .", "ok ."),
+    "age": (["i am {x} years old .", "my age is {x} ."],
+            ["how old am i ?", "what is my age ?"],
+            "you are {x} .", "ok ."),
+}
+DIALOG_CHAT = [
+    ("how are you ?", "i am fine , thanks ."), ("the weather is nice today .", "it is ."),
+    ("tell me a joke .", "i do not know any jokes ."), ("what time is it ?", "i do not have a clock ."),
+    ("i am bored .", "let us talk then ."), ("do you like music ?", "i like all music ."),
+    ("that is funny .", "i am glad ."), ("thanks for listening .", "you are welcome ."),
+    ("it is raining again .", "take an umbrella ."), ("can you help me ?", "i will try ."),
+]
+DIALOG_COUNTS = {"train": 20000, "val": 500, "test": 1000}
+
+
+def dialog(rng, names):
+    """One dialogue: 1-5 facts, 0-3 chat turns, questions about 1..all facts (some asked twice), in an
+    order where every question comes after its fact."""
+    attributes = rng.sample(list(DIALOG_TEMPLATES), rng.randint(1, 5))
+    people = rng.sample(names, 2)
+    values = {"name": people[0], "friend": people[1], **{a: rng.choice(v) for a, v in DIALOG_VALUES.items()}}
+    events = [("fact", a) for a in attributes] + [("chat", None)] * rng.randint(0, 3)
+    rng.shuffle(events)
+    asked = rng.sample(attributes, rng.randint(1, len(attributes)))
+    for a in asked:  # a question goes anywhere after its fact
+        events.insert(rng.randint(events.index(("fact", a)) + 1, len(events)), ("question", a))
+    for a in asked:
+        if rng.random() < 0.3:  # asked again later
+            first = max(i for i, e in enumerate(events) if e == ("question", a))
+            events.insert(rng.randint(first + 1, len(events)), ("question", a))
+    turns, stated, seen = [], {}, set()
+    for kind, a in events:
+        if kind == "chat":
+            user, bot = rng.choice(DIALOG_CHAT)
+            turns.append({"user": user, "bot": bot, "kind": "chat"})
+            continue
+        statements, questions, answer, ack = DIALOG_TEMPLATES[a]
+        x = values[a]
+        if kind == "fact":
+            stated[a] = len(turns)
+            turns.append({"user": rng.choice(statements).format(x=x), "bot": ack.format(x=x), "kind": "fact",
+                          "attribute": a, "answer": x})
+        else:
+            turns.append({"user": rng.choice(questions), "bot": answer.format(x=x), "kind": "question",
+                          "attribute": a, "answer": x, "fact_turn": stated[a], "repeat": a in seen})
+            seen.add(a)
+    return {"turns": turns, "entities": sorted({values[a] for a in attributes})}
+
+
+def dialog_text(d):
+    return " ".join(f"{USER} {t['user']} {BOT} {t['bot']}" for t in d["turns"])
+
+
+def dialog_train_names(n, rng):
+    names = set()
+    while len(names) < n:
+        name = invented_name(rng).split()[0].lower()
+        if name not in DIALOG_HELDOUT_NAMES:
+            names.add(name)
+    return sorted(names)
+
+
+def read_dialog_turns(path):
+    """A local JSONL of dialogue turns, one {"dialog": ID, "user": ..., "bot": ...} per line, turns of a
+    dialogue in order (an optional "entities": [...] names the fact words of its dialogue)."""
+    dialogs = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                d = dialogs.setdefault(row["dialog"], {"turns": [], "entities": []})
+                d["turns"].append({"user": str(row["user"]), "bot": str(row["bot"]), "kind": "chat"})
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(f"{path} line {n}: expected {{\"dialog\": ID, \"user\": TEXT, \"bot\": TEXT}} "
+                                f"({type(e).__name__}: {e})") from None
+            d["entities"] = sorted(set(d["entities"]) | set(row.get("entities", [])))
+    if len(dialogs) < 3:
+        raise DataError(f"{path} holds {len(dialogs)} dialogue(s); train, val and test need at least one each")
+    return list(dialogs.values())
+
+
+def hf_dialogs(ds):
+    """Dialogues from a Hugging Face dataset with a "dialog" column of utterance lists (DailyDialog's
+    layout): utterance 2i is the user's, 2i + 1 the bot's reply."""
+    return [{"turns": [{"user": u, "bot": b, "kind": "chat"} for u, b in zip(row[0::2], row[1::2])],
+             "entities": []} for row in ds["dialog"] if len(row) >= 2]
+
+
+def split_dialogs(dialogs, val_frac):
+    n = max(1, round(len(dialogs) * val_frac))
+    return {"train": dialogs[:-2 * n], "val": dialogs[-2 * n:-n], "test": dialogs[-n:]}
+
+
+def load_dialogs(input, val_frac, seed):
+    if input and input.startswith("hf:"):
+        ds = load_hf(input[3:], "dialogues", "a local JSONL of turns instead")
+        splits = split_dialogs(hf_dialogs(ds["train"]), val_frac)
+        source = f"https://huggingface.co/datasets/{input[3:]}"
+    elif input:
+        splits = split_dialogs(read_dialog_turns(input), val_frac)
+        source = str(input)
+    else:
+        rng = random.Random(seed)
+        half = len(DIALOG_HELDOUT_NAMES) // 2
+        pools = {"train": dialog_train_names(2000, rng), "val": DIALOG_HELDOUT_NAMES[:half],
+                 "test": DIALOG_HELDOUT_NAMES[half:]}
+        splits = {s: [dialog(rng, pools[s]) for _ in range(n)] for s, n in DIALOG_COUNTS.items()}
+        source = "built-in"
+    if not splits["train"]:
+        raise DataError(f"no training dialogues left after holding out val and test; lower --val_frac")
+    files = {f"dialogs_{s}.jsonl": "".join(json.dumps(d) + "\n" for d in ds) for s, ds in splits.items()}
+    texts = {s: [dialog_text(d) for d in splits[s]] for s in ("train", "val")}
+    return Corpus(source, TextDocs(lambda: texts["train"], len(texts["train"])),
+                  TextDocs(lambda: texts["val"], len(texts["val"])), files)
+
+
 # name -> (default tokenizer, loader(input, val_frac, seed) -> Corpus)
 DATASETS = {
     "shakespeare_char": ("char", load_shakespeare),
@@ -497,6 +786,7 @@ DATASETS = {
     "openwebtext": ("gpt2", load_openwebtext),
     "text": ("gpt2", load_text),
     "facts": ("char", load_facts),
+    "dialogs": ("word", load_dialogs),
 }
 
 
@@ -533,6 +823,8 @@ def prepare(name, input=None, tokenizer=None, out_dir=None, val_frac=0.1, seed=1
             for doc in docs:
                 chars.update(doc)
         tok = CharTokenizer(sorted(chars))
+    elif tokenizer == "word":  # every word of both splits, like the char table
+        tok = WordVocab.from_texts(doc for docs in (corpus.train, corpus.val) for doc in docs)
     else:
         tok = get_tokenizer({"tokenizer": tokenizer})
     dtype = token_dtype(tok.vocab_size)
@@ -555,6 +847,8 @@ def prepare(name, input=None, tokenizer=None, out_dir=None, val_frac=0.1, seed=1
                 "source": corpus.source}
         if tok.name == "char":
             meta["chars"] = tok.chars
+        if tok.name == "word":
+            meta["vocab"] = tok.to_dict()
         meta["eot_token"] = tok.eot_token
         for file_name, text in {**corpus.extra_files, "meta.json": json.dumps(meta, indent=2) + "\n"}.items():
             temps[file_name] = tmp = out_dir / f"{file_name}.{os.getpid()}.tmp"
@@ -576,7 +870,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=DATASETS)
     parser.add_argument("--input", help="local file or folder, instead of downloading")
-    parser.add_argument("--tokenizer", choices=("char", "gpt2"), help="override the dataset's default tokenizer")
+    parser.add_argument("--tokenizer", choices=("char", "gpt2", "word"), help="override the dataset's default tokenizer")
     parser.add_argument("--out_dir", help="default: data/NAME")
     parser.add_argument("--val_frac", type=float, default=0.1, help="fraction of the text held out for val")
     parser.add_argument("--seed", type=int, default=1337, help="for the facts corpus and the openwebtext split")

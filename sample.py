@@ -6,6 +6,8 @@ persistent kNN attention memory, and evaluate what the memory does.
     python sample.py config/sample_gpt2.py --init_from=path/to/hf_folder --start=FILE:prompt.txt
     python sample.py config/sample_gpt2_type_3_method.py                      # sentiment direction
     python sample.py config/sample_facts_recall.py                            # eval='recall'
+    python sample.py --out_dir=out-dialogs --mode=chat                        # chat with the seq2seq bot
+    python sample.py config/eval_dialogs.py                                   # eval='dialog'
 
 Sample i is drawn with its own generator seeded seed + i, whatever batch it runs in, so
 `--seed=S --num_samples=1` reproduces the sample printed with seed S on its own.
@@ -15,6 +17,7 @@ method's Types 1-3, the search backend; `memory_text` builds a memory (a string 
 `memory_dir` loads one, `memory_save` writes it (load + text + save grows a memory).
 """
 
+import copy
 import json
 import os
 import re
@@ -22,12 +25,13 @@ import sys
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn as nn
 
 from configurator import ConfigError, format_config, load_config
-from memory import KNNMemory, KNNMemoryError, KNNSettings
-from model import GPT, CheckpointError, load_checkpoint, model_from_checkpoint
-from prepare import DataError, get_tokenizer
-from train import autocast_context, resolve_device
+from memory import KNNMemory, KNNMemoryError, KNNSettings, load_conversation, save_conversation
+from model import GPT, CheckpointError, Seq2Seq, load_checkpoint, model_from_checkpoint
+from prepare import DataError, WordVocab, get_tokenizer
+from train import autocast_context, grow_vocab, prune_vocab, resolve_device
 
 
 @dataclass
@@ -59,6 +63,13 @@ class SampleConfig(KNNSettings):
     eval_items: int | None = None  # recall: only the first N items
     eval_seeds: int = 20  # seeds per item (recall) or per arm (sentiment): seed, seed + 1, ...
     eval_out: str | None = None  # folder for the JSON and the plot; default out_dir/eval_<eval>
+    # seq2seq chatbot (a checkpoint of train.py task='dialog'); eval='dialog' reads eval_file
+    # (default data/dialogs/dialogs_test.jsonl), batch_size dialogues at a time
+    mode: str = "sample"  # 'sample' or 'chat'
+    chat_script: str | None = None  # replay these user lines (one per line; /save, /load, /reset, /quit work)
+    chat_load: str | None = None  # start from this saved conversation (PATH.safetensors + PATH.json)
+    chat_save: str | None = None  # save the conversation here at the end
+    vocab_capacity: int | None = None  # at most this many words: those added while chatting go LRU first
 
 
 def read_text(value: str) -> str:
@@ -79,6 +90,9 @@ def load_model(init_from: str, out_dir: str, device: str):
         ckpt = load_checkpoint(path, map_location=device)
         model = model_from_checkpoint(ckpt, dropout=0.0)
         meta, source = ckpt["meta"], path
+        if ckpt.get("vocab"):  # the elastic vocabulary as training left it
+            model.eval().to(device)
+            return model, WordVocab.from_dict(ckpt["vocab"]), meta, source
     else:
         model = GPT.from_pretrained(init_from)
         meta, source = {"tokenizer": "gpt2"}, init_from
@@ -245,14 +259,238 @@ def eval_sentiment(cfg, model, tokenizer, meta, memory, gen_kwargs) -> dict:
     return {"arms": arms, "seeds": seeds}, fig
 
 
+# -----------------------------------------------------------------------------
+# dialogue with a seq2seq model: chat, and the evaluation on held-out dialogues
+
+class Conversation:
+    """Conversations with a Seq2Seq model, one per batch row, turn by turn. Holds the memory state
+    (the fast weights, separate per row) and the elastic vocabulary: a word the user types that the
+    vocabulary lacks is added, with a new embedding row by the model's init rule, so the bot can read
+    it and say it back. persist=False starts every turn from the initial memory (the no-memory
+    baseline). With capacity, words added while chatting are pruned least recently used first; the
+    words the model was trained with are kept."""
+
+    def __init__(self, model, vocab, batch_size=1, persist=True, capacity=None, seed=0, step=0):
+        self.model, self.vocab, self.persist, self.capacity = model, vocab, persist, capacity
+        self.trained_words = list(vocab.words)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.step = step  # counts turns after training's last iteration, for the vocabulary's recency
+        self.reset(batch_size)
+
+    def reset(self, batch_size=None):
+        self.batch_size = batch_size or self.batch_size
+        self.state = self.model.initial_state(self.batch_size)
+
+    @torch.no_grad()
+    def turn(self, utterances, max_new_tokens=None):
+        """One user utterance per row (None: that row skips the turn) -> the bot's replies (None for
+        skipped rows)."""
+        if len(utterances) != self.batch_size:
+            raise ValueError(f"{len(utterances)} utterances for {self.batch_size} conversations")
+        self.step += 1
+        words = [WordVocab.tokenize(u)[-self.model.config.block_size:] if u is not None else [] for u in utterances]
+        grow_vocab(self.vocab, self.model, [w for ws in words for w in ws], self.step, generator=self.generator)
+        device = self.model.transformer.wte.weight.device
+        src = torch.full((self.batch_size, max(1, max(map(len, words)))), self.vocab.pad, dtype=torch.long)
+        for b, ws in enumerate(words):
+            src[b, :len(ws)] = torch.tensor(self.vocab.encode_words(ws), dtype=torch.long)
+        valid = torch.tensor([u is not None for u in utterances], device=device)
+        enc, mask = self.model.encode(src.to(device))
+        cross, cross_mask, self.state, _ = self.model.remember(enc, mask, self.state, valid, self.persist)
+        out = self.model.reply(cross, cross_mask, max_new_tokens or self.model.config.block_size)
+        replies = [self.vocab.decode(row) if u is not None else None for row, u in zip(out.tolist(), utterances)]
+        if self.capacity is not None:
+            prune_vocab(self.vocab, self.model, capacity=self.capacity, keep=self.trained_words)
+        return replies
+
+    def save(self, path):
+        save_conversation(path, self.state, self.model.transformer.wte.weight, self.vocab.to_dict(),
+                          {"step": self.step, "batch_size": self.batch_size, "trained_words": self.trained_words})
+
+    def load(self, path):
+        """Restore a saved conversation: memory, vocabulary and the embedding rows of its words."""
+        device = self.model.transformer.wte.weight.device
+        state, wte, vocab, extra = load_conversation(path, device)
+        if wte.size(1) != self.model.config.n_embd or wte.size(0) != len(vocab["words"]):
+            raise ConfigError(f"conversation {path} does not fit this model (embedding {tuple(wte.shape)})")
+        if self.model.memory is not None:
+            self.model.memory.check_state(state, extra["batch_size"])
+        self.vocab = WordVocab.from_dict(vocab)
+        self.model.transformer.wte.weight = self.model.lm_head.weight = nn.Parameter(wte)
+        self.model.config.vocab_size = wte.size(0)
+        self.state, self.step, self.batch_size = state, extra["step"], extra["batch_size"]
+        self.trained_words = extra["trained_words"]
+
+
+def read_dialogs(path, limit=None) -> list[dict]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"no dialogue file {path}: run python prepare.py dialogs, or set eval_file")
+    with open(path) as f:
+        dialogs = [json.loads(line) for line in f if line.strip()]
+    return dialogs[:limit] if limit else dialogs
+
+
+def eval_dialog(cfg, model, vocab, test_file):
+    """Answers to the questions of held-out test dialogues, with the memory and without it (every turn
+    from the initial memory), same model, same new-word rows. A question is answered when the reply
+    contains its answer word ("recall") and, stricter, when the reply is the expected one ("exact").
+    Broken down by number of facts, turns between fact and question, first or repeated question, the
+    answer's attribute, and whether the answer word was new to the model (added while evaluating)."""
+    dialogs = read_dialogs(test_file, cfg.eval_items)
+    from tqdm import tqdm
+    rows = []  # one per question
+    for arm, persist in (("memory", True), ("no_memory", False)):
+        conv = Conversation(copy.deepcopy(model), WordVocab.from_dict(vocab.to_dict()), persist=persist,
+                            capacity=cfg.vocab_capacity, seed=cfg.seed)
+        trained = set(conv.trained_words)
+        k = 0
+        for first in tqdm(range(0, len(dialogs), cfg.batch_size), desc=f"dialogues, {arm}", disable=None):
+            batch = dialogs[first:first + cfg.batch_size]
+            conv.reset(len(batch))
+            for n in range(max(len(d["turns"]) for d in batch)):
+                turns = [d["turns"][n] if n < len(d["turns"]) else None for d in batch]
+                replies = conv.turn([t["user"] if t else None for t in turns])
+                for d, t, reply in zip(batch, turns, replies):
+                    if t is None or t["kind"] != "question":
+                        continue
+                    if arm == "memory":
+                        rows.append({"question": t["user"], "answer": t["answer"], "expected": t["bot"],
+                                     "attribute": t["attribute"], "repeat": t["repeat"],
+                                     "distance": n - t["fact_turn"],
+                                     "n_facts": sum(u["kind"] == "fact" for u in d["turns"]),
+                                     "new_word": t["answer"] not in trained})
+                    row = rows[k]
+                    k += 1
+                    row[arm] = {"reply": reply, "recall": t["answer"] in WordVocab.tokenize(reply),
+                                "exact": WordVocab.tokenize(reply) == WordVocab.tokenize(t["bot"])}
+    arms = ("memory", "no_memory")
+
+    def accuracy(selected):
+        return {arm: {m: sum(r[arm][m] for r in selected) / len(selected) for m in ("recall", "exact")}
+                | {"n": len(selected)} for arm in arms} if selected else None
+
+    def by(key, bucket=lambda v: v):
+        values = sorted({bucket(r[key]) for r in rows}, key=str)
+        return {str(v): accuracy([r for r in rows if bucket(r[key]) == v]) for v in values}
+
+    summary = {"all": accuracy(rows), "n_facts": by("n_facts"), "distance": by("distance", lambda d: min(d, 6)),
+               "repeat": by("repeat"), "new_word": by("new_word"), "attribute": by("attribute")}
+    for arm in arms:
+        s = summary["all"][arm]
+        print(f"{arm:>9}: recall {s['recall']:.3f}, exact reply {s['exact']:.3f} over {len(rows)} questions")
+    for key in ("repeat", "new_word"):
+        for v, acc in summary[key].items():
+            print(f"  {key}={v}: recall with memory {acc['memory']['recall']:.3f}, without "
+                  f"{acc['no_memory']['recall']:.3f} ({acc['memory']['n']} questions)")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4), sharey=True)
+    panels = [("overall and by attribute", {"all": summary["all"], **summary["attribute"]}),
+              ("by number of facts", summary["n_facts"]), ("by turns from fact to question (6 = 6+)",
+                                                          summary["distance"]),
+              ("repeated question / new word", {f"repeat={k}": v for k, v in summary["repeat"].items()}
+               | {f"new={k}": v for k, v in summary["new_word"].items()})]
+    for ax, (title, groups) in zip(axes, panels):
+        names = list(groups)
+        for j, (arm, colour) in enumerate((("memory", "#c63"), ("no_memory", "#999"))):
+            ax.bar([i + 0.4 * j for i in range(len(names))], [groups[g][arm]["recall"] for g in names], 0.4,
+                   color=colour, label=arm.replace("_", " "))
+        ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=30, ha="right")
+        ax.set_title(title)
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("recall (answer word in the reply)")
+    axes[0].legend(loc="lower left")
+    return {"summary": summary, "questions": rows, "test_file": test_file, "dialogues": len(dialogs)}, fig
+
+
+def run_chat(cfg, model, vocab):
+    """Chat turn by turn, from cfg.chat_script (a file of user lines) or the keyboard. Lines starting
+    with / are commands: /save PATH, /load PATH, /reset, /quit. Returns the transcript."""
+    conv = Conversation(model, vocab, capacity=cfg.vocab_capacity, seed=cfg.seed)
+    if cfg.chat_load:
+        conv.load(cfg.chat_load)
+        print(f"loaded conversation {cfg.chat_load}")
+
+    def keyboard():
+        while True:
+            try:
+                yield input("you: ")
+            except EOFError:
+                return
+
+    lines = keyboard()
+    if cfg.chat_script:
+        if not os.path.isfile(cfg.chat_script):
+            raise ConfigError(f"chat_script {cfg.chat_script} not found: a text file, one user line per line")
+        with open(cfg.chat_script) as f:
+            lines = f.read().splitlines()
+    transcript = []
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        command, _, arg = line.partition(" ")
+        if command == "/quit":
+            break
+        if command in ("/save", "/load") and arg:
+            if command == "/save":
+                conv.save(arg)
+                print(f"saved conversation {arg}")
+            else:
+                conv.load(arg)
+                print(f"loaded conversation {arg}")
+        elif command == "/reset":
+            conv.reset()
+            print("memory reset")
+        elif command.startswith("/"):
+            print("commands: /save PATH, /load PATH, /reset, /quit")
+        else:
+            reply = conv.turn([line])[0]
+            if cfg.chat_script:
+                print(f"you: {line}")
+            print(f"bot: {reply}")
+            transcript.append({"user": line, "bot": reply})
+    if cfg.chat_save:
+        conv.save(cfg.chat_save)
+        print(f"saved conversation {cfg.chat_save}")
+    return transcript
+
+
+def run_dialog(cfg, model, vocab, source):
+    """What sample.py does with a seq2seq model: mode='chat', or eval='dialog'."""
+    if cfg.eval == "dialog":
+        test_file = cfg.eval_file or os.path.join("data", "dialogs", "dialogs_test.jsonl")
+        result, fig = eval_dialog(cfg, model, vocab, test_file)
+        out = cfg.eval_out or os.path.join(cfg.out_dir, "eval_dialog")
+        os.makedirs(out, exist_ok=True)
+        write_json(os.path.join(out, "dialog.json"), {"settings": asdict(cfg), "model": source, **result})
+        save_figure(fig, os.path.join(out, "dialog.png"))
+        print(f"wrote {out}/dialog.json and dialog.png")
+        return result
+    if cfg.mode != "chat" or cfg.eval:
+        raise ConfigError(f"{source} is a seq2seq chatbot: use mode='chat' or eval='dialog'")
+    transcript = run_chat(cfg, model, vocab)
+    if cfg.output_json:
+        write_json(cfg.output_json, {"settings": asdict(cfg), "model": source, "transcript": transcript})
+    return transcript
+
+
 def main(cfg: SampleConfig):
     """Plain sampling returns [{'seed', 'text', 'completion', 'tokens'}]; eval=... returns the
     evaluation's results (also written as JSON and a PNG to eval_out)."""
     device, dtype = resolve_device(cfg.device, cfg.dtype)
-    if cfg.eval not in (None, "recall", "sentiment"):
-        raise ConfigError(f"eval={cfg.eval!r}; choose 'recall' or 'sentiment' (or leave it None)")
+    if cfg.eval not in (None, "recall", "sentiment", "dialog"):
+        raise ConfigError(f"eval={cfg.eval!r}; choose 'recall', 'sentiment' or 'dialog' (or leave it None)")
+    if cfg.mode not in ("sample", "chat"):
+        raise ConfigError(f"mode={cfg.mode!r}; choose 'sample' or 'chat'")
     print(f"settings:\n{format_config(cfg)}")
     model, tokenizer, meta, source = load_model(cfg.init_from, cfg.out_dir, device)
+    if isinstance(model, Seq2Seq):
+        return run_dialog(cfg, model, tokenizer, source)
+    if cfg.mode == "chat" or cfg.eval == "dialog":
+        raise ConfigError(f"mode='chat' and eval='dialog' need a seq2seq chatbot (train.py task='dialog'); "
+                          f"{source} is a GPT")
     memory = setup_memory(cfg, model, tokenizer, meta)
     if cfg.compile:
         model = torch.compile(model)
@@ -288,5 +526,5 @@ def main(cfg: SampleConfig):
 if __name__ == "__main__":
     try:
         main(load_config(SampleConfig))
-    except (ConfigError, DataError, CheckpointError, KNNMemoryError) as e:
+    except (ConfigError, DataError, CheckpointError, KNNMemoryError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

@@ -27,8 +27,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import ConfigError, format_config, load_config
-from model import GPT, GPTConfig, CheckpointError, atomic_save, load_checkpoint, model_args
-from prepare import DataError, check_meta_compatible, load_meta, open_split
+from memory import MNM_WRITES
+from model import (GPT, GPTConfig, CheckpointError, Seq2Seq, Seq2SeqConfig, atomic_save, load_checkpoint,
+                   model_args, model_from_checkpoint, remap_vocab, new_embedding_rows)
+from prepare import DataError, WordVocab, check_meta_compatible, load_meta, open_split
 
 
 @dataclass
@@ -74,7 +76,8 @@ class TrainConfig:
     dtype: str = "auto"  # 'auto' (bfloat16 on GPUs that have it, else float16 on GPU, float32 on CPU), 'float32', 'bfloat16', 'float16'
     compile: bool = False  # torch.compile the model (worth it on GPU for long runs)
     seed: int = 1337
-    # what to train: 'lm' (the GPT above), or one of tasks.py's tasks, which use the settings below:
+    # what to train: 'lm' (the GPT above), 'dialog' (the seq2seq chatbot, settings at the end), or one of
+    # tasks.py's tasks, which use the settings below:
     # 'copy', 'repeat_copy', 'assoc_recall' (a DNC against an LSTM of its size), 'pmnist' and
     # 'lm_sequence' (continual learning: fine-tuning, EWC and replay under one protocol)
     task: str = "lm"
@@ -106,9 +109,27 @@ class TrainConfig:
     replay_policy: str = "ring"  # 'ring' (newest replace oldest) or 'reservoir' (uniform over all offered)
     ewc_lambda: float = 100.0  # EWC penalty strength
     ewc_samples: int = 500  # examples per task for EWC's Fisher information
+    # dialogue (task='dialog'): a seq2seq chatbot (model.Seq2Seq) on data_dir/dataset/dialogs_*.jsonl
+    # (python prepare.py dialogs); batch_size counts dialogues, block_size the longest utterance
+    n_enc_layer: int = 2
+    memory: str = "mnm"  # 'mnm' (memory.MNM) or 'none'
+    mnm_heads: int = 4
+    mnm_key_size: int = 32
+    mnm_hidden: int = 64
+    mnm_write: str = "local"  # 'local', 'grad' or 'titans'
+    mnm_read: str = "before"  # the decoder reads the memory 'before' or 'after' the turn's own write
+    mnm_tbptt: int = 0  # > 0: back-propagate through at most this many turns of memory writes
+    dialog_slots: int = 16  # random embedding rows per dialogue, which its fact words are swapped for
+    # the elastic vocabulary grows with every new word in the training batches; pruning every
+    # vocab_prune_every iterations (0: never) drops words seen < vocab_min_count times, then the least
+    # recently seen beyond vocab_capacity
+    vocab_prune_every: int = 0
+    vocab_min_count: int = 0
+    vocab_capacity: int | None = None
 
 
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
+DIALOG_ARCH_KEYS = ("n_enc_layer", "memory", "mnm_heads", "mnm_key_size", "mnm_hidden", "mnm_write", "mnm_read")
 
 
 # -----------------------------------------------------------------------------
@@ -167,6 +188,95 @@ def batch_offsets(seed: int, stream: int, index: int, n_rows: int, data_len: int
                         "lower block_size or prepare more data")
     rng = np.random.default_rng([seed, stream, index])
     return rng.integers(0, data_len - block_size, size=n_rows)
+
+
+# -----------------------------------------------------------------------------
+# dialogue batches (task='dialog') and the elastic vocabulary they grow
+
+def seeded_generator(*key) -> torch.Generator:
+    """A torch generator that is a pure function of key (ints): what resumed and DDP runs redraw."""
+    return torch.Generator().manual_seed(int(np.random.default_rng(list(key)).integers(2**62)))
+
+
+class DialogBatches:
+    """Whole dialogues from data_path/dialogs_{train,val}.jsonl, drawn as a pure function of
+    (seed, stream, index), turned into Seq2Seq inputs by the elastic vocabulary. The fact words of
+    each dialogue (its "entities") are swapped for slot ids with fresh random embedding rows, drawn by
+    the rule new words get (model.new_embedding_rows): the model cannot learn those words by heart and
+    learns instead to copy what the memory hands back, which is what a word typed at chat time needs.
+    Utterances longer than block_size keep their last block_size tokens, replies their first."""
+
+    def __init__(self, data_path, seed, n_slots, block_size):
+        self.splits = {}
+        for split in ("train", "val"):
+            path = os.path.join(data_path, f"dialogs_{split}.jsonl")
+            if not os.path.isfile(path):
+                raise DataError(f"no {path}: task='dialog' reads dialogues; run: python prepare.py dialogs")
+            with open(path) as f:
+                self.splits[split] = [json.loads(line) for line in f if line.strip()]
+            if not self.splits[split]:
+                raise DataError(f"{path} holds no dialogues; prepare it again")
+        self.seed, self.n_slots, self.block_size = seed, n_slots, block_size
+
+    def draw(self, split, stream, index, n_rows):
+        rng = np.random.default_rng([self.seed, stream, index])
+        dialogs = self.splits[split]
+        return [dialogs[i] for i in rng.integers(0, len(dialogs), size=n_rows)]
+
+    @staticmethod
+    def words(dialogs):
+        """Every word of the dialogues except their fact words, in order."""
+        out = []
+        for d in dialogs:
+            entities = {w for e in d["entities"] for w in WordVocab.tokenize(e)}
+            for turn in d["turns"]:
+                out += [w for w in WordVocab.tokenize(turn["user"] + " " + turn["bot"]) if w not in entities]
+        return out
+
+    def tensors(self, dialogs, vocab, embedding, generator, device):
+        """(src (B, N, S), tgt (B, N, T), targets (B, N, T), slots (B, K, n_embd)) for Seq2Seq.forward."""
+        B, N, V, K = len(dialogs), max(len(d["turns"]) for d in dialogs), len(vocab), self.n_slots
+        encoded = []
+        for d in dialogs:
+            entities = sorted({w for e in d["entities"] for w in WordVocab.tokenize(e)})
+            if len(entities) > K:
+                raise DataError(f"a dialogue has {len(entities)} fact words, more than dialog_slots={K}; raise it")
+            slot_of = {w: V + int(j) for w, j in zip(entities, torch.randperm(K, generator=generator))}
+            ids = lambda text: [slot_of.get(w, vocab.stoi.get(w, vocab.unk)) for w in WordVocab.tokenize(text)]
+            encoded.append([(ids(t["user"])[-self.block_size:], ids(t["bot"])[:self.block_size - 1])
+                            for t in d["turns"]])
+        S = max(len(u) for turns in encoded for u, _ in turns)
+        T = max(len(r) for turns in encoded for _, r in turns) + 1
+        src = torch.full((B, N, S), vocab.pad, dtype=torch.long)
+        tgt = torch.full((B, N, T), vocab.pad, dtype=torch.long)
+        targets = torch.full((B, N, T), -1, dtype=torch.long)
+        for b, turns in enumerate(encoded):
+            for n, (u, r) in enumerate(turns):
+                src[b, n, :len(u)] = torch.tensor(u, dtype=torch.long)
+                tgt[b, n, :len(r) + 1] = torch.tensor([vocab.bos] + r, dtype=torch.long)
+                targets[b, n, :len(r) + 1] = torch.tensor(r + [vocab.eos], dtype=torch.long)
+        slots = new_embedding_rows(embedding, B * K, generator).view(B, K, -1)
+        return src.to(device), tgt.to(device), targets.to(device), slots.to(device)
+
+
+def grow_vocab(vocab, model, words, step, optimizer=None, generator=None) -> list[str]:
+    """Add the unknown words to the vocabulary and the model (new embedding rows, optimizer state
+    resized in step) and count every word as seen at `step`. Returns the new words."""
+    new = vocab.add(words, step)
+    if new:
+        remap_vocab(model, range(len(vocab) - len(new)), len(new), optimizer, generator)
+    vocab.observe([vocab.stoi[w] for w in words], step)
+    return new
+
+
+def prune_vocab(vocab, model, min_count=0, capacity=None, optimizer=None, keep=()) -> list[str]:
+    """Prune the vocabulary (prepare.WordVocab.prune) and remap the model's embedding rows and the
+    optimizer's state the same way. Returns the words dropped."""
+    before = list(vocab.words)
+    alive = vocab.prune(min_count, capacity, keep)
+    if len(alive) < len(before):
+        remap_vocab(model, alive, 0, optimizer)
+    return sorted(set(before) - set(vocab.words))
 
 
 # -----------------------------------------------------------------------------
@@ -239,7 +349,7 @@ def plot_losses(metrics_path: str, png_path: str):
 def main(cfg: TrainConfig) -> dict:
     """Train as cfg says; returns {'losses': {iter: loss}, 'val_loss': ..., 'iter_num': ...}.
     A task other than 'lm' runs in tasks.py and returns its own results."""
-    if cfg.task != "lm":
+    if cfg.task not in ("lm", "dialog"):
         import tasks  # the DNC's algorithmic tasks and continual learning
         return tasks.main(cfg)
     ddp, rank, local_rank, world_size = ddp_info()
@@ -278,25 +388,44 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
     data_path = os.path.join(cfg.data_dir, cfg.dataset)
     meta = load_meta(data_path)
     splits = {s: open_split(data_path, s, meta) for s in ("train", "val")}
+    dialogs = vocab = None  # task='dialog': the dialogue batches and the elastic vocabulary
+    if cfg.task == "dialog":
+        if cfg.memory not in ("mnm", "none") or cfg.mnm_write not in MNM_WRITES or cfg.mnm_read not in ("before", "after"):
+            raise ConfigError(f"memory must be 'mnm' or 'none' (got {cfg.memory!r}), mnm_write one of {MNM_WRITES} "
+                              f"(got {cfg.mnm_write!r}) and mnm_read 'before' or 'after' (got {cfg.mnm_read!r})")
+        dialogs = DialogBatches(data_path, cfg.seed, cfg.dialog_slots, cfg.block_size)
+        vocab = WordVocab()  # starts with the special tokens; grows as the batches bring words
 
     # model
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     ckpt = None
     iter_num, best_val_loss = 0, float("inf")
-    if cfg.init_from == "scratch":
+    if cfg.init_from == "scratch" and dialogs is not None:
+        model = Seq2Seq(Seq2SeqConfig(
+            block_size=cfg.block_size, vocab_size=len(vocab), n_layer=cfg.n_layer, n_head=cfg.n_head,
+            n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, n_enc_layer=cfg.n_enc_layer, memory=cfg.memory,
+            mnm_heads=cfg.mnm_heads, mnm_key_size=cfg.mnm_key_size, mnm_hidden=cfg.mnm_hidden,
+            mnm_write=cfg.mnm_write, mnm_read=cfg.mnm_read, mnm_tbptt=cfg.mnm_tbptt))
+    elif cfg.init_from == "scratch":
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
     elif cfg.init_from == "resume":
         ckpt = load_checkpoint(ckpt_path, map_location="cpu")
         saved = ckpt["model_args"]
-        clash = {k: (saved[k], getattr(cfg, k)) for k in ARCH_KEYS if saved[k] != getattr(cfg, k)}
+        keys = ARCH_KEYS + (DIALOG_ARCH_KEYS if dialogs is not None else ())
+        if (saved.get("model_type") == "seq2seq") != (dialogs is not None):
+            raise ConfigError(f"cannot resume {ckpt_path} with task={cfg.task!r}: it holds a "
+                              f"{saved.get('model_type', 'gpt')} model; use the task it was trained with")
+        clash = {k: (saved[k], getattr(cfg, k)) for k in keys if saved[k] != getattr(cfg, k)}
         if clash:
             raise ConfigError(f"cannot resume {ckpt_path}: the settings change the model's shape "
                               + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in clash.items())
                               + "; use the settings it was trained with")
         check_meta_compatible(ckpt["meta"], meta)
-        model = GPT(GPTConfig(**{**saved, "dropout": cfg.dropout}))
-        model.load_state_dict(ckpt["model"])
+        model = model_from_checkpoint(ckpt, dropout=cfg.dropout)
+        if dialogs is not None:
+            vocab = WordVocab.from_dict(ckpt["vocab"])
+            model.config.mnm_tbptt = cfg.mnm_tbptt  # a training choice, not the model's shape
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         print0(f"resuming from {ckpt_path} at iteration {iter_num}")
     else:  # pretrained GPT-2: a hub name or a local folder
@@ -306,7 +435,7 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
         model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
         if cfg.block_size < model.config.block_size:
             model.crop_block_size(cfg.block_size)
-    if model.config.vocab_size < meta["vocab_size"]:
+    if dialogs is None and model.config.vocab_size < meta["vocab_size"]:
         raise DataError(f"{data_path} has {meta['vocab_size']} token ids, the model only {model.config.vocab_size}")
     block_size = model.config.block_size
     model.to(device)
@@ -329,11 +458,29 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
         torch.manual_seed(cfg.seed + rank)
 
     raw_model = model  # saved and sampled: never carries compile's or DDP's prefixes
-    if cfg.compile:
-        print0("compiling the model...")
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[device] if device_type == "cuda" else None)
+
+    def wrap(model):  # again whenever the vocabulary changes the embedding Parameter
+        if cfg.compile:
+            print0("compiling the model...")
+            model = torch.compile(model)
+        if ddp:
+            model = DDP(model, device_ids=[device] if device_type == "cuda" else None)
+        return model
+
+    model = wrap(raw_model)
+
+    def draw(split, stream, index, n_rows):
+        """The index-th batch of a stream, n_rows rows: a pure function of (seed, stream, index)."""
+        if dialogs is not None:
+            return dialogs.draw(split, stream, index, n_rows)
+        return batch_offsets(cfg.seed, stream, index, n_rows, len(splits[split]), block_size)
+
+    def tensors(split, rows, *key):
+        """The model's inputs for drawn rows; key (stream, index, first row) seeds the slot rows."""
+        if dialogs is not None:
+            return dialogs.tensors(rows, vocab, raw_model.transformer.wte.weight,
+                                   seeded_generator(cfg.seed, *key), device)
+        return get_batch(splits[split], rows, block_size, device)
 
     @torch.no_grad()
     def estimate_loss():
@@ -343,10 +490,9 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
         for stream, split in ((1, "train"), (2, "val")):
             total = torch.zeros((), device=device)
             for k in range(rank, cfg.eval_iters, world_size):
-                rows = batch_offsets(cfg.seed, stream, k, cfg.batch_size, len(splits[split]), block_size)
-                X, Y = get_batch(splits[split], rows, block_size, device)
+                batch = tensors(split, draw(split, stream, k, cfg.batch_size), stream, k, 0)
                 with ctx:
-                    _, loss = raw_model(X, Y)
+                    _, loss = raw_model(*batch)
                 total += loss.float()
             if ddp:
                 dist.all_reduce(total)
@@ -393,6 +539,7 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
                 "config": asdict(cfg),
                 "meta": meta,
                 "rng": rng,
+                "vocab": vocab.to_dict() if vocab is not None else None,
                 # batches are a pure function of (seed, iteration): this is the sampler's whole state
                 "sampler": {"seed": cfg.seed, "next_iter": iter_num},
             }
@@ -425,16 +572,25 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        offsets = batch_offsets(cfg.seed, 0, iter_num, global_rows, len(splits["train"]), block_size)
+        offsets = draw("train", 0, iter_num, global_rows)
+        if vocab is not None:  # every rank sees the whole global batch's words, so all grow alike
+            pruned = []
+            if cfg.vocab_prune_every and iter_num and iter_num % cfg.vocab_prune_every == 0:
+                pruned = prune_vocab(vocab, raw_model, cfg.vocab_min_count, cfg.vocab_capacity, optimizer)
+            new = grow_vocab(vocab, raw_model, DialogBatches.words(offsets), iter_num, optimizer,
+                             seeded_generator(cfg.seed, 3, iter_num))
+            if new or pruned:
+                print0(f"iter {iter_num}: vocabulary {len(vocab)} words (+{len(new)}, -{len(pruned)})")
+                model = wrap(raw_model)
         loss_sum = torch.zeros((), device=device)
         for micro in range(micro_steps):
             lo = (rank * micro_steps + micro) * cfg.batch_size
-            X, Y = get_batch(splits["train"], offsets[lo:lo + cfg.batch_size], block_size, device)
+            batch = tensors("train", offsets[lo:lo + cfg.batch_size], 0, iter_num, lo)
             # gradients are all-reduced only on the last micro-step
             sync = nullcontext() if (not ddp or micro == micro_steps - 1) else model.no_sync()
             with sync:
                 with ctx:
-                    _, loss = model(X, Y)
+                    _, loss = model(*batch)
                     loss = loss / micro_steps
                 scaler.scale(loss).backward()
             loss_sum += loss.detach().float()

@@ -1,0 +1,26 @@
+# A seq2seq chatbot with a metalearned neural memory on the built-in dialogues (python prepare.py dialogs).
+task = "dialog"
+dataset = "dialogs"
+out_dir = "out-dialogs"
+device = "cpu"
+n_layer = 2  # decoder blocks
+n_enc_layer = 2
+n_head = 4
+n_embd = 64
+block_size = 16  # the longest utterance or reply, in words
+dropout = 0.0
+memory = "mnm"
+mnm_write = "local"
+mnm_heads = 4
+mnm_key_size = 16
+mnm_hidden = 32
+dialog_slots = 16
+batch_size = 32  # dialogues
+learning_rate = 2e-3
+min_lr = 2e-4
+weight_decay = 0.0
+warmup_iters = 100
+max_iters = 2000
+eval_interval = 500
+eval_iters = 10
+log_interval = 50
