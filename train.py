@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import ConfigError, format_config, load_config
 from model import GPT, GPTConfig, CheckpointError, atomic_save, load_checkpoint, model_args
-from prepare import DataError, check_meta_compatible, load_meta, open_split
+from prepare import DataError, check_meta_compatible, load_doc_starts, load_meta, open_split
 
 
 @dataclass
@@ -49,6 +49,8 @@ class TrainConfig:
     dataset: str = "facts"
     data_dir: str = "data"  # the dataset lives in data_dir/dataset (what prepare.py writes)
     gradient_accumulation_steps: int = 1  # micro-steps per global batch, shared out over the ranks
+    loader: str = "random"  # 'random': windows at random offsets; 'docs': every batch row reads its own
+    # documents window after window (DocStream), which a memorizing layer needs
     batch_size: int = 12  # rows per micro-step (per rank)
     block_size: int = 256
     # model (ignored when resuming or fine-tuning: the checkpoint's shape wins)
@@ -57,6 +59,11 @@ class TrainConfig:
     n_embd: int = 384
     dropout: float = 0.0
     bias: bool = True
+    # Memorizing Transformer layer (model.GPTConfig): kNN attention over each batch row's memory of its
+    # document's earlier windows at this layer, -1 = none; needs loader='docs'
+    knn_layer: int = -1
+    knn_topk: int = 32
+    knn_memory_size: int = 16384  # entries per batch row and head
     # AdamW
     learning_rate: float = 6e-4
     max_iters: int = 5000
@@ -157,6 +164,55 @@ def get_batch(data, rows, block_size, device):
     if device.startswith("cuda"):
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
+
+
+class DocStream:
+    """Document-contiguous batches. Global row g of the n_rows rows of a global batch reads the
+    documents order[g], order[g + n_rows], order[g + 2 n_rows], ... (indices modulo the number of
+    documents; order is a permutation drawn from seed, or the file's order when shuffle is False),
+    each from its start, one window of block_size after another: at iteration i a row reads the
+    i-th window of its endless sequence. Windows never cross a document end; the last one of a
+    document is padded (targets -1, ignored by the loss). Like batch_offsets, a pure function of
+    (seed, iteration): resumed runs and any world size read the same rows."""
+
+    def __init__(self, data, starts, n_rows: int, block_size: int, seed: int, shuffle: bool = True):
+        self.data, self.T = data, block_size
+        ends = np.r_[starts[1:], len(data)]
+        keep = ends - starts >= 2  # a document needs a token to predict
+        self.starts, self.ends = starts[keep], ends[keep]
+        if len(self.starts) == 0:
+            raise DataError("no document has two tokens or more: prepare a dataset of longer documents")
+        self.windows = -(-(self.ends - self.starts - 1) // block_size)  # per document, ceil((len - 1) / T)
+        n = len(self.starts)
+        order = np.random.default_rng([seed, 3]).permutation(n) if shuffle else np.arange(n)
+        cycle = n // math.gcd(n, n_rows)  # a row's document sequence repeats after this many
+        self.docs = [order[(g + np.arange(cycle) * n_rows) % n] for g in range(n_rows)]
+        self.cum = [np.r_[0, np.cumsum(self.windows[d])] for d in self.docs]
+
+    def locate(self, it: int, row: int):
+        """(document, window within it) that global row `row` reads at iteration it."""
+        cum = self.cum[row]
+        r = it % cum[-1]
+        j = int(np.searchsorted(cum, r, side="right")) - 1
+        return int(self.docs[row][j]), int(r - cum[j])
+
+    def batch(self, it: int, rows, device: str):
+        """x, y (len(rows), T) on device, and last (len(rows),) bool: the window ends its document."""
+        T = self.T
+        x = np.zeros((len(rows), T), dtype=np.int64)
+        y = np.full((len(rows), T), -1, dtype=np.int64)
+        last = np.zeros(len(rows), dtype=bool)
+        for i, g in enumerate(rows):
+            doc, w = self.locate(it, g)
+            a = self.starts[doc] + w * T
+            n = min(T, self.ends[doc] - 1 - a)  # positions with a next token in this document
+            x[i, :n] = self.data[a:a + n]
+            y[i, :n] = self.data[a + 1:a + 1 + n]
+            last[i] = w == self.windows[doc] - 1
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+        if device.startswith("cuda"):
+            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device), torch.from_numpy(last)
 
 
 def batch_offsets(seed: int, stream: int, index: int, n_rows: int, data_len: int, block_size: int):
@@ -285,7 +341,8 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
     iter_num, best_val_loss = 0, float("inf")
     if cfg.init_from == "scratch":
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
-                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
+                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
+                              knn_layer=cfg.knn_layer, knn_topk=cfg.knn_topk, knn_memory_size=cfg.knn_memory_size))
     elif cfg.init_from == "resume":
         ckpt = load_checkpoint(ckpt_path, map_location="cpu")
         saved = ckpt["model_args"]
@@ -294,6 +351,9 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
             raise ConfigError(f"cannot resume {ckpt_path}: the settings change the model's shape "
                               + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in clash.items())
                               + "; use the settings it was trained with")
+        if saved.get("knn_layer", -1) != cfg.knn_layer:
+            raise ConfigError(f"cannot resume {ckpt_path}: it was trained with knn_layer={saved.get('knn_layer', -1)}, "
+                              f"the settings say {cfg.knn_layer}; use the settings it was trained with")
         check_meta_compatible(ckpt["meta"], meta)
         model = GPT(GPTConfig(**{**saved, "dropout": cfg.dropout}))
         model.load_state_dict(ckpt["model"])
@@ -306,10 +366,27 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
         model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
         if cfg.block_size < model.config.block_size:
             model.crop_block_size(cfg.block_size)
+        if cfg.knn_layer >= 0:  # a memorizing layer on top of pretrained weights, as Wu et al. fine-tune
+            from memory import add_memorizing_layer
+            add_memorizing_layer(model, cfg.knn_layer, cfg.knn_topk, cfg.knn_memory_size)
     if model.config.vocab_size < meta["vocab_size"]:
         raise DataError(f"{data_path} has {meta['vocab_size']} token ids, the model only {model.config.vocab_size}")
     block_size = model.config.block_size
     model.to(device)
+    from memory import memorizing_layer
+    knn_mem = memorizing_layer(model)
+    docs = cfg.loader == "docs"
+    if cfg.loader not in ("random", "docs"):
+        raise ConfigError(f"loader={cfg.loader!r}; choose 'random' or 'docs'")
+    if knn_mem is not None and not docs:
+        raise ConfigError("a memorizing layer (knn_layer >= 0) remembers the earlier windows of each row's "
+                          "document: set loader='docs' (and prepare a dataset with document boundaries)")
+    if docs:
+        streams = {s: DocStream(splits[s], load_doc_starts(data_path, s, len(splits[s])), global_rows, block_size,
+                                cfg.seed, shuffle=s == "train") for s in ("train", "val")}
+    local_rows = micro_steps * cfg.batch_size  # memory rows of this rank: every micro-step's batch rows
+    if knn_mem is not None:
+        knn_mem.reset(local_rows)
     print0(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_args(model)}")
 
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
@@ -318,6 +395,13 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
+        if knn_mem is not None and ckpt.get("knn_memory"):
+            state = ckpt["knn_memory"]  # rows of the whole global batch, in global row order
+            if state["written"].numel() != global_rows:
+                raise ConfigError(f"{ckpt_path} holds memories of {state['written'].numel()} batch rows, this run "
+                                  f"has {global_rows}: resume with the batch_size and gradient_accumulation_steps "
+                                  "it was trained with")
+            knn_mem.set_state({k: v[rank * local_rows:(rank + 1) * local_rows].to(device) for k, v in state.items()})
         states = ckpt["rng"]
         if len(states) == world_size:
             set_rng_state(states[rank])
@@ -340,6 +424,10 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
         """Mean loss over eval_iters fixed batches per split, shared out over the ranks."""
         out = {}
         model.eval()
+        if docs:
+            out = estimate_loss_docs()
+            model.train()
+            return out
         for stream, split in ((1, "train"), (2, "val")):
             total = torch.zeros((), device=device)
             for k in range(rank, cfg.eval_iters, world_size):
@@ -352,6 +440,40 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
                 dist.all_reduce(total)
             out[split] = total.item() / cfg.eval_iters
         model.train()
+        return out
+
+    def docs_step(stream, it, micro, train_step):
+        """Forward one micro-step of document-contiguous rows; a row's memory empties when its document ends."""
+        lo = (rank * micro_steps + micro) * cfg.batch_size
+        X, Y, last = stream.batch(it, range(lo, lo + cfg.batch_size), device)
+        if knn_mem is not None:
+            knn_mem.rows = slice(micro * cfg.batch_size, (micro + 1) * cfg.batch_size)
+        with ctx:
+            _, loss = (model if train_step else raw_model)(X, Y)
+        if knn_mem is not None:
+            knn_mem.clear_rows(micro * cfg.batch_size + last.nonzero().squeeze(1))
+        return loss
+
+    @torch.no_grad()
+    def estimate_loss_docs():
+        """Mean loss over the first eval_iters iterations of each split's document stream (in file order,
+        laid out like training batches), every row's memory starting empty; the training memories are
+        put back afterwards."""
+        saved = knn_mem.get_state() if knn_mem is not None else None
+        out = {}
+        for split in ("train", "val"):
+            if knn_mem is not None:
+                knn_mem.reset(local_rows)
+            total = torch.zeros((), device=device)
+            for k in range(cfg.eval_iters):
+                for micro in range(micro_steps):
+                    total += docs_step(streams[split], k, micro, False).float()
+            if ddp:
+                dist.all_reduce(total)
+            out[split] = total.item() / (cfg.eval_iters * cfg.gradient_accumulation_steps)
+        if knn_mem is not None:
+            knn_mem.reset(local_rows)
+            knn_mem.set_state(saved)
         return out
 
     # metrics.jsonl: one JSON line per logged iteration / evaluation; a resumed run drops the
@@ -382,6 +504,14 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
             dist.all_gather_object(rng, get_rng_state())
         else:
             rng = [get_rng_state()]
+        knn_state = {}
+        if knn_mem is not None:  # every rank's memories, in global row order, for an exact resume
+            parts = [{k: v.cpu() for k, v in knn_mem.get_state().items()}]
+            if ddp:
+                parts = [None] * world_size
+                dist.all_gather_object(parts, {k: v.cpu() for k, v in knn_mem.get_state().items()})
+            if parts[0]:
+                knn_state = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         if master_process:
             checkpoint = {
                 "model": raw_model.state_dict(),
@@ -394,7 +524,8 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
                 "meta": meta,
                 "rng": rng,
                 # batches are a pure function of (seed, iteration): this is the sampler's whole state
-                "sampler": {"seed": cfg.seed, "next_iter": iter_num},
+                "sampler": {"seed": cfg.seed, "next_iter": iter_num, "loader": cfg.loader},
+                "knn_memory": knn_state,
             }
             atomic_save(checkpoint, ckpt_path)
             print0(f"saved checkpoint to {ckpt_path}")
@@ -425,17 +556,22 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        offsets = batch_offsets(cfg.seed, 0, iter_num, global_rows, len(splits["train"]), block_size)
+        if not docs:
+            offsets = batch_offsets(cfg.seed, 0, iter_num, global_rows, len(splits["train"]), block_size)
         loss_sum = torch.zeros((), device=device)
         for micro in range(micro_steps):
             lo = (rank * micro_steps + micro) * cfg.batch_size
-            X, Y = get_batch(splits["train"], offsets[lo:lo + cfg.batch_size], block_size, device)
+            if not docs:
+                X, Y = get_batch(splits["train"], offsets[lo:lo + cfg.batch_size], block_size, device)
             # gradients are all-reduced only on the last micro-step
             sync = nullcontext() if (not ddp or micro == micro_steps - 1) else model.no_sync()
             with sync:
-                with ctx:
-                    _, loss = model(X, Y)
-                    loss = loss / micro_steps
+                if docs:
+                    loss = docs_step(streams["train"], iter_num, micro, True) / micro_steps
+                else:
+                    with ctx:
+                        _, loss = model(X, Y)
+                        loss = loss / micro_steps
                 scaler.scale(loss).backward()
             loss_sum += loss.detach().float()
         if cfg.grad_clip > 0:
