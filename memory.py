@@ -746,6 +746,12 @@ class KNNLMDatastore(KNNMemory):
         return cls(settings, [cfg.n_layer - 1], 1, cfg.n_embd, model_fingerprint(model), tokenizer_meta, None,
                    device=next(model.parameters()).device, value_size=1)
 
+    def _check_model(self, model):
+        cfg = model.config
+        if cfg.n_embd != self.head_size or self.layers != [cfg.n_layer - 1]:
+            raise KNNMemoryError(f"this datastore holds keys of width {self.head_size} from layer {self.layers[0]}; "
+                                 f"the model has {cfg.n_layer} layers of width {cfg.n_embd}: build it with this model")
+
     @property
     def backend(self) -> str:
         # every position queries: the batched matmul beats a per-query faiss flat scan (see KNNMemory.backend)
@@ -798,8 +804,8 @@ def knnlm_log_probs(logits, h, store: KNNLMDatastore, lam: float, k: int, temper
     p_kNN puts softmax(-distance / temperature) over the k nearest entries (squared L2 to h) on
     their next tokens. lam = 0 gives log_softmax(logits) bit for bit (log(0) = -inf drops p_kNN)."""
     V = logits.size(-1)
-    lp = F.log_softmax(logits.float(), dim=-1).reshape(-1, V)
-    hf = h.float().reshape(-1, h.size(-1))
+    lp = F.log_softmax(logits.detach().float(), dim=-1).reshape(-1, V)
+    hf = h.detach().float().reshape(-1, h.size(-1))
     L = store.layers[0]
     keys, tok = store.keys[L][0], store.next_tokens()
     kk = min(k, len(store))
