@@ -596,6 +596,7 @@ class MemorizingMemory(nn.Module):
         self.n_head, self.head_size, self.topk, self.size = n_head, head_size, topk, size
         self.gate_bias = nn.Parameter(torch.full((n_head,), MEMORIZING_GATE_INIT))
         self.write = True  # append each forward pass's window to the memory
+        self.read = True  # False: only write (reading a text into memory; layer L's keys do not depend on reads at L)
         self.rows = None  # slice of memory rows used by the next forward pass
         self.n_rows = None
         self.mem = None  # {"keys": (R, H, C, d) unit keys, "norms": (R, H, C), "values": (R, H, C, d), "written": (R,)}
@@ -633,15 +634,15 @@ class MemorizingMemory(nn.Module):
         y_local = attend(q, k, v)  # (B, H, T, d)
         if self.mem is None:
             self._alloc(B, k.detach())
-        rows = self.rows if self.rows is not None else slice(0, B)
+        rows = self.rows if self.rows is not None else slice(0, B)  # a slice: the memory rows are views
         rid = torch.arange(self.mem["written"].numel(), device=q.device)[rows]  # (B,) memory rows of the batch
         if rid.numel() != B:
             raise RuntimeError(f"the memory has rows {rows} for a batch of {B}: reset() it or set .rows")
-        count = self.mem["written"][rid].clamp(max=self.size)  # (B,)
+        count = self.mem["written"][rows].clamp(max=self.size)  # (B,)
         n_used = int(count.max())
         y = y_local
-        if n_used > 0:
-            y_mem = self.retrieve(q, rid, count, n_used)
+        if n_used > 0 and self.read:
+            y_mem = self.retrieve(q, rows, count, n_used)
             g = torch.sigmoid(self.gate_bias).to(y_local.dtype).view(1, H, 1, 1)
             # exactly y_local where a row's memory is empty; g = 0 gives y_local bit for bit
             y = torch.where((count > 0).view(B, 1, 1, 1), (1 - g) * y_local + g * y_mem, y_local)
@@ -651,19 +652,20 @@ class MemorizingMemory(nn.Module):
             self.append(rid, k[:, :, -T:], v[:, :, -T:])
         return y
 
-    def retrieve(self, q, rid, count, n_used):
+    def retrieve(self, q, rows, count, n_used):
         """Attention of every query over its topk nearest memory entries: (B, H, T, d)."""
         B, H, T, d = q.shape
         G = B * H
-        keys = self.mem["keys"][rid, :, :n_used]  # (B, H, n, d)
+        keys = self.mem["keys"][rows, :, :n_used]  # (B, H, n, d), a view
         kk = min(self.topk, n_used)
         with torch.no_grad():  # retrieval picks entries; gradients flow through the attention over them
             qn = F.normalize(q.detach().float(), dim=-1).reshape(G, T, d)
             n_valid = count.repeat_interleave(H) if bool((count < n_used).any()) else None
             ids = exact_search(qn, keys.reshape(G, n_used, d).float(), kk, "ip", n_valid=n_valid)  # (G, T, kk)
         g_idx = torch.arange(G, device=q.device)[:, None, None]
-        k_ret = keys.reshape(G, n_used, d)[g_idx, ids] * self.mem["norms"][rid, :, :n_used].reshape(G, n_used)[g_idx, ids][..., None]
-        v_ret = self.mem["values"][rid, :, :n_used].reshape(G, n_used, d)[g_idx, ids]  # (G, T, kk, d)
+        norms = self.mem["norms"][rows, :, :n_used].reshape(G, n_used)[g_idx, ids]  # (G, T, kk)
+        k_ret = keys.reshape(G, n_used, d)[g_idx, ids] * norms[..., None]  # raw keys (G, T, kk, d)
+        v_ret = self.mem["values"][rows, :, :n_used].reshape(G, n_used, d)[g_idx, ids]  # (G, T, kk, d)
         logits = (k_ret @ q.reshape(G, T, d, 1)).squeeze(-1) / math.sqrt(d)  # (G, T, kk)
         # entries beyond a row's count are empty slots; a row with none keeps finite zeros (gated out)
         empty = (ids >= count.repeat_interleave(H)[:, None, None]) & (count.repeat_interleave(H) > 0)[:, None, None]
@@ -809,6 +811,7 @@ def knnlm_log_probs(logits, h, store: KNNLMDatastore, lam: float, k: int, temper
     L = store.layers[0]
     keys, tok = store.keys[L][0], store.next_tokens()
     kk = min(k, len(store))
+    chunk = max(16, min(chunk, (1 << 26) // max(1, len(store))))  # exact search holds chunk x N scores
     out = []
     for s in range(0, hf.size(0), chunk):
         q = hf[s:s + chunk]

@@ -70,7 +70,7 @@ def test_fifo_eviction_at_capacity():
     assert held == [7.0, 8.0, 9.0, 10.0, 11.0]  # the 5 newest, the oldest evicted
     # retrieval: a query in the direction of entry 9's key finds it (top-1), not an evicted one
     q = torch.tensor([10.0, 1.0]).expand(2, 1, 1, 2)
-    y = mem.retrieve(q, torch.arange(2), mem.counts(), 5)
+    y = mem.retrieve(q, slice(0, 2), mem.counts(), 5)
     assert y[0, 0, 0].tolist() == [9.0, 9.0]
 
 
