@@ -303,3 +303,16 @@ def test_knnlm_sampling_hook_matches_the_evaluation():
     hook.detach()
     assert torch.allclose(got, want, atol=1e-6)
     assert torch.equal(model(x)[0], plain)  # detached: the plain model again
+
+
+def test_memorizing_bench_suite(tmp_path, capsys):
+    import bench
+    from configurator import load_config
+    out = tmp_path / "bench.json"
+    cfg = load_config(bench.BenchConfig, [], n_layer=2, n_head=2, n_embd=16, block_size=32, vocab_size=64,
+                      batch_size=2, device="cpu", dtype="float32", suite=["memorizing"], knn_layer=1,
+                      knn_memory_size=256, knnlm_size=500, bench_iters=1, bench_json=str(out))
+    bench.main(cfg)
+    assert "memorizing layer 1, 256 entries" in capsys.readouterr().out
+    res = json.loads(out.read_text())["memorizing"]
+    assert res["train"]["slowdown"] > 0 and res["knnlm"]["knnlm_tok_s"] > 0
