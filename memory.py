@@ -706,7 +706,7 @@ def generate_with_memory(model, idx, max_new_tokens, temperature=1.0, top_k=None
     to it, locally, and from the memory of all earlier windows; a window enters the memory once it
     is full, by one forward pass over it (the same pass with or without the KV cache, so cached
     decoding equals recomputation). Each batch row has its own memory, emptied at the start."""
-    from model import KVCache, sample_next
+    from model import KVCache, append_next
     mem = memorizing_layer(model)
     T = model.config.block_size
     B = idx.size(0)
@@ -729,12 +729,8 @@ def generate_with_memory(model, idx, max_new_tokens, temperature=1.0, top_k=None
                 logits, _ = model(idx[:, committed:], cache=cache)
             else:
                 logits, _ = model(idx[:, -1:], cache=cache)
-            idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p, generators)
-            if stop_token is not None:
-                idx_next = torch.where(done[:, None], torch.full_like(idx_next, stop_token), idx_next)
-                done |= idx_next[:, 0] == stop_token
-            idx = torch.cat((idx, idx_next), dim=1)
-            if stop_token is not None and bool(done.all()):
+            idx, finished = append_next(idx, logits[:, -1, :], done, temperature, top_k, top_p, stop_token, generators)
+            if finished:
                 break
     finally:
         mem.set_state(saved[0])
@@ -810,12 +806,9 @@ def last_mlp_input(model, idx, targets=None):
     return got[0], logits
 
 
-def knnlm_log_probs(logits, h, store: KNNLMDatastore, lam: float, k: int, temperature: float, chunk: int = 1024):
-    """log p = log(lam * p_kNN + (1 - lam) * p_LM) per position: logits (..., V), keys h (..., C).
-    p_kNN puts softmax(-distance / temperature) over the k nearest entries (squared L2 to h) on
-    their next tokens. lam = 0 gives log_softmax(logits) bit for bit (log(0) = -inf drops p_kNN)."""
-    V = logits.size(-1)
-    lp = F.log_softmax(logits.detach().float(), dim=-1).reshape(-1, V)
+def knn_probs(h, store: KNNLMDatastore, k: int, temperature: float, vocab_size: int, chunk: int = 1024):
+    """p_kNN (M, V) for keys h (..., C): softmax(-squared L2 distance / temperature) over the k nearest
+    entries, summed per next token."""
     hf = h.detach().float().reshape(-1, h.size(-1))
     L = store.layers[0]
     keys, tok = store.keys[L][0], store.next_tokens()
@@ -825,12 +818,22 @@ def knnlm_log_probs(logits, h, store: KNNLMDatastore, lam: float, k: int, temper
     for s in range(0, hf.size(0), chunk):
         q = hf[s:s + chunk]
         ids = store.index(L).search(torch.zeros(q.size(0), dtype=torch.long, device=q.device), q, kk)  # (M, kk)
-        dist = ((keys[ids] - q[:, None]) ** 2).sum(-1)  # (M, kk)
-        w = F.softmax(-dist / temperature, dim=-1)
-        p_knn = torch.zeros(q.size(0), V, device=q.device).scatter_add_(1, tok[ids], w)
-        out.append(torch.logaddexp(math.log(lam) + p_knn.log() if lam > 0 else torch.full_like(p_knn, float("-inf")),
-                                   math.log1p(-lam) + lp[s:s + chunk]))
-    return torch.cat(out).view(*logits.shape[:-1], V)
+        w = F.softmax(-((keys[ids] - q[:, None]) ** 2).sum(-1) / temperature, dim=-1)  # (M, kk)
+        out.append(torch.zeros(q.size(0), vocab_size, device=q.device).scatter_add_(1, tok[ids], w))
+    return torch.cat(out)
+
+
+def knnlm_mix(logits, p_knn, lam: float):
+    """log(lam * p_kNN + (1 - lam) * p_LM) (..., V); lam = 0 gives log_softmax(logits) bit for bit
+    (log 0 = -inf drops p_kNN exactly)."""
+    lp = F.log_softmax(logits.detach().float(), dim=-1)
+    log_knn = math.log(lam) + p_knn.log() if lam > 0 else torch.full_like(p_knn, float("-inf"))
+    return torch.logaddexp(log_knn.view_as(lp), math.log1p(-lam) + lp)
+
+
+def knnlm_log_probs(logits, h, store: KNNLMDatastore, lam: float, k: int, temperature: float):
+    """log p = log(lam * p_kNN + (1 - lam) * p_LM) per position: logits (..., V), keys h (..., C)."""
+    return knnlm_mix(logits, knn_probs(h, store, k, temperature, logits.size(-1)), lam)
 
 
 class KNNLM:

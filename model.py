@@ -366,14 +366,20 @@ class GPT(nn.Module):
                 logits, _ = self(idx[:, -block_size:], cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], cache=cache)
-            idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p, generators)
-            if stop_token is not None:
-                idx_next = torch.where(done[:, None], torch.full_like(idx_next, stop_token), idx_next)
-                done |= idx_next[:, 0] == stop_token
-            idx = torch.cat((idx, idx_next), dim=1)
-            if stop_token is not None and bool(done.all()):
+            idx, finished = append_next(idx, logits[:, -1, :], done, temperature, top_k, top_p, stop_token, generators)
+            if finished:
                 break
         return idx
+
+
+def append_next(idx, logits, done, temperature, top_k, top_p, stop_token, generators):
+    """Append each row's next token, drawn from logits (B, V), to idx; a row that produced stop_token
+    (done, updated in place) is padded with it. Returns (idx, whether every row is done)."""
+    idx_next = sample_next(logits, temperature, top_k, top_p, generators)
+    if stop_token is not None:
+        idx_next = torch.where(done[:, None], torch.full_like(idx_next, stop_token), idx_next)
+        done |= idx_next[:, 0] == stop_token
+    return torch.cat((idx, idx_next), dim=1), stop_token is not None and bool(done.all())
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generators=None):
