@@ -120,6 +120,25 @@ def test_plays_are_documents(plays_data):
     assert text(starts[8], 18) == "Master:\nBoatswain!"
 
 
+def test_wikitext_articles_are_documents(tmp_path, shared_data):
+    from prepare import prepare
+    meta = prepare("wikitext2_docs", input=str(shared_data / "wikitext2"), out_dir=str(tmp_path))
+    starts = np.load(tmp_path / "val_docs.npy")
+    assert len(np.load(tmp_path / "train_docs.npy")) == 110 and len(starts) == 12
+    data = np.memmap(tmp_path / "val.bin", dtype=meta["dtype"], mode="r")
+    for a in starts:  # every document opens with its title line
+        assert "".join(meta["chars"][i] for i in data[a:a + 2]) == "= " and meta["chars"][data[a + 2]] != "="
+
+
+def test_docs_loader_without_boundaries_names_the_fix(short_docs, tmp_path):
+    from prepare import DataError
+    import shutil
+    shutil.copytree(short_docs / "docs", tmp_path / "docs")
+    (tmp_path / "docs" / "train_docs.npy").unlink()
+    with pytest.raises(DataError, match="train_docs.npy is missing.*prepare.py"):
+        train.main(mem_cfg(tmp_path, tmp_path / "out"))
+
+
 def test_doc_stream_reads_each_rows_documents_in_order():
     data = np.arange(100) % 50
     starts = np.array([0, 30, 37, 80])  # documents of 30, 7, 43 and 20 tokens
