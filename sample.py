@@ -287,31 +287,37 @@ def eval_dataset_dir(cfg, meta) -> str:
 def document_nll(model, docs, contexts, batch_size, device) -> tuple[float, int]:
     """(summed NLL, scored tokens) of every document read window after window of block_size, as in
     training; a memorizing layer keeps each row's earlier windows. contexts[i] (or None) is read
-    before docs[i], unscored (its windows only write the memory)."""
+    before docs[i], unscored (its windows only write the memory). Rows are aligned so that their
+    documents start in the same window: a context loses its first len % block_size tokens, and
+    shorter ones are preceded by whole windows of padding, which are wiped from the memory."""
     T = model.config.block_size
     mem = memorizing_layer(model)
     total, count = 0.0, 0
     from tqdm import tqdm
     for first in tqdm(range(0, len(docs), batch_size), desc="documents", disable=None, leave=False):
         group = range(first, min(first + batch_size, len(docs)))
-        seqs = [np.concatenate([contexts[i], docs[i]]) if contexts else docs[i] for i in group]
-        skip = [len(contexts[i]) - 1 if contexts else 0 for i in group]  # predictions before this are context
-        n = max(len(sq) - 1 for sq in seqs)
-        X = torch.zeros(len(seqs), n, dtype=torch.long)
-        Y = torch.full((len(seqs), n), -1, dtype=torch.long)
-        for r, (sq, k) in enumerate(zip(seqs, skip)):
-            X[r, :len(sq) - 1] = torch.from_numpy(sq[:-1])
-            Y[r, k:len(sq) - 1] = torch.from_numpy(sq[k + 1:])
+        ctx = [contexts[i][len(contexts[i]) % T:] if contexts else docs[i][:0] for i in group]
+        lead = [max(len(c) for c in ctx) - len(c) for c in ctx]  # whole windows of padding
+        n = max(ld + len(c) + len(docs[i]) - 1 for ld, c, i in zip(lead, ctx, group))
+        X = torch.zeros(len(group), n, dtype=torch.long)
+        Y = torch.full((len(group), n), -1, dtype=torch.long)
+        for r, (ld, c, i) in enumerate(zip(lead, ctx, group)):
+            sq = np.concatenate([c, docs[i]])
+            X[r, ld:ld + len(sq) - 1] = torch.from_numpy(sq[:-1])
+            k = max(len(c) - 1, 0)  # predictions before this one are context
+            Y[r, ld + k:ld + len(sq) - 1] = torch.from_numpy(sq[k + 1:])
         if mem is not None:
             mem.reset()
         for w in range(0, n, T):
             x, y = X[:, w:w + T].to(device), Y[:, w:w + T].to(device)
             scored = bool((y >= 0).any())
-            if not scored and (mem is None or not mem.write):
+            if not scored and mem is None:
                 continue  # context with nothing that remembers it
             if mem is not None:
                 mem.read = scored  # unscored windows only fill the memory
             logits, _ = model(x, y)
+            if mem is not None:
+                mem.clear_rows(torch.tensor([w + T <= ld for ld in lead]))  # padding is not context
             total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1,
                                      reduction="sum").item()
             count += int((y >= 0).sum())
@@ -339,7 +345,7 @@ def eval_ppl(cfg, model, tokenizer, meta, memory, gen_kwargs):
     def score(name, m, size):
         nll, n = document_nll(m, docs, contexts, cfg.batch_size, device)
         rows.append({"model": name, "memory": size, "nll": nll / n, "ppl": math.exp(nll / n), "tokens": n})
-        print(f"{name:>9}, memory {size:>6}: loss {nll / n:.4f}, perplexity {math.exp(nll / n):.3f} ({n:,} tokens)")
+        print(f"{name:>8} model, memory {size:>6}: loss {nll / n:.4f}, perplexity {math.exp(nll / n):.3f} ({n:,} tokens)")
 
     attn = model.attentions[model.config.knn_layer]
     attn.memory = None  # the layer off: plain attention at layer L

@@ -335,3 +335,20 @@ def test_memorizing_bench_suite(tmp_path, capsys):
     assert "memorizing layer 1, 256 entries" in capsys.readouterr().out
     res = json.loads(out.read_text())["memorizing"]
     assert res["train"]["slowdown"] > 0 and res["knnlm"]["knnlm_tok_s"] > 0
+
+
+def test_ppl_eval_with_the_gate_shut_equals_the_layer_off(short_docs, tmp_path):
+    import sample
+    from configurator import load_config
+    from model import atomic_save
+    train.main(mem_cfg(short_docs, tmp_path, max_iters=4, eval_interval=4))
+    ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
+    ckpt["model"]["transformer.h.1.attn.memory.gate_bias"].fill_(float("-inf"))
+    atomic_save(ckpt, str(tmp_path / "ckpt.pt"))
+    cfg = load_config(sample.SampleConfig, [], out_dir=str(tmp_path), device="cpu", eval="ppl", eval_dataset="docs",
+                      data_dir=str(short_docs), eval_context=True, eval_memory_sizes=[16, 64], batch_size=4)
+    rows = sample.main(cfg)["rows"]
+    assert [r["memory"] for r in rows] == [0, 16, 64]
+    assert rows[0]["tokens"] == sum(len(d) - 1 for d in sample.split_documents(str(short_docs / "docs"), "val")) + 6
+    assert rows[1]["nll"] == pytest.approx(rows[0]["nll"], rel=1e-6) == rows[2]["nll"]
+    assert (tmp_path / "eval_ppl" / "ppl.png").exists()
