@@ -168,12 +168,13 @@ def get_batch(data, rows, block_size, device):
 
 class DocStream:
     """Document-contiguous batches. Global row g of the n_rows rows of a global batch reads the
-    documents order[g], order[g + n_rows], order[g + 2 n_rows], ... (indices modulo the number of
-    documents; order is a permutation drawn from seed, or the file's order when shuffle is False),
-    each from its start, one window of block_size after another: at iteration i a row reads the
-    i-th window of its endless sequence. Windows never cross a document end; the last one of a
-    document is padded (targets -1, ignored by the loss). Like batch_offsets, a pure function of
-    (seed, iteration): resumed runs and any world size read the same rows."""
+    documents order[g], order[g + n_rows], order[g + 2 n_rows], ... (order is a permutation drawn
+    from seed, or the file's order when shuffle is False), so the rows share out every document
+    once, then start their lists again. Each document is read from its start, one window of
+    block_size after another: at iteration i a row reads the i-th window of its endless sequence.
+    Windows never cross a document end; the last one of a document is padded (targets -1, ignored
+    by the loss). Like batch_offsets, a pure function of (seed, iteration): resumed runs and any
+    world size read the same rows."""
 
     def __init__(self, data, starts, n_rows: int, block_size: int, seed: int, shuffle: bool = True):
         self.data, self.T = data, block_size
@@ -184,10 +185,12 @@ class DocStream:
             raise DataError("no document has two tokens or more: prepare a dataset of longer documents")
         self.windows = -(-(self.ends - self.starts - 1) // block_size)  # per document, ceil((len - 1) / T)
         n = len(self.starts)
+        if n < n_rows:
+            raise DataError(f"{n} documents for {n_rows} batch rows (gradient_accumulation_steps x batch_size): "
+                            "every row needs a document of its own; use fewer rows or more documents")
         order = np.random.default_rng([seed, 3]).permutation(n) if shuffle else np.arange(n)
-        cycle = n // math.gcd(n, n_rows)  # a row's document sequence repeats after this many
-        self.docs = [order[(g + np.arange(cycle) * n_rows) % n] for g in range(n_rows)]
-        self.cum = [np.r_[0, np.cumsum(self.windows[d])] for d in self.docs]
+        self.docs = [order[g::n_rows] for g in range(n_rows)]
+        self.cum = [np.r_[0, np.cumsum(self.windows[d])] for d in self.docs]  # windows before each document
 
     def locate(self, it: int, row: int):
         """(document, window within it) that global row `row` reads at iteration it."""

@@ -148,12 +148,16 @@ def test_doc_stream_reads_each_rows_documents_in_order():
         x, y, last = s.batch(it, range(3), "cpu")
         for g in range(3):
             got[g].append((x[g].tolist(), y[g].tolist(), bool(last[g])))
-    # row 1 reads document 1 (30..37) in one padded window, then document 1 + 3 = 4 = 1 (mod 4) again...
-    # row 0 reads document 0 (tokens 0..29: 4 windows), then document 3 (80..99: 3 windows)
+    # row 0 reads document 0 (tokens 0..29: 4 windows), then document 3 (80..99: 3 windows), then 0 again;
+    # row 1 reads document 1 (30..37) in one padded window, again and again
     xs0 = [t for x, y, _ in got[0][:4] for t, u in zip(x, y) if u >= 0]
     assert xs0 == list(range(29)) and [l for *_, l in got[0][:4]] == [False, False, False, True]
     assert got[0][4][0][:8] == list(data[80:88])
+    assert got[0][7][0] == list(data[0:8])
     assert got[1][0][0][:6] == list(data[30:36]) and got[1][0][1][6:] == [-1, -1] and got[1][0][2]
+    assert got[1][1] == got[1][0] and got[2][0][0][:8] == list(data[37:45])
+    with pytest.raises(train.DataError, match="4 documents for 5 batch rows"):
+        train.DocStream(data, starts, n_rows=5, block_size=8, seed=0)
 
 
 @pytest.fixture(scope="module")
