@@ -25,6 +25,20 @@ start with the bookkeeping token; the hook is batched and searches all heads of 
 with fewer than k entries the search returns all of them instead of padding with a sentinel row;
 and a question-dependent variant (knn_query='query') searches with the newest token's query.
 
+Memorizing Transformer layer and kNN-LM
+---------------------------------------
+MemorizingMemory (Wu et al., ICLR 2022) is a trained kNN-attention layer: GPTConfig.knn_layer = L
+puts one at layer L's seam; each batch row keeps a FIFO of its past windows' keys and values per
+head (train.py streams rows document by document and empties a row's memory at its document's
+end). KNNLMDatastore (Khandelwal et al., ICLR 2020) keeps (last block's MLP input, next token)
+pairs of a corpus in the memory-folder format; knnlm_log_probs mixes p_kNN into the model's
+distribution. Both search with exact_search (or the faiss backends), the function TorchIndex uses.
+
+    model = GPT(GPTConfig(..., knn_layer=4, knn_topk=32, knn_memory_size=16384))
+    store = KNNLMDatastore.create(model, KNNSettings(knn_backend="faiss-ivf"), meta)
+    store.add_tokens(model, train_tokens); store.save("datastore")
+    KNNLM(store, lam=0.25, k=64, temperature=1.0).attach(model)   # model.generate samples from the mix
+
 Differentiable neural computer (Graves et al., Nature 538:471, 2016)
 --------------------------------------------------------------------
 The equations are in ../shared/docs/dnc-and-replay.md; each step here follows them in order:
