@@ -379,6 +379,7 @@ def eval_ppl(cfg, model, tokenizer, meta, memory, gen_kwargs):
 def knnlm_datastore(cfg, model, meta) -> KNNLMDatastore:
     """The datastore in knnlm_dir, built from eval_dataset's train split (and saved there) when it is not there."""
     settings = KNNSettings.from_config(cfg)
+    settings.check(model.config.n_layer)  # the search backend's name
     if not cfg.knnlm_dir:
         raise ConfigError("kNN-LM needs knnlm_dir: a datastore folder (built there from eval_dataset's train split)")
     if os.path.isdir(cfg.knnlm_dir):
