@@ -455,25 +455,26 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
             _, loss = (model if train_step else raw_model)(X, Y)
         if knn_mem is not None:
             knn_mem.clear_rows(micro * cfg.batch_size + last.nonzero().squeeze(1))
-        return loss
+        return loss, (Y >= 0).sum()
 
     @torch.no_grad()
     def estimate_loss_docs():
-        """Mean loss over the first eval_iters iterations of each split's document stream (in file order,
-        laid out like training batches), every row's memory starting empty; the training memories are
-        put back afterwards."""
+        """Loss per token over the first eval_iters iterations of each split's document stream (in file
+        order, laid out like training batches; weighted by tokens, as the last window of a document is
+        short), every row's memory starting empty; the training memories are put back afterwards."""
         saved = knn_mem.get_state() if knn_mem is not None else None
         out = {}
         for split in ("train", "val"):
             if knn_mem is not None:
                 knn_mem.reset(local_rows)
-            total = torch.zeros((), device=device)
+            total = torch.zeros(2, device=device)  # summed loss, tokens
             for k in range(cfg.eval_iters):
                 for micro in range(micro_steps):
-                    total += docs_step(streams[split], k, micro, False).float()
+                    loss, n = docs_step(streams[split], k, micro, False)
+                    total += torch.stack([loss.float() * n, n.float()])
             if ddp:
                 dist.all_reduce(total)
-            out[split] = total.item() / (cfg.eval_iters * cfg.gradient_accumulation_steps)
+            out[split] = (total[0] / total[1]).item()
         if knn_mem is not None:
             knn_mem.reset(local_rows)
             knn_mem.set_state(saved)
@@ -569,8 +570,8 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
             # gradients are all-reduced only on the last micro-step
             sync = nullcontext() if (not ddp or micro == micro_steps - 1) else model.no_sync()
             with sync:
-                if docs:
-                    loss = docs_step(streams["train"], iter_num, micro, True) / micro_steps
+                if docs:  # like random windows, each micro-step's mean counts the same
+                    loss = docs_step(streams["train"], iter_num, micro, True)[0] / micro_steps
                 else:
                     with ctx:
                         _, loss = model(X, Y)
