@@ -670,7 +670,7 @@ class MemorizingMemory(nn.Module):
             # exactly y_local where a row's memory is empty; g = 0 gives y_local bit for bit
             y = torch.where((count > 0).view(B, 1, 1, 1), (1 - g) * y_local + g * y_mem, y_local)
         elif self.training:
-            y = y_local + 0 * self.gate_bias.sum()  # keep the gate in the graph: DDP expects a gradient for it
+            y = y_local + 0 * torch.sigmoid(self.gate_bias).sum()  # in the graph: DDP expects a gradient for it
         if self.write:
             self.append(rid, k[:, :, -T:], v[:, :, -T:])
         return y
