@@ -7,6 +7,9 @@ Speed benchmarks for a model shaped by a training config, with random weights an
   with the memory on vs off for memory sizes knn_sizes (faiss IVF from knn_ivf_from entries up),
   exact search backends against each other, build throughput vs a plain forward pass, the same
   text placed in the context instead, and the reference's recomputing per-head-loop path.
+- suite 'memorizing' (config/bench_memorizing.py): training tokens/s with a Memorizing Transformer
+  layer (knn_layer, its memory full at knn_memory_size entries per row and head) against the same
+  model without it, and kNN-LM scoring tokens/s (a datastore of knnlm_size entries) against plain scoring.
 - a DNC task's config (task 'copy', ...): the DNC's forward + backward time and memory, dense and
   sparse links, against a step-serial reference implementation.
 
@@ -48,6 +51,7 @@ class BenchConfig(TrainConfig):
     knn_layer: int = 9  # the memory layer (the reference's recall layer)
     knn_ivf_from: int = 1000000  # memories this large use faiss IVF instead of exact search
     knn_context: int = 640  # tokens of the text compared in context vs in memory
+    knnlm_size: int = 100000  # suite 'memorizing': kNN-LM datastore entries (random keys, exact torch search)
     # with task 'copy', 'repeat_copy' or 'assoc_recall': the DNC of that config, forward + backward of
     # batch_size sequences of dnc_seq_len steps, with dense links, sparse ones (sparse_links > 0) and
     # the step-serial reference (dnc_reference), for each memory size in dnc_slots (empty: memory_slots)
@@ -263,6 +267,57 @@ def bench_knn(model, cfg, device, dtype) -> tuple[dict, list]:
     return res, rows
 
 
+def bench_memorizing(cfg, device, dtype, vocab_size) -> tuple[dict, list]:
+    """Training with a memorizing layer (memory full: every step searches knn_memory_size entries per row
+    and head, then appends its window) vs without; kNN-LM scoring vs plain scoring."""
+    from memory import KNNLMDatastore, knnlm_log_probs, last_mlp_input, memorizing_layer
+    rows, res = Rows(), {}
+    shape = dict(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                 n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)
+    if not 0 <= cfg.knn_layer < cfg.n_layer:
+        raise ConfigError(f"suite 'memorizing' needs 0 <= knn_layer < n_layer={cfg.n_layer}, got {cfg.knn_layer}")
+    speed = {}
+    for label, extra in (("plain", {}), ("memorizing", dict(knn_layer=cfg.knn_layer, knn_topk=cfg.knn_topk,
+                                                           knn_memory_size=cfg.knn_memory_size))):
+        torch.manual_seed(cfg.seed)
+        model = GPT(GPTConfig(**shape, **extra)).to(device)
+        mem = memorizing_layer(model)
+        if mem is not None:  # fill every row's memory with random entries (cost depends on the size only)
+            mem.reset(cfg.batch_size)
+            H, d = cfg.n_head, cfg.n_embd // cfg.n_head
+            mem._alloc(cfg.batch_size, torch.zeros(1, device=device))
+            k = torch.randn(cfg.batch_size, H, cfg.knn_memory_size, d, device=device)
+            mem.append(torch.arange(cfg.batch_size, device=device), k, torch.randn_like(k))
+        speed[label] = bench_training(model, cfg, device, dtype)
+    ratio = speed["plain"]["tokens_per_s"] / speed["memorizing"]["tokens_per_s"]
+    res["train"] = {**speed, "slowdown": ratio}
+    rows.append((f"train (batch {cfg.batch_size} x {cfg.block_size}), no memory", f"{speed['plain']['tokens_per_s']:,.0f} tok/s",
+                 f"{speed['plain']['ms_per_iter']:.1f} ms/iter"))
+    rows.append((f"train, memorizing layer {cfg.knn_layer}, {cfg.knn_memory_size:,} entries, top {cfg.knn_topk}",
+                 f"{speed['memorizing']['tokens_per_s']:,.0f} tok/s", f"{ratio:.2f}x the time of no memory"))
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(GPTConfig(**shape)).to(device).eval()
+    store = KNNLMDatastore.create(model, KNNSettings(knn_backend="torch"), {})
+    g = torch.Generator().manual_seed(cfg.seed)
+    L = cfg.n_layer - 1
+    store.add_entries({L: torch.randn(1, cfg.knnlm_size, cfg.n_embd, generator=g)},
+                      {L: torch.randint(0, vocab_size, (1, cfg.knnlm_size, 1), generator=g).float()})
+    x = torch.randint(0, vocab_size, (cfg.batch_size, cfg.block_size), device=device)
+    ctx = autocast_context(device, dtype)
+    with torch.no_grad(), ctx:
+        t_plain = timed(lambda: model(x, x), reps=cfg.bench_iters)
+        t_knn = timed(lambda: knnlm_log_probs(*reversed(last_mlp_input(model, x)), store, 0.25, 64, 1.0),
+                      reps=cfg.bench_iters)
+    n = x.numel()
+    res["knnlm"] = {"entries": cfg.knnlm_size, "plain_tok_s": n / t_plain, "knnlm_tok_s": n / t_knn,
+                    "slowdown": t_knn / t_plain}
+    rows.append(("score, plain", f"{n / t_plain:,.0f} tok/s", ""))
+    rows.append((f"score, kNN-LM {cfg.knnlm_size:,} entries (exact), k=64", f"{n / t_knn:,.0f} tok/s",
+                 f"{t_knn / t_plain:.2f}x the time of plain"))
+    return res, rows
+
+
 # -----------------------------------------------------------------------------
 # DNC: memory.DNC against a step-serial reference of the same size
 
@@ -397,9 +452,9 @@ def main(cfg: BenchConfig) -> dict:
                           n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)).to(device)
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters on {device} ({dtype}), "
           f"{torch.get_num_threads()} CPU threads")
-    unknown = set(cfg.suite) - {"train", "generate", "knn"}
+    unknown = set(cfg.suite) - {"train", "generate", "knn", "memorizing"}
     if unknown:
-        raise ConfigError(f"unknown suite {sorted(unknown)}; choose from 'train', 'generate', 'knn'")
+        raise ConfigError(f"unknown suite {sorted(unknown)}; choose from 'train', 'generate', 'knn', 'memorizing'")
     rows = []
     result = {"settings": asdict(cfg), "device": device, "dtype": dtype, "torch": torch.__version__,
               "threads": torch.get_num_threads()}
@@ -425,6 +480,9 @@ def main(cfg: BenchConfig) -> dict:
     if "knn" in cfg.suite:
         result["knn"], knn_rows = bench_knn(model, cfg, device, dtype)
         rows += knn_rows
+    if "memorizing" in cfg.suite:
+        result["memorizing"], mem_rows = bench_memorizing(cfg, device, dtype, vocab_size)
+        rows += mem_rows
     print_table(rows, "throughput")
     write_result(result, cfg.bench_json)
     return result

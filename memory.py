@@ -25,6 +25,20 @@ start with the bookkeeping token; the hook is batched and searches all heads of 
 with fewer than k entries the search returns all of them instead of padding with a sentinel row;
 and a question-dependent variant (knn_query='query') searches with the newest token's query.
 
+Memorizing Transformer layer and kNN-LM
+---------------------------------------
+MemorizingMemory (Wu et al., ICLR 2022) is a trained kNN-attention layer: GPTConfig.knn_layer = L
+puts one at layer L's seam; each batch row keeps a FIFO of its past windows' keys and values per
+head (train.py streams rows document by document and empties a row's memory at its document's
+end). KNNLMDatastore (Khandelwal et al., ICLR 2020) keeps (last block's MLP input, next token)
+pairs of a corpus in the memory-folder format; knnlm_log_probs mixes p_kNN into the model's
+distribution. Both search with exact_search (or the faiss backends), the function TorchIndex uses.
+
+    model = GPT(GPTConfig(..., knn_layer=4, knn_topk=32, knn_memory_size=16384))
+    store = KNNLMDatastore.create(model, KNNSettings(knn_backend="faiss-ivf"), meta)
+    store.add_tokens(model, train_tokens); store.save("datastore")
+    KNNLM(store, lam=0.25, k=64, temperature=1.0).attach(model)   # model.generate samples from the mix
+
 Differentiable neural computer (Graves et al., Nature 538:471, 2016)
 --------------------------------------------------------------------
 The equations are in ../shared/docs/dnc-and-replay.md; each step here follows them in order:
@@ -127,7 +141,9 @@ def model_fingerprint(model) -> str:
     whose keys and values it holds. Samples ~256 values of every tensor, which is enough to tell
     two trainings apart and cheap for GPT-2-sized models."""
     h = hashlib.sha256()
-    shape = {k: v for k, v in asdict(model.config).items() if k != "dropout"}
+    # knn_topk / knn_memory_size change no weight, and models without a memorizing layer keep their old hash
+    shape = {k: v for k, v in asdict(model.config).items()
+             if k not in ("dropout", "knn_topk", "knn_memory_size") and not (k == "knn_layer" and v < 0)}
     h.update(json.dumps(shape, sort_keys=True).encode())
     for name, p in sorted(model.state_dict().items()):
         flat = p.detach().flatten()
@@ -138,6 +154,30 @@ def model_fingerprint(model) -> str:
 
 # -----------------------------------------------------------------------------
 # search backends: search(heads (M,), vecs (M, d), k) -> ids (M, k) into that head's entries
+
+def exact_search(queries, keys, k: int, metric: str, sq_norms=None, n_valid=None):
+    """Exact top-k: ids (G, M, k) of the keys (G, N, d) nearest each query (G, M, d) of its group,
+    all groups in one batched matrix product. Groups are heads (TorchIndex) or (batch row, head)
+    pairs (MemorizingMemory). n_valid (G,): only the first n_valid[g] keys of group g count."""
+    G, M, N = queries.size(0), queries.size(1), keys.size(1)
+    if metric == "l2" and sq_norms is None:
+        sq_norms = (keys * keys).sum(-1)  # (G, N)
+    # on CPU, groups at a time whose scores fit in cache: scoring and top-k then stream through it once
+    # (about 1.6x faster than one bmm + topk over 32 x 128 x 16k scores); on GPU, all at once
+    step = G if keys.is_cuda else max(1, (1 << 21) // max(1, M * N))
+    out = []
+    for g in range(0, G, step):
+        q, kk = queries[g:g + step], keys[g:g + step]
+        if metric == "l2":  # -||q - k||^2 up to the query's own norm, which does not change the ranking
+            scores = torch.baddbmm(-sq_norms[g:g + step, None, :], q, kk.transpose(1, 2), alpha=2)
+        else:
+            scores = torch.bmm(q, kk.transpose(1, 2))  # (g, M, N)
+        if n_valid is not None:
+            empty = torch.arange(N, device=keys.device) >= n_valid[g:g + step, None]  # (g, N)
+            scores = scores.masked_fill(empty[:, None, :], float("-inf"))
+        out.append(scores.topk(k, dim=-1).indices)
+    return out[0] if len(out) == 1 else torch.cat(out)
+
 
 class TorchIndex:
     """Exact search by one batched matrix product over all heads plus top-k (CPU or CUDA)."""
@@ -156,11 +196,7 @@ class TorchIndex:
         slot = torch.arange(len(heads), device=heads.device) - (torch.cumsum(counts, 0) - counts)[sorted_heads]
         padded = vecs.new_zeros(H, int(counts.max()), vecs.size(-1))
         padded[sorted_heads, slot] = vecs[order]
-        if self.metric == "l2":  # -||q - k||^2 up to the query's own norm, which does not change the ranking
-            scores = torch.baddbmm(-self.sq_norms[:, None, :], padded, self.keys.transpose(1, 2), alpha=2)
-        else:
-            scores = torch.bmm(padded, self.keys.transpose(1, 2))  # (H, Mmax, N)
-        ids = scores.topk(k, dim=-1).indices  # (H, Mmax, k)
+        ids = exact_search(padded, self.keys, k, self.metric, self.sq_norms)  # (H, Mmax, k)
         out = torch.empty(len(heads), k, dtype=torch.long, device=heads.device)
         out[order] = ids[sorted_heads, slot]
         return out
@@ -227,10 +263,12 @@ class FaissIndex:
 
 class KNNMemory:
     """Keys and values of memory texts per (layer, head), their documents, and search indexes."""
+    KIND = "knn-attention-memory"  # the manifest's kind; KNNLMDatastore keeps the same folder format
 
     def __init__(self, settings: KNNSettings, layers: list[int], n_head: int, head_size: int, fingerprint: str,
-                 tokenizer: dict, bookkeeping_token: int, device="cpu"):
+                 tokenizer: dict, bookkeeping_token: int, device="cpu", value_size: int | None = None):
         self.settings = settings
+        self.value_size = value_size or head_size  # values are head vectors, or a datastore's next token (1)
         self.layers = list(layers)
         self.n_head, self.head_size = n_head, head_size
         self.fingerprint = fingerprint
@@ -239,7 +277,7 @@ class KNNMemory:
         self.remove_bookkeeping = settings.remove_bookkeeping
         self.device = torch.device(device)
         self.keys = {L: torch.zeros(n_head, 0, head_size, device=self.device) for L in self.layers}  # (H, N, d)
-        self.values = {L: torch.zeros(n_head, 0, head_size, device=self.device) for L in self.layers}  # (H, N, d)
+        self.values = {L: torch.zeros(n_head, 0, self.value_size, device=self.device) for L in self.layers}  # (H, N, dv)
         self.doc_ids = torch.zeros(0, dtype=torch.long, device=self.device)  # (N,)
         self.documents: list[dict] = []  # {"id", "source", "text", "n_tokens"}
         self._indexes: dict = {}  # layer -> index, built lazily after every change
@@ -299,8 +337,9 @@ class KNNMemory:
         """Append one document's entries: keys[L], values[L] of shape (H, n, d) per memory layer."""
         n = keys[self.layers[0]].size(1)
         for L in self.layers:
-            if keys[L].shape != (self.n_head, n, self.head_size) or values[L].shape != keys[L].shape:
-                raise KNNMemoryError(f"layer {L}: entries must be ({self.n_head}, {n}, {self.head_size})")
+            if keys[L].shape != (self.n_head, n, self.head_size) or values[L].shape != (self.n_head, n, self.value_size):
+                raise KNNMemoryError(f"layer {L}: keys must be ({self.n_head}, {n}, {self.head_size}) and values "
+                                     f"({self.n_head}, {n}, {self.value_size})")
             self.keys[L] = torch.cat([self.keys[L], keys[L].float().to(self.device)], 1)
             self.values[L] = torch.cat([self.values[L], values[L].float().to(self.device)], 1)
         doc_id = max((d["id"] for d in self.documents), default=-1) + 1
@@ -378,8 +417,8 @@ class KNNMemory:
 
     def manifest(self) -> dict:
         return {
-            "format_version": FORMAT_VERSION, "kind": "knn-attention-memory", "layers": self.layers,
-            "n_head": self.n_head, "head_size": self.head_size, "count": len(self),
+            "format_version": FORMAT_VERSION, "kind": self.KIND, "layers": self.layers,
+            "n_head": self.n_head, "head_size": self.head_size, "value_size": self.value_size, "count": len(self),
             "fingerprint": self.fingerprint, "tokenizer": self.tokenizer,
             "bookkeeping_token": self.bookkeeping_token, "remove_bookkeeping": self.remove_bookkeeping,
             "metric": self.settings.knn_metric, "backend": self.backend,
@@ -433,8 +472,8 @@ class KNNMemory:
                 man = json.load(f)
         except json.JSONDecodeError as e:
             raise KNNMemoryError(f"{manifest_path} is corrupt ({e}); rebuild the memory from its texts") from None
-        if man.get("kind") != "knn-attention-memory" or man.get("format_version") != FORMAT_VERSION:
-            raise KNNMemoryError(f"{path}: not a kNN memory of format {FORMAT_VERSION} "
+        if man.get("kind") != cls.KIND or man.get("format_version") != FORMAT_VERSION:
+            raise KNNMemoryError(f"{path}: not a {cls.KIND} of format {FORMAT_VERSION} "
                                f"(kind {man.get('kind')!r}, format {man.get('format_version')!r})")
         fp = model_fingerprint(model)
         if man["fingerprint"] != fp and not force:
@@ -442,7 +481,7 @@ class KNNMemory:
                                f"{fp}): its keys and values mean nothing here. Rebuild it from its texts with this "
                                "model, or pass memory_force=True to use it anyway")
         mem = cls(settings, man["layers"], man["n_head"], man["head_size"], man["fingerprint"], man["tokenizer"],
-                  man["bookkeeping_token"], device=next(model.parameters()).device)
+                  man["bookkeeping_token"], device=next(model.parameters()).device, value_size=man.get("value_size"))
         mem.remove_bookkeeping = man["remove_bookkeeping"]
         mem._check_model(model)
         try:
@@ -452,7 +491,7 @@ class KNNMemory:
         shape = (man["n_head"], man["count"], man["head_size"])
         for L in mem.layers:
             k, v = tensors.get(f"keys.{L}"), tensors.get(f"values.{L}")
-            if k is None or v is None or tuple(k.shape) != shape or tuple(v.shape) != shape:
+            if k is None or v is None or tuple(k.shape) != shape or tuple(v.shape) != shape[:2] + (mem.value_size,):
                 raise KNNMemoryError(f"{path}: tensors of layer {L} are missing or not of shape {shape}; "
                                    "the folder is damaged, rebuild the memory")
             mem.keys[L], mem.values[L] = k.to(mem.device), v.to(mem.device)
@@ -540,6 +579,315 @@ class KNNAttention:
         if s.resid_frac > 0:
             mixed = (1 - s.resid_frac) * mixed + s.resid_frac * v_j
         return mixed
+
+
+# ---- Memorizing Transformer layer (Wu et al., ICLR 2022) ----
+# One attention layer (GPTConfig.knn_layer) whose heads also attend to the top-k of their own past
+# (key, value) pairs, kept per batch row in a FIFO ring: one (row, head) group of the shared exact
+# search (exact_search) per pair, all rows and heads in one batched matrix product.
+
+MEMORIZING_GATE_INIT = -3.0  # sigmoid(-3) ~ 0.05: the memory starts with a small but nonzero share
+
+
+def memorizing_layer(model):
+    """The MemorizingMemory of a GPT (unwrapped, not DDP/compiled), or None when it has none."""
+    for attn in model.attentions:
+        if isinstance(attn.memory, MemorizingMemory):
+            return attn.memory
+    return None
+
+
+def add_memorizing_layer(model, layer: int, topk: int, size: int):
+    """Give a GPT (e.g. pretrained GPT-2) a memorizing layer at `layer`; recorded in its config."""
+    cfg = model.config
+    if not 0 <= layer < cfg.n_layer:
+        raise ValueError(f"knn_layer={layer}, but the model has layers 0..{cfg.n_layer - 1}")
+    cfg.knn_layer, cfg.knn_topk, cfg.knn_memory_size = layer, topk, size
+    model.attentions[layer].memory = MemorizingMemory(cfg.n_head, cfg.n_embd // cfg.n_head, topk, size).to(
+        next(model.parameters()).device)
+
+
+class MemorizingMemory(nn.Module):
+    """The kNN-attention memory of one layer, at the attention seam (model.py).
+
+    Every head attends causally to its local window (the layer's own attention) and to the topk
+    (key, value) pairs retrieved from its memory of past windows; retrieval ranks by cosine
+    (normalised queries and keys), the retrieved pairs are attended to with the ordinary scaled
+    dot product; a learned per-head gate g = sigmoid(gate_bias) mixes: y = (1 - g) y_local + g y_mem.
+    After a forward pass with `write` set, the window's keys and values are appended (detached)
+    first-in first-out; so memory entries only ever come from earlier windows.
+
+    The memory is a set of plain tensor attributes, not parameters or registered buffers: it is
+    not in the state_dict and DDP never broadcasts it, so each rank keeps its own. It holds
+    n_rows rows (train.py: one per batch row of every micro-step); `rows` picks the slice of rows
+    the next forward pass reads and writes (None: the first B).
+    """
+
+    def __init__(self, n_head: int, head_size: int, topk: int, size: int):
+        super().__init__()
+        if topk < 1 or size < 1:
+            raise ValueError(f"knn_topk={topk} and knn_memory_size={size} must both be >= 1")
+        self.n_head, self.head_size, self.topk, self.size = n_head, head_size, topk, size
+        self.gate_bias = nn.Parameter(torch.full((n_head,), MEMORIZING_GATE_INIT))
+        self.write = True  # append each forward pass's window to the memory
+        self.read = True  # False: only write (reading a text into memory; layer L's keys do not depend on reads at L)
+        self.rows = None  # slice of memory rows used by the next forward pass
+        self.n_rows = None
+        self.mem = None  # {"keys": (R, H, C, d) unit keys, "norms": (R, H, C), "values": (R, H, C, d), "written": (R,)}
+
+    def reset(self, n_rows: int | None = None):
+        """Forget everything; the next forward pass allocates n_rows rows (None: its batch size)."""
+        self.n_rows, self.mem, self.rows = n_rows, None, None
+
+    def _alloc(self, B: int, like):
+        R = self.n_rows or B
+        H, C, d = self.n_head, self.size, self.head_size
+        self.mem = {"keys": like.new_zeros(R, H, C, d), "norms": like.new_zeros(R, H, C),
+                    "values": like.new_zeros(R, H, C, d), "written": torch.zeros(R, dtype=torch.long, device=like.device)}
+
+    def clear_rows(self, rows):
+        """Empty the memory of these rows (indices or a bool mask, of the whole memory)."""
+        if self.mem is not None:
+            self.mem["written"][rows] = 0
+
+    def counts(self):
+        """Entries held per row (R,)."""
+        return self.mem["written"].clamp(max=self.size) if self.mem is not None else None
+
+    def get_state(self) -> dict:
+        """The memory's tensors, for an exact resume (train.py keeps them in the checkpoint)."""
+        return {} if self.mem is None else {k: v.detach().clone() for k, v in self.mem.items()}
+
+    def set_state(self, state: dict):
+        self.mem = {k: v.clone() for k, v in state.items()} if state else None
+        if self.mem is not None:
+            self.n_rows = self.mem["written"].numel()
+
+    def forward(self, attn, q, k, v, attend):
+        B, H, T, d = q.shape
+        y_local = attend(q, k, v)  # (B, H, T, d)
+        if self.mem is None:
+            self._alloc(B, k.detach())
+        rows = self.rows if self.rows is not None else slice(0, B)  # a slice: the memory rows are views
+        rid = torch.arange(self.mem["written"].numel(), device=q.device)[rows]  # (B,) memory rows of the batch
+        if rid.numel() != B:
+            raise RuntimeError(f"the memory has rows {rows} for a batch of {B}: reset() it or set .rows")
+        count = self.mem["written"][rows].clamp(max=self.size)  # (B,)
+        n_used = int(count.max())
+        y = y_local
+        if n_used > 0 and self.read:
+            y_mem = self.retrieve(q, rows, count, n_used)
+            g = torch.sigmoid(self.gate_bias).to(y_local.dtype).view(1, H, 1, 1)
+            # exactly y_local where a row's memory is empty; g = 0 gives y_local bit for bit
+            y = torch.where((count > 0).view(B, 1, 1, 1), (1 - g) * y_local + g * y_mem, y_local)
+        elif self.training:
+            y = y_local + 0 * torch.sigmoid(self.gate_bias).sum()  # in the graph: DDP expects a gradient for it
+        if self.write:
+            self.append(rid, k[:, :, -T:], v[:, :, -T:])
+        return y
+
+    def retrieve(self, q, rows, count, n_used):
+        """Attention of every query over its topk nearest memory entries: (B, H, T, d)."""
+        B, H, T, d = q.shape
+        G = B * H
+        keys = self.mem["keys"][rows, :, :n_used]  # (B, H, n, d), a view
+        kk = min(self.topk, n_used)
+        with torch.no_grad():  # retrieval picks entries; gradients flow through the attention over them
+            qn = F.normalize(q.detach().float(), dim=-1).reshape(G, T, d)
+            n_valid = count.repeat_interleave(H) if bool((count < n_used).any()) else None
+            ids = exact_search(qn, keys.reshape(G, n_used, d).float(), kk, "ip", n_valid=n_valid)  # (G, T, kk)
+        g_idx = torch.arange(G, device=q.device)[:, None, None]
+        norms = self.mem["norms"][rows, :, :n_used].reshape(G, n_used)[g_idx, ids]  # (G, T, kk)
+        k_ret = keys.reshape(G, n_used, d)[g_idx, ids] * norms[..., None]  # raw keys (G, T, kk, d)
+        v_ret = self.mem["values"][rows, :, :n_used].reshape(G, n_used, d)[g_idx, ids]  # (G, T, kk, d)
+        logits = (k_ret @ q.reshape(G, T, d, 1)).squeeze(-1) / math.sqrt(d)  # (G, T, kk)
+        # entries beyond a row's count are empty slots; a row with none keeps finite zeros (gated out)
+        empty = (ids >= count.repeat_interleave(H)[:, None, None]) & (count.repeat_interleave(H) > 0)[:, None, None]
+        p = F.softmax(logits.float().masked_fill(empty, float("-inf")), dim=-1).to(q.dtype)
+        return (p.unsqueeze(-2) @ v_ret).squeeze(-2).view(B, H, T, d)
+
+    @torch.no_grad()
+    def append(self, rid, k, v):
+        """Write the window's keys and values (B, H, T, d) into the rows' rings, oldest out first."""
+        T = k.size(2)
+        if T > self.size:  # only the newest `size` entries would survive
+            self.mem["written"][rid] += T - self.size
+            k, v, T = k[:, :, -self.size:], v[:, :, -self.size:], self.size
+        k, v = k.detach(), v.detach()
+        slots = (self.mem["written"][rid, None] + torch.arange(T, device=k.device)) % self.size  # (B, T)
+        norms = k.norm(dim=-1)  # (B, H, T)
+        r = rid[:, None]
+        self.mem["keys"][r, :, slots] = (k / norms.clamp_min(1e-12)[..., None]).transpose(1, 2).to(self.mem["keys"].dtype)
+        self.mem["norms"][r, :, slots] = norms.transpose(1, 2).to(self.mem["norms"].dtype)
+        self.mem["values"][r, :, slots] = v.transpose(1, 2).to(self.mem["values"].dtype)
+        self.mem["written"][rid] += T
+
+
+@torch.no_grad()
+def generate_with_memory(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None,
+                         generators=None, use_cache=True):
+    """GPT.generate for a model with a memorizing layer: the sequence (prompt, then generated tokens)
+    is cut into windows of block_size, as in training. A token is predicted from its own window up
+    to it, locally, and from the memory of all earlier windows; a window enters the memory once it
+    is full, by one forward pass over it (the same pass with or without the KV cache, so cached
+    decoding equals recomputation). Each batch row has its own memory, emptied at the start."""
+    from model import KVCache, append_next
+    mem = memorizing_layer(model)
+    T = model.config.block_size
+    B = idx.size(0)
+    saved = mem.get_state(), mem.n_rows, mem.write, mem.rows
+    mem.reset(B)
+    cache, committed = None, 0
+    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    try:
+        for _ in range(max_new_tokens):
+            n = idx.size(1)
+            while committed + T <= n - 1:  # windows before the newest token's window enter the memory
+                mem.write = True
+                model(idx[:, committed:committed + T])
+                committed, cache = committed + T, None
+            mem.write = False
+            if not use_cache:
+                logits, _ = model(idx[:, committed:])
+            elif cache is None:
+                cache = KVCache(model.config, B, idx.device, next(model.parameters()).dtype)
+                logits, _ = model(idx[:, committed:], cache=cache)
+            else:
+                logits, _ = model(idx[:, -1:], cache=cache)
+            idx, finished = append_next(idx, logits[:, -1, :], done, temperature, top_k, top_p, stop_token, generators)
+            if finished:
+                break
+    finally:
+        mem.set_state(saved[0])
+        mem.n_rows, mem.write, mem.rows = saved[1:]
+    return idx
+
+
+# ---- kNN-LM (Khandelwal et al., ICLR 2020) ----
+
+class KNNLMDatastore(KNNMemory):
+    """A kNN-LM datastore in the memory-folder format (manifest, kv.safetensors, faiss indexes,
+    model fingerprint): one "head" at the last layer whose keys are the last block's MLP input
+    (the output of its ln_2, n_embd wide) at every position of a corpus and whose value is the
+    token that followed. Searched with the same backends (torch exact, faiss flat / IVF)."""
+    KIND = "knn-lm-datastore"
+
+    @classmethod
+    def create(cls, model, settings: KNNSettings, tokenizer_meta: dict, tokenizer=None):
+        cfg = model.config
+        return cls(settings, [cfg.n_layer - 1], 1, cfg.n_embd, model_fingerprint(model), tokenizer_meta, None,
+                   device=next(model.parameters()).device, value_size=1)
+
+    def _check_model(self, model):
+        cfg = model.config
+        if cfg.n_embd != self.head_size or self.layers != [cfg.n_layer - 1]:
+            raise KNNMemoryError(f"this datastore holds keys of width {self.head_size} from layer {self.layers[0]}; "
+                                 f"the model has {cfg.n_layer} layers of width {cfg.n_embd}: build it with this model")
+
+    @property
+    def backend(self) -> str:
+        # every position queries: the batched matmul beats a per-query faiss flat scan (see KNNMemory.backend)
+        return "torch" if self.settings.knn_backend == "auto" else self.settings.knn_backend
+
+    @torch.no_grad()
+    def add_tokens(self, model, tokens, source: str = "", text: str = "", batch_size: int = 16) -> int:
+        """Keys and next tokens of every position of `tokens`, read in windows of block_size."""
+        self._check_model(model)
+        T = model.config.block_size
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        if tokens.numel() < 2:
+            raise KNNMemoryError(f"corpus {source!r} needs at least 2 tokens")
+        L = self.layers[0]
+        keys = []
+        was_training = model.training
+        model.eval()
+        from tqdm import tqdm
+        try:
+            n = tokens.numel() - 1  # positions that have a next token
+            full = n // T
+            for i in tqdm(range(0, full, batch_size), desc="datastore", disable=None, delay=2):
+                x = tokens[i * T:min(full, i + batch_size) * T].view(-1, T).to(self.device)
+                keys.append(last_mlp_input(model, x)[0].reshape(-1, self.head_size).float())
+            if n % T:
+                keys.append(last_mlp_input(model, tokens[full * T:n][None].to(self.device))[0][0].float())
+        finally:
+            model.train(was_training)
+        values = tokens[1:].float().to(self.device)  # the next token of every position (exact in float32)
+        return self.add_entries({L: torch.cat(keys)[None]}, {L: values[None, :, None]}, source, text)
+
+    def next_tokens(self):
+        return self.values[self.layers[0]][0, :, 0].long()  # (N,)
+
+
+def last_mlp_input(model, idx, targets=None):
+    """(h (B, T, n_embd), logits (B, T, V)): the last block's ln_2 output at every position (the kNN-LM
+    key) and the model's logits, from one forward pass."""
+    got = []
+    hook = model.transformer.h[-1].ln_2.register_forward_hook(lambda m, i, o: got.append(o))
+    try:
+        logits, _ = model(idx, targets if targets is not None else torch.zeros_like(idx))
+    finally:
+        hook.remove()
+    return got[0], logits
+
+
+def knn_probs(h, store: KNNLMDatastore, k: int, temperature: float, vocab_size: int, chunk: int = 1024):
+    """p_kNN (M, V) for keys h (..., C): softmax(-squared L2 distance / temperature) over the k nearest
+    entries, summed per next token."""
+    hf = h.detach().float().reshape(-1, h.size(-1))
+    L = store.layers[0]
+    keys, tok = store.keys[L][0], store.next_tokens()
+    kk = min(k, len(store))
+    chunk = max(16, min(chunk, (1 << 26) // max(1, len(store))))  # exact search holds chunk x N scores
+    out = []
+    for s in range(0, hf.size(0), chunk):
+        q = hf[s:s + chunk]
+        ids = store.index(L).search(torch.zeros(q.size(0), dtype=torch.long, device=q.device), q, kk)  # (M, kk)
+        w = F.softmax(-((keys[ids] - q[:, None]) ** 2).sum(-1) / temperature, dim=-1)  # (M, kk)
+        out.append(torch.zeros(q.size(0), vocab_size, device=q.device).scatter_add_(1, tok[ids], w))
+    return torch.cat(out)
+
+
+def knnlm_mix(logits, p_knn, lam: float):
+    """log(lam * p_kNN + (1 - lam) * p_LM) (..., V); lam = 0 gives log_softmax(logits) bit for bit
+    (log 0 = -inf drops p_kNN exactly)."""
+    lp = F.log_softmax(logits.detach().float(), dim=-1)
+    log_knn = math.log(lam) + p_knn.log() if lam > 0 else torch.full_like(p_knn, float("-inf"))
+    return torch.logaddexp(log_knn.view_as(lp), math.log1p(-lam) + lp)
+
+
+def knnlm_log_probs(logits, h, store: KNNLMDatastore, lam: float, k: int, temperature: float):
+    """log p = log(lam * p_kNN + (1 - lam) * p_LM) per position: logits (..., V), keys h (..., C)."""
+    return knnlm_mix(logits, knn_probs(h, store, k, temperature, logits.size(-1)), lam)
+
+
+class KNNLM:
+    """Plugs a datastore into a GPT for sampling: the model's output logits become kNN-LM log
+    probabilities (at every position it computes them for, so GPT.generate and its KV cache work
+    unchanged). attach() / detach()."""
+
+    def __init__(self, store: KNNLMDatastore, lam: float, k: int, temperature: float):
+        if not 0 <= lam < 1:
+            raise KNNMemoryError(f"knnlm_lambda={lam} must be in [0, 1)")
+        self.store, self.lam, self.k, self.temperature = store, lam, k, temperature
+        self.hooks = []
+
+    def attach(self, model):
+        self.store._check_model(model)
+        self.detach()
+        got = {}
+        head = model.transformer.h[-1].ln_2.register_forward_hook(lambda m, i, o: got.__setitem__("h", o))
+
+        def mix(module, inputs, logits):  # lm_head's output for the positions it was given (the last, when sampling)
+            h = got["h"][:, -logits.size(1):]
+            return knnlm_log_probs(logits, h, self.store, self.lam, self.k, self.temperature).to(logits.dtype)
+
+        self.hooks = [head, model.lm_head.register_forward_hook(mix)]
+
+    def detach(self):
+        for hk in self.hooks:
+            hk.remove()
+        self.hooks = []
 
 
 # ---- Differentiable neural computer ----

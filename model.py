@@ -43,6 +43,11 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # True: bias in Linears and LayerNorms, like GPT-2
+    # Memorizing Transformer layer (memory.MemorizingMemory): kNN attention over each batch row's past
+    # windows at this layer; -1 = none
+    knn_layer: int = -1
+    knn_topk: int = 32  # memory entries each query attends to
+    knn_memory_size: int = 16384  # entries kept per batch row and head, first in first out
 
 
 class KVCache:
@@ -206,6 +211,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying: https://paperswithcode.com/method/weight-tying
         self.transformer.wte.weight = self.lm_head.weight
+        if config.knn_layer >= 0:
+            from memory import add_memorizing_layer  # memory.py builds on this module
+            add_memorizing_layer(self, config.knn_layer, config.knn_topk, config.knn_memory_size)
         self.apply(self._init_weights)
         scale_residual_init(self, config.n_layer)
 
@@ -346,6 +354,10 @@ class GPT(nn.Module):
         then shift every step, so from there on each step is one full forward pass of the
         cropped window (exactly what recomputation would do, with no cache benefit).
         """
+        if self.config.knn_layer >= 0:  # a memorizing layer reads its memory of earlier windows
+            from memory import generate_with_memory
+            return generate_with_memory(self, idx, max_new_tokens, temperature, top_k, top_p, stop_token,
+                                        generators, use_cache)
         B = idx.size(0)
         block_size = self.config.block_size
         # memories that rewrite earlier positions (memory.recompute) need the layers from the
@@ -364,14 +376,20 @@ class GPT(nn.Module):
                 logits, _ = self(idx[:, -block_size:], cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], cache=cache)
-            idx_next = sample_next(logits[:, -1, :], temperature, top_k, top_p, generators)
-            if stop_token is not None:
-                idx_next = torch.where(done[:, None], torch.full_like(idx_next, stop_token), idx_next)
-                done |= idx_next[:, 0] == stop_token
-            idx = torch.cat((idx, idx_next), dim=1)
-            if stop_token is not None and bool(done.all()):
+            idx, finished = append_next(idx, logits[:, -1, :], done, temperature, top_k, top_p, stop_token, generators)
+            if finished:
                 break
         return idx
+
+
+def append_next(idx, logits, done, temperature, top_k, top_p, stop_token, generators):
+    """Append each row's next token, drawn from logits (B, V), to idx; a row that produced stop_token
+    (done, updated in place) is padded with it. Returns (idx, whether every row is done)."""
+    idx_next = sample_next(logits, temperature, top_k, top_p, generators)
+    if stop_token is not None:
+        idx_next = torch.where(done[:, None], torch.full_like(idx_next, stop_token), idx_next)
+        done |= idx_next[:, 0] == stop_token
+    return torch.cat((idx, idx_next), dim=1), stop_token is not None and bool(done.all())
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generators=None):

@@ -283,6 +283,20 @@ def open_split(data_dir, split, meta):
     return np.memmap(Path(data_dir) / f"{split}.bin", dtype=meta["dtype"], mode="r")
 
 
+def load_doc_starts(data_dir, split, n_tokens):
+    """Start offsets (int64) of the documents of a split, from {split}_docs.npy (written by prepare)."""
+    data_dir = Path(data_dir)
+    path = data_dir / f"{split}_docs.npy"
+    if not path.exists():
+        raise DataError(f"{path} is missing: this dataset was prepared without document boundaries; "
+                        f"re-run: {_prepare_command(data_dir)}")
+    starts = np.load(path, allow_pickle=False)
+    if starts.ndim != 1 or len(starts) == 0 or starts[0] != 0 or np.any(np.diff(starts) <= 0) or starts[-1] >= n_tokens:
+        raise DataError(f"{path} does not hold increasing document starts inside the {n_tokens} tokens of "
+                        f"{split}.bin; re-run: {_prepare_command(data_dir)}")
+    return starts
+
+
 # -----------------------------------------------------------------------------
 # document streams: each split is a sequence of documents, tokenized into pieces (new_doc, ids)
 
@@ -469,6 +483,69 @@ def load_openwebtext(input, val_frac, seed):
     # OpenWebText comes as a single split; hold out a random val_frac of its documents
     split = ds["train"].train_test_split(test_size=val_frac, seed=seed, shuffle=True)
     return Corpus(f"https://huggingface.co/datasets/{OPENWEBTEXT_HF}", HFDocs(split["train"]), HFDocs(split["test"]))
+
+
+# Tiny Shakespeare is excerpts of nine plays, one after another with no title between them; each
+# begins at its first speech, found here by its opening words (unique in the file)
+SHAKESPEARE_PLAYS = [
+    ("Coriolanus", "First Citizen:\nBefore we proceed"),
+    ("Richard III", "GLOUCESTER:\nNow is the winter"),
+    ("Richard II", "KING RICHARD II:\nOld John of Gaunt"),
+    ("Romeo and Juliet", "SAMPSON:\nGregory, o' my word"),
+    ("Henry VI, Part 3", "WARWICK:\nI wonder how the king escaped"),
+    ("The Winter's Tale", "ARCHIDAMUS:\nIf you shall chance"),
+    ("Measure for Measure", "DUKE VINCENTIO:\nEscalus."),
+    ("The Taming of the Shrew", "SLY:\nI'll pheeze you"),
+    ("The Tempest", "Master:\nBoatswain!"),
+]
+
+
+def split_at_blank_line(text, frac):
+    """(head, tail) of text cut at the first blank line after frac of it (a speech or paragraph end)."""
+    cut = text.find("\n\n", int(len(text) * frac))
+    cut = len(text) if cut < 0 else cut
+    return text[:cut].strip(), text[cut:].strip()
+
+
+def load_shakespeare_plays(input, val_frac, seed):
+    """One document per play: the first 1 - val_frac of every play (cut at a speech end) is a train
+    document, the rest a val document, so val holds the end of each play and train its start."""
+    corpus = load_shakespeare(input, val_frac, seed)
+    text = next(iter(corpus.train.docs())) + next(iter(corpus.val.docs()))  # the whole file, back together
+    starts = []
+    for title, opening in SHAKESPEARE_PLAYS:
+        if text.count(opening) != 1:
+            raise DataError(f"{corpus.source} is not Tiny Shakespeare: the opening of {title} ({opening!r}) "
+                            "is not found exactly once; use the shakespeare_char dataset for other texts")
+        starts.append(text.index(opening))
+    plays = [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
+    parts = [split_at_blank_line(play, 1 - val_frac) for play in plays]
+    return Corpus(corpus.source, TextDocs(lambda: [p[0] for p in parts], len(parts)),
+                  TextDocs(lambda: [p[1] for p in parts], len(parts)))
+
+
+WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $", flags=re.MULTILINE)
+
+
+def load_wikitext2_docs(input, val_frac, seed):
+    """WikiText-2 articles as documents, split at their top-level " = Title = " lines; from --input
+    (a folder of *.txt files such as valid.txt, test.txt, in name order, or one file), else the
+    Hugging Face copy. The last val_frac of the articles is val."""
+    if input:
+        files = text_files(input)
+        text, source = "".join(read_text(f) for f in files), str(input)
+    else:
+        ds = load_hf("Salesforce/wikitext", "WikiText-2", "../shared/data/wikitext2 (valid.txt, test.txt)",
+                     name="wikitext-2-v1")
+        text = "".join(ds["train"]["text"] + ds["validation"]["text"] + ds["test"]["text"])
+        source = "https://huggingface.co/datasets/Salesforce/wikitext"
+    starts = [m.start() for m in WIKITEXT_TITLE.finditer(text)]
+    docs = [text[a:b].strip() for a, b in zip(starts, starts[1:] + [len(text)])]
+    if len(docs) < 2:
+        raise DataError(f"{source}: found {len(docs)} ' = Title = ' heading(s); train and val need two articles")
+    n_val = max(1, round(len(docs) * val_frac))
+    train, val = docs[:-n_val], docs[-n_val:]
+    return Corpus(source, TextDocs(lambda: train, len(train)), TextDocs(lambda: val, n_val))
 
 
 def load_text(input, val_frac, seed):
@@ -771,7 +848,7 @@ def load_dialogs(input, val_frac, seed):
         splits = {s: [dialog(rng, pools[s]) for _ in range(n)] for s, n in DIALOG_COUNTS.items()}
         source = "built-in"
     if not splits["train"]:
-        raise DataError(f"no training dialogues left after holding out val and test; lower --val_frac")
+        raise DataError("no training dialogues left after holding out val and test; lower --val_frac")
     files = {f"dialogs_{s}.jsonl": "".join(json.dumps(d) + "\n" for d in ds) for s, ds in splits.items()}
     texts = {s: [dialog_text(d) for d in splits[s]] for s in ("train", "val")}
     return Corpus(source, TextDocs(lambda: texts["train"], len(texts["train"])),
@@ -787,15 +864,18 @@ DATASETS = {
     "text": ("gpt2", load_text),
     "facts": ("char", load_facts),
     "dialogs": ("word", load_dialogs),
+    "shakespeare_plays": ("char", load_shakespeare_plays),
+    "wikitext2_docs": ("char", load_wikitext2_docs),
 }
 
 
 # -----------------------------------------------------------------------------
 # writing
 
-def write_tokens(f, pieces, separator, dtype):
+def write_tokens(f, pieces, separator, dtype, starts=None):
     """Append the pieces' tokens to file f, with separator between documents; returns the token count.
-    Chunk by chunk: a big corpus never sits in memory whole."""
+    Chunk by chunk: a big corpus never sits in memory whole. starts (a list) gets the offset of
+    every document's first token; a document ends with the separator that follows it."""
     count = 0
     for new_doc, ids in pieces:
         if len(ids) == 0:  # an empty document adds nothing, not even a separator
@@ -803,6 +883,8 @@ def write_tokens(f, pieces, separator, dtype):
         if new_doc and count:
             f.write(np.asarray(separator, dtype=dtype).tobytes())
             count += len(separator)
+        if new_doc and starts is not None:
+            starts.append(count)
         f.write(np.asarray(ids, dtype=dtype).tobytes())
         count += len(ids)
     return count
@@ -838,10 +920,15 @@ def prepare(name, input=None, tokenizer=None, out_dir=None, val_frac=0.1, seed=1
         counts = {}
         for split in ("train", "val"):
             temps[f"{split}.bin"] = tmp = out_dir / f"{split}.bin.{os.getpid()}.tmp"
+            starts = []
             with open(tmp, "wb") as f:
-                counts[split] = write_tokens(f, getattr(corpus, split).pieces(tok, split), tok.separator, dtype)
+                counts[split] = write_tokens(f, getattr(corpus, split).pieces(tok, split), tok.separator, dtype,
+                                             starts)
             if counts[split] == 0:
                 raise DataError(f"the {split} split of {name} came out empty; check --input and --val_frac")
+            temps[f"{split}_docs.npy"] = tmp = out_dir / f"{split}_docs.npy.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:  # document start offsets, for the document-contiguous loader
+                np.save(f, np.asarray(starts, dtype=np.int64))
         meta = {"format_version": FORMAT_VERSION, "name": name, "tokenizer": tok.name, "vocab_size": tok.vocab_size,
                 "dtype": dtype.name, "train_tokens": counts["train"], "val_tokens": counts["val"],
                 "source": corpus.source}

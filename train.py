@@ -30,7 +30,7 @@ from configurator import ConfigError, format_config, load_config
 from memory import MNM_WRITES
 from model import (GPT, GPTConfig, CheckpointError, Seq2Seq, Seq2SeqConfig, atomic_save, load_checkpoint,
                    model_args, model_from_checkpoint, remap_vocab, new_embedding_rows)
-from prepare import DataError, WordVocab, check_meta_compatible, load_meta, open_split
+from prepare import DataError, WordVocab, check_meta_compatible, load_doc_starts, load_meta, open_split
 
 
 @dataclass
@@ -51,6 +51,8 @@ class TrainConfig:
     dataset: str = "facts"
     data_dir: str = "data"  # the dataset lives in data_dir/dataset (what prepare.py writes)
     gradient_accumulation_steps: int = 1  # micro-steps per global batch, shared out over the ranks
+    loader: str = "random"  # 'random': windows at random offsets; 'docs': every batch row reads its own
+    # documents window after window (DocStream), which a memorizing layer needs
     batch_size: int = 12  # rows per micro-step (per rank)
     block_size: int = 256
     # model (ignored when resuming or fine-tuning: the checkpoint's shape wins)
@@ -59,6 +61,11 @@ class TrainConfig:
     n_embd: int = 384
     dropout: float = 0.0
     bias: bool = True
+    # Memorizing Transformer layer (model.GPTConfig): kNN attention over each batch row's memory of its
+    # document's earlier windows at this layer, -1 = none; needs loader='docs'
+    knn_layer: int = -1
+    knn_topk: int = 32
+    knn_memory_size: int = 16384  # entries per batch row and head
     # AdamW
     learning_rate: float = 6e-4
     max_iters: int = 5000
@@ -178,6 +185,58 @@ def get_batch(data, rows, block_size, device):
     if device.startswith("cuda"):
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
+
+
+class DocStream:
+    """Document-contiguous batches. Global row g of the n_rows rows of a global batch reads the
+    documents order[g], order[g + n_rows], order[g + 2 n_rows], ... (order is a permutation drawn
+    from seed, or the file's order when shuffle is False), so the rows share out every document
+    once, then start their lists again. Each document is read from its start, one window of
+    block_size after another: at iteration i a row reads the i-th window of its endless sequence.
+    Windows never cross a document end; the last one of a document is padded (targets -1, ignored
+    by the loss). Like batch_offsets, a pure function of (seed, iteration): resumed runs and any
+    world size read the same rows."""
+
+    def __init__(self, data, starts, n_rows: int, block_size: int, seed: int, shuffle: bool = True):
+        self.data, self.T = data, block_size
+        ends = np.r_[starts[1:], len(data)]
+        keep = ends - starts >= 2  # a document needs a token to predict
+        self.starts, self.ends = starts[keep], ends[keep]
+        if len(self.starts) == 0:
+            raise DataError("no document has two tokens or more: prepare a dataset of longer documents")
+        self.windows = -(-(self.ends - self.starts - 1) // block_size)  # per document, ceil((len - 1) / T)
+        n = len(self.starts)
+        if n < n_rows:
+            raise DataError(f"{n} documents for {n_rows} batch rows (gradient_accumulation_steps x batch_size): "
+                            "every row needs a document of its own; use fewer rows or more documents")
+        order = np.random.default_rng([seed, 3]).permutation(n) if shuffle else np.arange(n)
+        self.docs = [order[g::n_rows] for g in range(n_rows)]
+        self.cum = [np.r_[0, np.cumsum(self.windows[d])] for d in self.docs]  # windows before each document
+
+    def locate(self, it: int, row: int):
+        """(document, window within it) that global row `row` reads at iteration it."""
+        cum = self.cum[row]
+        r = it % cum[-1]
+        j = int(np.searchsorted(cum, r, side="right")) - 1
+        return int(self.docs[row][j]), int(r - cum[j])
+
+    def batch(self, it: int, rows, device: str):
+        """x, y (len(rows), T) on device, and last (len(rows),) bool: the window ends its document."""
+        T = self.T
+        x = np.zeros((len(rows), T), dtype=np.int64)
+        y = np.full((len(rows), T), -1, dtype=np.int64)
+        last = np.zeros(len(rows), dtype=bool)
+        for i, g in enumerate(rows):
+            doc, w = self.locate(it, g)
+            a = self.starts[doc] + w * T
+            n = min(T, self.ends[doc] - 1 - a)  # positions with a next token in this document
+            x[i, :n] = self.data[a:a + n]
+            y[i, :n] = self.data[a + 1:a + 1 + n]
+            last[i] = w == self.windows[doc] - 1
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+        if device.startswith("cuda"):
+            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device), torch.from_numpy(last)
 
 
 def batch_offsets(seed: int, stream: int, index: int, n_rows: int, data_len: int, block_size: int):
@@ -408,7 +467,8 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
             mnm_write=cfg.mnm_write, mnm_read=cfg.mnm_read, mnm_tbptt=cfg.mnm_tbptt))
     elif cfg.init_from == "scratch":
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
-                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
+                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
+                              knn_layer=cfg.knn_layer, knn_topk=cfg.knn_topk, knn_memory_size=cfg.knn_memory_size))
     elif cfg.init_from == "resume":
         ckpt = load_checkpoint(ckpt_path, map_location="cpu")
         saved = ckpt["model_args"]
@@ -421,6 +481,9 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
             raise ConfigError(f"cannot resume {ckpt_path}: the settings change the model's shape "
                               + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in clash.items())
                               + "; use the settings it was trained with")
+        if saved.get("knn_layer", -1) != cfg.knn_layer:
+            raise ConfigError(f"cannot resume {ckpt_path}: it was trained with knn_layer={saved.get('knn_layer', -1)}, "
+                              f"the settings say {cfg.knn_layer}; use the settings it was trained with")
         check_meta_compatible(ckpt["meta"], meta)
         model = model_from_checkpoint(ckpt, dropout=cfg.dropout)
         if dialogs is not None:
@@ -435,10 +498,27 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
         model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
         if cfg.block_size < model.config.block_size:
             model.crop_block_size(cfg.block_size)
+        if cfg.knn_layer >= 0:  # a memorizing layer on top of pretrained weights, as Wu et al. fine-tune
+            from memory import add_memorizing_layer
+            add_memorizing_layer(model, cfg.knn_layer, cfg.knn_topk, cfg.knn_memory_size)
     if dialogs is None and model.config.vocab_size < meta["vocab_size"]:
         raise DataError(f"{data_path} has {meta['vocab_size']} token ids, the model only {model.config.vocab_size}")
     block_size = model.config.block_size
     model.to(device)
+    from memory import memorizing_layer
+    knn_mem = memorizing_layer(model)
+    docs = cfg.loader == "docs"
+    if cfg.loader not in ("random", "docs"):
+        raise ConfigError(f"loader={cfg.loader!r}; choose 'random' or 'docs'")
+    if knn_mem is not None and not docs:
+        raise ConfigError("a memorizing layer (knn_layer >= 0) remembers the earlier windows of each row's "
+                          "document: set loader='docs' (and prepare a dataset with document boundaries)")
+    if docs:
+        streams = {s: DocStream(splits[s], load_doc_starts(data_path, s, len(splits[s])), global_rows, block_size,
+                                cfg.seed, shuffle=s == "train") for s in ("train", "val")}
+    local_rows = micro_steps * cfg.batch_size  # memory rows of this rank: every micro-step's batch rows
+    if knn_mem is not None:
+        knn_mem.reset(local_rows)
     print0(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_args(model)}")
 
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
@@ -447,6 +527,13 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
+        if knn_mem is not None and ckpt.get("knn_memory"):
+            state = ckpt["knn_memory"]  # rows of the whole global batch, in global row order
+            if state["written"].numel() != global_rows:
+                raise ConfigError(f"{ckpt_path} holds memories of {state['written'].numel()} batch rows, this run "
+                                  f"has {global_rows}: resume with the batch_size and gradient_accumulation_steps "
+                                  "it was trained with")
+            knn_mem.set_state({k: v[rank * local_rows:(rank + 1) * local_rows].to(device) for k, v in state.items()})
         states = ckpt["rng"]
         if len(states) == world_size:
             set_rng_state(states[rank])
@@ -487,6 +574,10 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
         """Mean loss over eval_iters fixed batches per split, shared out over the ranks."""
         out = {}
         model.eval()
+        if docs:
+            out = estimate_loss_docs()
+            model.train()
+            return out
         for stream, split in ((1, "train"), (2, "val")):
             total = torch.zeros((), device=device)
             for k in range(rank, cfg.eval_iters, world_size):
@@ -498,6 +589,41 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
                 dist.all_reduce(total)
             out[split] = total.item() / cfg.eval_iters
         model.train()
+        return out
+
+    def docs_step(stream, it, micro, train_step):
+        """Forward one micro-step of document-contiguous rows; a row's memory empties when its document ends."""
+        lo = (rank * micro_steps + micro) * cfg.batch_size
+        X, Y, last = stream.batch(it, range(lo, lo + cfg.batch_size), device)
+        if knn_mem is not None:
+            knn_mem.rows = slice(micro * cfg.batch_size, (micro + 1) * cfg.batch_size)
+        with ctx:
+            _, loss = (model if train_step else raw_model)(X, Y)
+        if knn_mem is not None:
+            knn_mem.clear_rows(micro * cfg.batch_size + last.nonzero().squeeze(1))
+        return loss, (Y >= 0).sum()
+
+    @torch.no_grad()
+    def estimate_loss_docs():
+        """Loss per token over the first eval_iters iterations of each split's document stream (in file
+        order, laid out like training batches; weighted by tokens, as the last window of a document is
+        short), every row's memory starting empty; the training memories are put back afterwards."""
+        saved = knn_mem.get_state() if knn_mem is not None else None
+        out = {}
+        for split in ("train", "val"):
+            if knn_mem is not None:
+                knn_mem.reset(local_rows)
+            total = torch.zeros(2, device=device)  # summed loss, tokens
+            for k in range(cfg.eval_iters):
+                for micro in range(micro_steps):
+                    loss, n = docs_step(streams[split], k, micro, False)
+                    total += torch.stack([loss.float() * n, n.float()])
+            if ddp:
+                dist.all_reduce(total)
+            out[split] = (total[0] / total[1]).item()
+        if knn_mem is not None:
+            knn_mem.reset(local_rows)
+            knn_mem.set_state(saved)
         return out
 
     # metrics.jsonl: one JSON line per logged iteration / evaluation; a resumed run drops the
@@ -528,6 +654,14 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
             dist.all_gather_object(rng, get_rng_state())
         else:
             rng = [get_rng_state()]
+        knn_state = {}
+        if knn_mem is not None:  # every rank's memories, in global row order, for an exact resume
+            parts = [{k: v.cpu() for k, v in knn_mem.get_state().items()}]
+            if ddp:
+                parts = [None] * world_size
+                dist.all_gather_object(parts, {k: v.cpu() for k, v in knn_mem.get_state().items()})
+            if parts[0]:
+                knn_state = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         if master_process:
             checkpoint = {
                 "model": raw_model.state_dict(),
@@ -541,7 +675,8 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
                 "rng": rng,
                 "vocab": vocab.to_dict() if vocab is not None else None,
                 # batches are a pure function of (seed, iteration): this is the sampler's whole state
-                "sampler": {"seed": cfg.seed, "next_iter": iter_num},
+                "sampler": {"seed": cfg.seed, "next_iter": iter_num, "loader": cfg.loader},
+                "knn_memory": knn_state,
             }
             atomic_save(checkpoint, ckpt_path)
             print0(f"saved checkpoint to {ckpt_path}")
@@ -572,7 +707,8 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        offsets = draw("train", 0, iter_num, global_rows)
+        if not docs:
+            offsets = draw("train", 0, iter_num, global_rows)
         if vocab is not None:  # every rank sees the whole global batch's words, so all grow alike
             pruned = []
             if cfg.vocab_prune_every and iter_num and iter_num % cfg.vocab_prune_every == 0:
@@ -585,13 +721,17 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
         loss_sum = torch.zeros((), device=device)
         for micro in range(micro_steps):
             lo = (rank * micro_steps + micro) * cfg.batch_size
-            batch = tensors("train", offsets[lo:lo + cfg.batch_size], 0, iter_num, lo)
+            if not docs:
+                batch = tensors("train", offsets[lo:lo + cfg.batch_size], 0, iter_num, lo)
             # gradients are all-reduced only on the last micro-step
             sync = nullcontext() if (not ddp or micro == micro_steps - 1) else model.no_sync()
             with sync:
-                with ctx:
-                    _, loss = model(*batch)
-                    loss = loss / micro_steps
+                if docs:  # like random windows, each micro-step's mean counts the same
+                    loss = docs_step(streams["train"], iter_num, micro, True)[0] / micro_steps
+                else:
+                    with ctx:
+                        _, loss = model(*batch)
+                        loss = loss / micro_steps
                 scaler.scale(loss).backward()
             loss_sum += loss.detach().float()
         if cfg.grad_clip > 0:

@@ -128,6 +128,7 @@ def test_sentiment_eval_writes_json_and_plot(trained, tmp_path):
                      memory_text="good, great, lovely, happy, wonderful, joy, love")
     result = sample.main(cfg)
     saved = json.loads((tmp_path / "ev" / "sentiment.json").read_text())
+    assert saved["arms"] == result["arms"]
     for arm in ("plain", "memory"):
         scores = saved["arms"][arm]["scores"]
         assert len(scores) == 4 and all(-1 <= x <= 1 for x in scores)

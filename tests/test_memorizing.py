@@ -1,0 +1,358 @@
+"""The Memorizing Transformer layer, the document-contiguous loader, and kNN-LM."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+import train
+from conftest import ROOT, tiny_train_config
+from memory import (KNNLM, KNNLMDatastore, KNNMemoryError, KNNSettings, MemorizingMemory, knnlm_log_probs,
+                    last_mlp_input, memorizing_layer)
+from model import GPT, GPTConfig, load_checkpoint
+
+
+def tiny_gpt(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(block_size=16, vocab_size=50, n_layer=3, n_head=2, n_embd=16)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+def windows(model, x):
+    """Logits of every position of x (B, n * block_size), read window after window like training."""
+    T = model.config.block_size
+    return torch.cat([model(x[:, i:i + T], x[:, i:i + T])[0] for i in range(0, x.size(1), T)], 1)
+
+
+def test_gate_zero_equals_plain_model():
+    mem_model = tiny_gpt(knn_layer=1, knn_topk=4, knn_memory_size=40)
+    plain = tiny_gpt(seed=1)
+    state = {k: v for k, v in mem_model.state_dict().items() if "memory" not in k}
+    plain.load_state_dict(state)  # the same weights, no memorizing layer
+    x = torch.randint(0, 50, (3, 64))
+    with torch.no_grad():
+        memorizing_layer(mem_model).gate_bias.fill_(float("-inf"))  # sigmoid(-inf) = 0: the memory is shut
+        shut = windows(mem_model, x)
+        assert memorizing_layer(mem_model).counts().tolist() == [40, 40, 40]  # it did read and write
+        assert torch.equal(shut, windows(plain, x))
+        memorizing_layer(mem_model).reset()
+        memorizing_layer(mem_model).gate_bias.fill_(0.0)  # open: the memory changes later windows only
+        opened = windows(mem_model, x)
+    assert torch.equal(opened[:, :16], shut[:, :16])  # nothing in memory during the first window
+    assert not torch.allclose(opened[:, 16:], shut[:, 16:])
+
+
+def test_memory_is_not_a_parameter_or_buffer():
+    model = tiny_gpt(knn_layer=2)
+    windows(model, torch.randint(0, 50, (2, 32)))
+    keys = [k for k in model.state_dict() if "memory" in k]
+    assert keys == ["transformer.h.2.attn.memory.gate_bias"]
+    assert not list(model.buffers())  # so DDP's broadcast_buffers has nothing of the memory to send
+    assert 0 < torch.sigmoid(memorizing_layer(model).gate_bias[0]) < 0.1  # small but open at init
+
+
+def test_fifo_eviction_at_capacity():
+    mem = MemorizingMemory(n_head=1, head_size=2, topk=1, size=5)
+    mem.reset(2)
+    mem._alloc(2, torch.zeros(1))
+    # entries t = 0..11 with key direction (cos t, sin t)-like distinct values and value t
+    for start in range(0, 12, 3):
+        t = torch.arange(start, start + 3, dtype=torch.float)
+        k = torch.stack([t + 1, torch.ones(3)], -1).expand(2, 1, 3, 2)  # (B, H, T, d)
+        mem.append(torch.arange(2), k, t[None, None, :, None].expand(2, 1, 3, 2))
+    assert mem.counts().tolist() == [5, 5]
+    held = sorted(mem.mem["values"][0, 0, :, 0].tolist())
+    assert held == [7.0, 8.0, 9.0, 10.0, 11.0]  # the 5 newest, the oldest evicted
+    # retrieval: a query in the direction of entry 9's key finds it (top-1), not an evicted one
+    q = torch.tensor([10.0, 1.0]).expand(2, 1, 1, 2)
+    y = mem.retrieve(q, slice(0, 2), mem.counts(), 5)
+    assert y[0, 0, 0].tolist() == [9.0, 9.0]
+
+
+def test_batch_rows_are_independent():
+    model = tiny_gpt(knn_layer=1, knn_topk=4, knn_memory_size=24)
+    x = torch.randint(0, 50, (3, 64))
+    with torch.no_grad():
+        memorizing_layer(model).gate_bias.fill_(0.0)
+        batched = windows(model, x)
+        for b in range(3):
+            memorizing_layer(model).reset()
+            assert torch.allclose(windows(model, x[b:b + 1]), batched[b:b + 1], atol=1e-5)
+
+
+def test_cached_generation_equals_recomputation_over_long_prompt():
+    model = tiny_gpt(knn_layer=1, knn_topk=4, knn_memory_size=100)
+    memorizing_layer(model).gate_bias.data.fill_(0.0)
+    prompt = torch.randint(0, 50, (2, 37))  # two full windows go to memory before generating
+    cached = model.generate(prompt, 30, temperature=0, use_cache=True)
+    recomputed = model.generate(prompt, 30, temperature=0, use_cache=False)
+    assert torch.equal(cached, recomputed)
+    # the memory matters: shut it and the continuation changes
+    memorizing_layer(model).gate_bias.data.fill_(float("-inf"))
+    assert not torch.equal(model.generate(prompt, 30, temperature=0), cached)
+
+
+# -----------------------------------------------------------------------------
+# document-contiguous training
+
+@pytest.fixture(scope="module")
+def plays_data(tmp_path_factory, shared_data):
+    from prepare import prepare
+    data_dir = tmp_path_factory.mktemp("data")
+    prepare("shakespeare_plays", input=str(shared_data / "shakespeare" / "input.txt"),
+            out_dir=str(data_dir / "shakespeare_plays"))
+    return data_dir
+
+
+def test_plays_are_documents(plays_data):
+    d = plays_data / "shakespeare_plays"
+    meta = json.loads((d / "meta.json").read_text())
+    starts = np.load(d / "train_docs.npy")
+    assert len(starts) == 9 and len(np.load(d / "val_docs.npy")) == 9
+    data = np.memmap(d / "train.bin", dtype=meta["dtype"], mode="r")
+    text = lambda a, n: "".join(meta["chars"][i] for i in data[a:a + n])
+    assert text(starts[1], 28) == "GLOUCESTER:\nNow is the winte"  # Richard III starts at its first speech
+    assert text(starts[8], 18) == "Master:\nBoatswain!"
+
+
+def test_wikitext_articles_are_documents(tmp_path, shared_data):
+    from prepare import prepare
+    meta = prepare("wikitext2_docs", input=str(shared_data / "wikitext2"), out_dir=str(tmp_path))
+    starts = np.load(tmp_path / "val_docs.npy")
+    assert len(np.load(tmp_path / "train_docs.npy")) == 110 and len(starts) == 12
+    data = np.memmap(tmp_path / "val.bin", dtype=meta["dtype"], mode="r")
+    for a in starts:  # every document opens with its title line
+        assert "".join(meta["chars"][i] for i in data[a:a + 2]) == "= " and meta["chars"][data[a + 2]] != "="
+
+
+def test_docs_loader_without_boundaries_names_the_fix(short_docs, tmp_path):
+    from prepare import DataError
+    import shutil
+    shutil.copytree(short_docs / "docs", tmp_path / "docs")
+    (tmp_path / "docs" / "train_docs.npy").unlink()
+    with pytest.raises(DataError, match="train_docs.npy is missing.*prepare.py"):
+        train.main(mem_cfg(tmp_path, tmp_path / "out"))
+
+
+def test_doc_stream_reads_each_rows_documents_in_order():
+    data = np.arange(100) % 50
+    starts = np.array([0, 30, 37, 80])  # documents of 30, 7, 43 and 20 tokens
+    s = train.DocStream(data, starts, n_rows=3, block_size=8, seed=0, shuffle=False)
+    got = {g: [] for g in range(3)}
+    for it in range(12):
+        x, y, last = s.batch(it, range(3), "cpu")
+        for g in range(3):
+            got[g].append((x[g].tolist(), y[g].tolist(), bool(last[g])))
+    # row 0 reads document 0 (tokens 0..29: 4 windows), then document 3 (80..99: 3 windows), then 0 again;
+    # row 1 reads document 1 (30..37) in one padded window, again and again
+    xs0 = [t for x, y, _ in got[0][:4] for t, u in zip(x, y) if u >= 0]
+    assert xs0 == list(range(29)) and [l for *_, l in got[0][:4]] == [False, False, False, True]
+    assert got[0][4][0][:8] == list(data[80:88])
+    assert got[0][7][0] == list(data[0:8])
+    assert got[1][0][0][:6] == list(data[30:36]) and got[1][0][1][6:] == [-1, -1] and got[1][0][2]
+    assert got[1][1] == got[1][0] and got[2][0][0][:8] == list(data[37:45])
+    with pytest.raises(train.DataError, match="4 documents for 5 batch rows"):
+        train.DocStream(data, starts, n_rows=5, block_size=8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def short_docs(tmp_path_factory, shared_data):
+    """Documents of 150..1,400 characters (one file each), cut from Tiny Shakespeare."""
+    from prepare import prepare
+    text = (shared_data / "shakespeare" / "input.txt").read_text()
+    src = tmp_path_factory.mktemp("src")
+    pos = 0
+    for i, n in enumerate([400, 1400, 150, 900, 600, 1200]):
+        (src / f"doc{i}.txt").write_text(text[pos:pos + n])
+        pos += n
+    data_dir = tmp_path_factory.mktemp("data")
+    prepare("text", input=str(src), tokenizer="char", out_dir=str(data_dir / "docs"))
+    return data_dir
+
+
+def test_memory_holds_exactly_the_rows_earlier_windows(short_docs, tmp_path, monkeypatch):
+    seen = []
+    forward = MemorizingMemory.forward
+
+    def spy(self, attn, q, k, v, attend):
+        if self.training:
+            seen.append(self.mem["written"][self.rows].tolist() if self.mem is not None else [0] * q.size(0))
+        return forward(self, attn, q, k, v, attend)
+
+    monkeypatch.setattr(MemorizingMemory, "forward", spy)
+    cfg = tiny_train_config(short_docs, tmp_path, dataset="docs", loader="docs", knn_layer=1,
+                            knn_topk=4, knn_memory_size=48, max_iters=12, eval_interval=100, block_size=64,
+                            batch_size=2, gradient_accumulation_steps=2)
+    train.main(cfg)
+    stream = train.DocStream(np.memmap(short_docs / "docs" / "train.bin", dtype=np.uint16, mode="r"),
+                             np.load(short_docs / "docs" / "train_docs.npy"), 4, 64, cfg.seed)
+    ends = 0
+    for i, written in enumerate(seen):
+        it, micro = divmod(i, 2)
+        for b, n in enumerate(written):
+            doc, w = stream.locate(it, micro * 2 + b)
+            assert n == w * 64  # every earlier window of this document, and nothing of the previous one
+            ends += w == 0 and it > 0
+    assert ends > 0  # some row moved on to a new document, and found its memory empty
+
+
+def mem_cfg(data, out, **kw):
+    """Rows cross document ends within a few iterations (windows of 32, documents of 135..1,260)."""
+    return tiny_train_config(data, out, **{**dict(dataset="docs", loader="docs", knn_layer=1, knn_topk=4,
+                                                  knn_memory_size=64, block_size=32, batch_size=2, eval_iters=2), **kw})
+
+
+def test_resume_with_memory_equals_uninterrupted(short_docs, tmp_path):
+    common = dict(dropout=0.1, lr_decay_iters=24, eval_interval=12)
+    full = train.main(mem_cfg(short_docs, tmp_path / "full", max_iters=24, **common))
+    part = tmp_path / "part"
+    train.main(mem_cfg(short_docs, part, max_iters=12, **common))
+    assert load_checkpoint(str(part / "ckpt.pt"))["knn_memory"]["written"].tolist() != [0, 0]
+    resumed = train.main(mem_cfg(short_docs, part, max_iters=24, init_from="resume", **common))
+    for it in range(12, 24):
+        assert resumed["losses"][it] == pytest.approx(full["losses"][it], rel=1e-6)
+    assert resumed["val_loss"] == pytest.approx(full["val_loss"], rel=1e-6)
+
+
+def test_gradient_accumulation_keeps_a_memory_per_micro_step_row(short_docs, tmp_path):
+    big = train.main(mem_cfg(short_docs, tmp_path / "a", max_iters=6, batch_size=4))
+    acc = train.main(mem_cfg(short_docs, tmp_path / "b", max_iters=6, batch_size=2, gradient_accumulation_steps=2))
+    for it in range(6):
+        assert acc["losses"][it] == pytest.approx(big["losses"][it], rel=1e-5)
+    a = load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))["knn_memory"]
+    b = load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))["knn_memory"]
+    assert torch.equal(a["written"], b["written"]) and torch.allclose(a["values"], b["values"], atol=1e-5)
+
+
+def test_memory_layer_needs_the_docs_loader(plays_data, tmp_path):
+    from configurator import ConfigError
+    with pytest.raises(ConfigError, match="loader='docs'"):
+        train.main(tiny_train_config(plays_data, tmp_path, dataset="shakespeare_plays", knn_layer=1))
+
+
+@pytest.mark.slow
+def test_ddp_ranks_keep_separate_memories(short_docs, tmp_path):
+    common = dict(max_iters=6, gradient_accumulation_steps=2, eval_interval=6)
+    single = train.main(mem_cfg(short_docs, tmp_path / "one", **common))
+    settings = dict(dataset="docs", data_dir=short_docs, out_dir=tmp_path / "two", device="cpu",
+                    dtype="float32", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=2, eval_iters=2,
+                    log_interval=1, learning_rate=3e-3, warmup_iters=5, min_lr=3e-4, seed=1234, loader="docs",
+                    knn_layer=1, knn_topk=4, knn_memory_size=64, **common)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", *[f"--{k}={v}" for k, v in settings.items()]], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(l) for l in open(tmp_path / "two" / "metrics.jsonl")]
+    ddp_losses = {l["iter"]: l["loss"] for l in lines if "loss" in l}
+    for it in range(6):  # rank 1's rows read rank 1's memories: a broadcast from rank 0 would change this
+        assert ddp_losses[it] == pytest.approx(single["losses"][it], rel=1e-4)
+    one = load_checkpoint(str(tmp_path / "one" / "ckpt.pt"))["knn_memory"]
+    two = load_checkpoint(str(tmp_path / "two" / "ckpt.pt"))["knn_memory"]
+    assert torch.equal(one["written"], two["written"])
+    assert torch.allclose(one["values"], two["values"], atol=1e-4)
+    assert not torch.allclose(two["values"][:2], two["values"][2:])  # the two ranks' rows differ
+
+
+# -----------------------------------------------------------------------------
+# kNN-LM
+
+def datastore(model, backend="torch"):
+    settings = KNNSettings(knn_backend=backend, knn_nlist=4, knn_nprobe=4)
+    store = KNNLMDatastore.create(model, settings, {"tokenizer": "char"})
+    store.add_tokens(model, torch.randint(0, 50, (300,), generator=torch.Generator().manual_seed(0)).tolist(),
+                     source="random")
+    return store
+
+
+def test_knnlm_lambda_zero_is_the_plain_model_bit_for_bit():
+    model = tiny_gpt()
+    store = datastore(model)
+    x = torch.randint(0, 50, (2, 16))
+    h, logits = last_mlp_input(model, x)
+    assert torch.equal(knnlm_log_probs(logits, h, store, 0.0, 8, 1.0), F.log_softmax(logits.float(), -1))
+    mixed = knnlm_log_probs(logits, h, store, 0.25, 8, 1.0)
+    assert torch.allclose(mixed.exp().sum(-1), torch.ones(2, 16), atol=1e-5)  # still a distribution
+    assert not torch.allclose(mixed, F.log_softmax(logits, -1))
+
+
+def test_knnlm_datastore_keys_and_values():
+    model = tiny_gpt()
+    tokens = torch.randint(0, 50, (40,)).tolist()
+    store = KNNLMDatastore.create(model, KNNSettings(), {"tokenizer": "char"})
+    store.add_tokens(model, tokens)
+    assert len(store) == 39 and store.next_tokens().tolist() == tokens[1:]
+    # key of position 20 = the last block's ln_2 output in its window (the second, 16..31)
+    h, _ = last_mlp_input(model, torch.tensor([tokens[16:32]]))
+    assert torch.allclose(store.keys[2][0, 20], h[0, 4])
+    # a query equal to a stored key, with a sharp temperature, puts p_kNN on that entry's next token
+    lp = knnlm_log_probs(torch.zeros(1, 50), h[0, 4][None], store, 0.999, 4, 1e-4)
+    assert lp.argmax().item() == tokens[21]
+
+
+def test_knnlm_datastore_save_load_round_trip(tmp_path):
+    model = tiny_gpt()
+    store = datastore(model, backend="faiss-ivf")
+    store.save(str(tmp_path / "ds"))
+    assert json.loads((tmp_path / "ds" / "manifest.json").read_text())["kind"] == "knn-lm-datastore"
+    loaded = KNNLMDatastore.load(str(tmp_path / "ds"), model, store.settings)
+    assert torch.equal(loaded.keys[2], store.keys[2]) and torch.equal(loaded.next_tokens(), store.next_tokens())
+    x = torch.randint(0, 50, (1, 16))
+    h, logits = last_mlp_input(model, x)
+    assert torch.equal(knnlm_log_probs(logits, h, loaded, 0.5, 8, 1.0), knnlm_log_probs(logits, h, store, 0.5, 8, 1.0))
+    with pytest.raises(KNNMemoryError, match="another model"):
+        KNNLMDatastore.load(str(tmp_path / "ds"), tiny_gpt(seed=5), store.settings)
+    # IVF probing every list finds the exact neighbours
+    exact = datastore(model, backend="torch")
+    assert torch.allclose(knnlm_log_probs(logits, h, exact, 0.5, 8, 1.0), knnlm_log_probs(logits, h, store, 0.5, 8, 1.0),
+                          atol=1e-5)
+
+
+def test_knnlm_sampling_hook_matches_the_evaluation():
+    model = tiny_gpt()
+    store = datastore(model)
+    x = torch.randint(0, 50, (2, 10))
+    h, logits = last_mlp_input(model, x)
+    want = knnlm_log_probs(logits, h, store, 0.25, 8, 1.0)[:, -1]
+    plain = model(x)[0]
+    hook = KNNLM(store, 0.25, 8, 1.0)
+    hook.attach(model)
+    with torch.no_grad():
+        got = model(x)[0][:, -1]
+    hook.detach()
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.equal(model(x)[0], plain)  # detached: the plain model again
+
+
+def test_memorizing_bench_suite(tmp_path, capsys):
+    import bench
+    from configurator import load_config
+    out = tmp_path / "bench.json"
+    cfg = load_config(bench.BenchConfig, [], n_layer=2, n_head=2, n_embd=16, block_size=32, vocab_size=64,
+                      batch_size=2, device="cpu", dtype="float32", suite=["memorizing"], knn_layer=1,
+                      knn_memory_size=256, knnlm_size=500, bench_iters=1, bench_json=str(out))
+    bench.main(cfg)
+    assert "memorizing layer 1, 256 entries" in capsys.readouterr().out
+    res = json.loads(out.read_text())["memorizing"]
+    assert res["train"]["slowdown"] > 0 and res["knnlm"]["knnlm_tok_s"] > 0
+
+
+def test_ppl_eval_with_the_gate_shut_equals_the_layer_off(short_docs, tmp_path):
+    import sample
+    from configurator import load_config
+    from model import atomic_save
+    train.main(mem_cfg(short_docs, tmp_path, max_iters=4, eval_interval=4))
+    ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
+    ckpt["model"]["transformer.h.1.attn.memory.gate_bias"].fill_(float("-inf"))
+    atomic_save(ckpt, str(tmp_path / "ckpt.pt"))
+    cfg = load_config(sample.SampleConfig, [], out_dir=str(tmp_path), device="cpu", eval="ppl", eval_dataset="docs",
+                      data_dir=str(short_docs), eval_context=True, eval_memory_sizes=[16, 64], batch_size=4)
+    rows = sample.main(cfg)["rows"]
+    assert [r["memory"] for r in rows] == [0, 16, 64]
+    assert rows[0]["tokens"] == sum(len(d) - 1 for d in sample.split_documents(str(short_docs / "docs"), "val")) + 6
+    assert rows[1]["nll"] == pytest.approx(rows[0]["nll"], rel=1e-6) == rows[2]["nll"]
+    assert (tmp_path / "eval_ppl" / "ppl.png").exists()
