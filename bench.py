@@ -277,8 +277,9 @@ def bench_memorizing(cfg, device, dtype, vocab_size) -> tuple[dict, list]:
     if not 0 <= cfg.knn_layer < cfg.n_layer:
         raise ConfigError(f"suite 'memorizing' needs 0 <= knn_layer < n_layer={cfg.n_layer}, got {cfg.knn_layer}")
     speed = {}
-    for label, extra in (("plain", {}), ("memorizing", dict(knn_layer=cfg.knn_layer, knn_topk=cfg.knn_topk,
-                                                           knn_memory_size=cfg.knn_memory_size))):
+    layer = dict(knn_layer=cfg.knn_layer, knn_topk=cfg.knn_topk, knn_memory_size=cfg.knn_memory_size)
+    for label, extra in (("plain", {}), ("memorizing", layer),
+                         ("memorizing_bf16", {**layer, "knn_search_dtype": "bfloat16"})):
         torch.manual_seed(cfg.seed)
         model = GPT(GPTConfig(**shape, **extra)).to(device)
         mem = memorizing_layer(model)
@@ -289,12 +290,14 @@ def bench_memorizing(cfg, device, dtype, vocab_size) -> tuple[dict, list]:
             k = torch.randn(cfg.batch_size, H, cfg.knn_memory_size, d, device=device)
             mem.append(torch.arange(cfg.batch_size, device=device), k, torch.randn_like(k))
         speed[label] = bench_training(model, cfg, device, dtype)
-    ratio = speed["plain"]["tokens_per_s"] / speed["memorizing"]["tokens_per_s"]
-    res["train"] = {**speed, "slowdown": ratio}
+    slowdown = {k: speed["plain"]["tokens_per_s"] / speed[k]["tokens_per_s"] for k in ("memorizing", "memorizing_bf16")}
+    res["train"] = {**speed, "slowdown": slowdown["memorizing"], "slowdown_bf16_search": slowdown["memorizing_bf16"]}
     rows.append((f"train (batch {cfg.batch_size} x {cfg.block_size}), no memory", f"{speed['plain']['tokens_per_s']:,.0f} tok/s",
                  f"{speed['plain']['ms_per_iter']:.1f} ms/iter"))
-    rows.append((f"train, memorizing layer {cfg.knn_layer}, {cfg.knn_memory_size:,} entries, top {cfg.knn_topk}",
-                 f"{speed['memorizing']['tokens_per_s']:,.0f} tok/s", f"{ratio:.2f}x the time of no memory"))
+    for key, search in (("memorizing", "float32"), ("memorizing_bf16", "bfloat16")):
+        rows.append((f"train, memorizing layer {cfg.knn_layer}, {cfg.knn_memory_size:,} entries, top {cfg.knn_topk}, "
+                     f"{search} search", f"{speed[key]['tokens_per_s']:,.0f} tok/s",
+                     f"{slowdown[key]:.2f}x the time of no memory"))
 
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(**shape)).to(device).eval()

@@ -141,9 +141,11 @@ def model_fingerprint(model) -> str:
     whose keys and values it holds. Samples ~256 values of every tensor, which is enough to tell
     two trainings apart and cheap for GPT-2-sized models."""
     h = hashlib.sha256()
-    # knn_topk / knn_memory_size change no weight, and models without a memorizing layer keep their old hash
+    # knn_topk / knn_memory_size / knn_search_dtype change no weight, and models without a memorizing layer
+    # keep their old hash
     shape = {k: v for k, v in asdict(model.config).items()
-             if k not in ("dropout", "knn_topk", "knn_memory_size") and not (k == "knn_layer" and v < 0)}
+             if k not in ("dropout", "knn_topk", "knn_memory_size", "knn_search_dtype")
+             and not (k == "knn_layer" and v < 0)}
     h.update(json.dumps(shape, sort_keys=True).encode())
     for name, p in sorted(model.state_dict().items()):
         flat = p.detach().flatten()
@@ -597,14 +599,14 @@ def memorizing_layer(model):
     return None
 
 
-def add_memorizing_layer(model, layer: int, topk: int, size: int):
+def add_memorizing_layer(model, layer: int, topk: int, size: int, search_dtype: str = "float32"):
     """Give a GPT (e.g. pretrained GPT-2) a memorizing layer at `layer`; recorded in its config."""
     cfg = model.config
     if not 0 <= layer < cfg.n_layer:
         raise ValueError(f"knn_layer={layer}, but the model has layers 0..{cfg.n_layer - 1}")
-    cfg.knn_layer, cfg.knn_topk, cfg.knn_memory_size = layer, topk, size
-    model.attentions[layer].memory = MemorizingMemory(cfg.n_head, cfg.n_embd // cfg.n_head, topk, size).to(
-        next(model.parameters()).device)
+    cfg.knn_layer, cfg.knn_topk, cfg.knn_memory_size, cfg.knn_search_dtype = layer, topk, size, search_dtype
+    model.attentions[layer].memory = MemorizingMemory(cfg.n_head, cfg.n_embd // cfg.n_head, topk, size,
+                                                      search_dtype).to(next(model.parameters()).device)
 
 
 class MemorizingMemory(nn.Module):
@@ -623,11 +625,14 @@ class MemorizingMemory(nn.Module):
     the next forward pass reads and writes (None: the first B).
     """
 
-    def __init__(self, n_head: int, head_size: int, topk: int, size: int):
+    def __init__(self, n_head: int, head_size: int, topk: int, size: int, search_dtype: str = "float32"):
         super().__init__()
         if topk < 1 or size < 1:
             raise ValueError(f"knn_topk={topk} and knn_memory_size={size} must both be >= 1")
+        if search_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"knn_search_dtype={search_dtype!r}; choose 'float32' or 'bfloat16'")
         self.n_head, self.head_size, self.topk, self.size = n_head, head_size, topk, size
+        self.search_dtype = getattr(torch, search_dtype)
         self.gate_bias = nn.Parameter(torch.full((n_head,), MEMORIZING_GATE_INIT))
         self.write = True  # append each forward pass's window to the memory
         self.read = True  # False: only write (reading a text into memory; layer L's keys do not depend on reads at L)
@@ -693,9 +698,9 @@ class MemorizingMemory(nn.Module):
         keys = self.mem["keys"][rows, :, :n_used]  # (B, H, n, d), a view
         kk = min(self.topk, n_used)
         with torch.no_grad():  # retrieval picks entries; gradients flow through the attention over them
-            qn = F.normalize(q.detach().float(), dim=-1).reshape(G, T, d)
+            qn = F.normalize(q.detach().float(), dim=-1).reshape(G, T, d).to(self.search_dtype)
             n_valid = count.repeat_interleave(H) if bool((count < n_used).any()) else None
-            ids = exact_search(qn, keys.reshape(G, n_used, d).float(), kk, "ip", n_valid=n_valid)  # (G, T, kk)
+            ids = exact_search(qn, keys.reshape(G, n_used, d).to(self.search_dtype), kk, "ip", n_valid=n_valid)  # (G, T, kk)
         g_idx = torch.arange(G, device=q.device)[:, None, None]
         norms = self.mem["norms"][rows, :, :n_used].reshape(G, n_used)[g_idx, ids]  # (G, T, kk)
         k_ret = keys.reshape(G, n_used, d)[g_idx, ids] * norms[..., None]  # raw keys (G, T, kk, d)

@@ -48,6 +48,10 @@ class GPTConfig:
     knn_layer: int = -1
     knn_topk: int = 32  # memory entries each query attends to
     knn_memory_size: int = 16384  # entries kept per batch row and head, first in first out
+    # the dtype retrieval scores in: 'bfloat16' ranks about 2x faster on CPUs with AVX512-BF16 or AMX (and
+    # on GPUs), at the price of near-ties ranking differently; the attention over what is retrieved stays
+    # in the model's dtype
+    knn_search_dtype: str = "float32"
 
 
 class KVCache:
@@ -213,7 +217,8 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
         if config.knn_layer >= 0:
             from memory import add_memorizing_layer  # memory.py builds on this module
-            add_memorizing_layer(self, config.knn_layer, config.knn_topk, config.knn_memory_size)
+            add_memorizing_layer(self, config.knn_layer, config.knn_topk, config.knn_memory_size,
+                                 config.knn_search_dtype)
         self.apply(self._init_weights)
         scale_residual_init(self, config.n_layer)
 

@@ -66,6 +66,7 @@ class TrainConfig:
     knn_layer: int = -1
     knn_topk: int = 32
     knn_memory_size: int = 16384  # entries per batch row and head
+    knn_search_dtype: str = "float32"  # 'bfloat16': about 2x faster retrieval on CPUs with AVX512-BF16 (see GPTConfig)
     # AdamW
     learning_rate: float = 6e-4
     max_iters: int = 5000
@@ -468,7 +469,8 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
     elif cfg.init_from == "scratch":
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
-                              knn_layer=cfg.knn_layer, knn_topk=cfg.knn_topk, knn_memory_size=cfg.knn_memory_size))
+                              knn_layer=cfg.knn_layer, knn_topk=cfg.knn_topk, knn_memory_size=cfg.knn_memory_size,
+                              knn_search_dtype=cfg.knn_search_dtype))
     elif cfg.init_from == "resume":
         ckpt = load_checkpoint(ckpt_path, map_location="cpu")
         saved = ckpt["model_args"]
@@ -500,7 +502,7 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
             model.crop_block_size(cfg.block_size)
         if cfg.knn_layer >= 0:  # a memorizing layer on top of pretrained weights, as Wu et al. fine-tune
             from memory import add_memorizing_layer
-            add_memorizing_layer(model, cfg.knn_layer, cfg.knn_topk, cfg.knn_memory_size)
+            add_memorizing_layer(model, cfg.knn_layer, cfg.knn_topk, cfg.knn_memory_size, cfg.knn_search_dtype)
     if dialogs is None and model.config.vocab_size < meta["vocab_size"]:
         raise DataError(f"{data_path} has {meta['vocab_size']} token ids, the model only {model.config.vocab_size}")
     block_size = model.config.block_size

@@ -47,6 +47,27 @@ def test_gate_zero_equals_plain_model():
     assert not torch.allclose(opened[:, 16:], shut[:, 16:])
 
 
+def test_bfloat16_search_retrieves_what_float32_does():
+    """knn_search_dtype only changes the precision retrieval ranks in: a query near a stored key (closer
+    than bf16's rounding could blur) retrieves that entry in both dtypes."""
+    g = torch.Generator().manual_seed(0)
+    keys = F.normalize(torch.randn(2, 3, 64, 16, generator=g), dim=-1)  # (B, H, C, d): 64 entries per row, head
+    values = torch.randn(2, 3, 64, 16, generator=g)
+    pick = torch.randint(0, 64, (2, 3, 10), generator=g)  # the entries queried
+    q = torch.gather(keys, 2, pick[..., None].expand(-1, -1, -1, 16)) + 0.05 * torch.randn(2, 3, 10, 16, generator=g)
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        mem = MemorizingMemory(n_head=3, head_size=16, topk=1, size=64, search_dtype=dtype)
+        mem.reset(2)
+        mem._alloc(2, torch.zeros(1))
+        mem.append(torch.arange(2), keys, values)
+        out[dtype] = mem.retrieve(q, slice(0, 2), mem.counts(), 64)  # top-1: the retrieved entry's value
+    assert torch.equal(out["float32"], torch.gather(values, 2, pick[..., None].expand(-1, -1, -1, 16)))
+    assert torch.equal(out["bfloat16"], out["float32"])
+    with pytest.raises(ValueError, match="knn_search_dtype"):
+        tiny_gpt(knn_layer=1, knn_search_dtype="float16")
+
+
 def test_memory_is_not_a_parameter_or_buffer():
     model = tiny_gpt(knn_layer=2)
     windows(model, torch.randint(0, 50, (2, 32)))
