@@ -146,6 +146,9 @@ def model_fingerprint(model) -> str:
     shape = {k: v for k, v in asdict(model.config).items()
              if k not in ("dropout", "knn_topk", "knn_memory_size", "knn_search_dtype")
              and not (k == "knn_layer" and v < 0)}
+    if shape.get("mnm_layer", -1) < 0:  # nor do GPTs without an MNM block (a seq2seq model's mnm_* shape its memory)
+        drop = ("mnm_layer",) + (() if "model_type" in shape else MNM_SHAPE_KEYS)
+        shape = {k: v for k, v in shape.items() if k not in drop}
     h.update(json.dumps(shape, sort_keys=True).encode())
     for name, p in sorted(model.state_dict().items()):
         flat = p.detach().flatten()
@@ -1298,7 +1301,8 @@ class MNM(nn.Module):
                gate alpha predicted per head from the segment's mean output.
     With pool=True a segment makes a single write per head, of its tokens' keys, values and strengths
     averaged with learned attention weights (what a dialogue turn uses: one turn, one fact); otherwise
-    every token writes its own pair.
+    every token writes its own pair, each with 1/S of its strength (the segment's S writes then move the
+    weights about as far as one).
     The gradient is written out by hand (two layers), so meta-training back-propagates through the
     writes with one ordinary backward pass. The write loss returned is the beta-weighted |f(k) - v|^2
     after the write, which the trainer adds to the task loss (write_loss_weight)."""
@@ -1389,6 +1393,8 @@ class MNM(nn.Module):
             live = live.any(1, keepdim=True)  # (B, 1)
         kw, kr = F.normalize(kw, dim=-1), F.normalize(kr, dim=-1)
         beta = torch.sigmoid(b + self.beta_offset) * live[:, None, :, None]  # (B, H, S or 1, 1)
+        if not self.pool:  # the segment's tokens share one step (their mean): S full-strength steps at once overshoot
+            beta = beta / live.sum(1).clamp(min=1)[:, None, None, None]
         if read_first:
             reads, _ = self.recall(state, kr)
         new = self.write(state, kw, v, beta, h, mask)
@@ -1403,6 +1409,27 @@ class MNM(nn.Module):
         return self.c_proj(reads.transpose(1, 2).reshape(B, S, -1)), new, write_loss
 
 
+MNM_SHAPE_KEYS = ("mnm_heads", "mnm_key_size", "mnm_hidden", "mnm_write")
+
+
+def mnm_block(model):
+    """The MNMBlock of a GPT (unwrapped), or None when it has none."""
+    return next((b for b in model.transformer.h if isinstance(b, MNMBlock)), None)
+
+
+def add_mnm_block(model, layer: int, heads: int, key_size: int, hidden: int, write: str):
+    """Give a GPT (e.g. pretrained GPT-2) an MNMBlock at `layer`; recorded in its config."""
+    cfg = model.config
+    if not 0 <= layer < cfg.n_layer:
+        raise ValueError(f"mnm_layer={layer}, but the model has layers 0..{cfg.n_layer - 1}")
+    cfg.mnm_layer, cfg.mnm_heads, cfg.mnm_key_size, cfg.mnm_hidden, cfg.mnm_write = layer, heads, key_size, hidden, write
+    mnm = MNM(cfg.n_embd, heads, key_size, hidden, write)
+    mnm.apply(model._init_weights)
+    nn.init.normal_(mnm.c_proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))  # a residual projection
+    mnm.match_read_keys()
+    model.transformer.h[layer] = MNMBlock(model.transformer.h[layer], mnm).to(next(model.parameters()).device)
+
+
 class MNMBlock(nn.Module):
     """A GPT block followed by an MNM that a long document is written into segment by segment:
 
@@ -1410,22 +1437,71 @@ class MNMBlock(nn.Module):
         block.reset(); then model(segment_1), model(segment_2), ...   # in order, one document per row
 
     Each forward call is one segment: its tokens first read what the earlier segments wrote (so no
-    token sees its own segment's future), then the segment is written. reset() starts new documents."""
+    token sees its own segment's future), then the segment is written (every token its own pair).
+
+    The state carried from one call to the next is detached: back-propagation is truncated at the
+    segment boundary, so a document's graph never grows past one segment. Within a segment the task
+    loss reaches the read path (the read-key part of c_mem, c_proj) and, in rows whose document starts
+    here, the initial fast weights w1, w2 they read; the write path (write keys, values, strengths,
+    the rule's own parameters) learns from write_loss, which the trainer adds to the task loss.
+
+    Rows follow MemorizingMemory's protocol (train.py keeps one row per batch row of every micro-step):
+    reset(n_rows), `rows` (the slice of rows the next call reads and writes), clear_rows(rows) (those
+    rows' documents ended: they go back to the learned initial weights), get_state / set_state."""
 
     def __init__(self, block: nn.Module, mnm: MNM):
         super().__init__()
         self.block, self.mnm = block, mnm
-        self.state, self.write_loss = None, None
+        self.write_loss = None
+        self.reset()
 
-    def reset(self):
-        self.state = None
+    @property
+    def attn(self):  # GPT.attentions finds the wrapped block's attention (and any memory attached there)
+        return self.block.attn
+
+    def reset(self, n_rows: int | None = None):
+        """Forget every row; the next call allocates n_rows rows (None: its batch size)."""
+        self.n_rows, self.rows, self.state = n_rows, None, None
+        self.fresh = None  # (R,) bool: the row holds the initial weights (read live, so they get the gradient)
+
+    def clear_rows(self, rows):
+        """Send these rows (indices or a bool mask, of all rows) back to the learned initial weights."""
+        if self.state is not None:
+            self.fresh[rows] = True
+            self.state = {k: v.detach() for k, v in self._start_fresh(self.state, self.fresh).items()}
+
+    def _start_fresh(self, state: dict, fresh):
+        init = self.mnm.initial_state(fresh.numel())
+        return {k: torch.where(fresh.view(-1, *[1] * (v.dim() - 1)), init[k].to(v.dtype), v) for k, v in state.items()}
+
+    def get_state(self) -> dict:
+        """The rows' fast weights and fresh flags, for an exact resume (train.py keeps them in the checkpoint)."""
+        return {} if self.state is None else {**{k: v.detach().clone() for k, v in self.state.items()},
+                                              "fresh": self.fresh.clone()}
+
+    def set_state(self, state: dict):
+        state = dict(state)
+        self.fresh = state.pop("fresh").clone() if state else None
+        self.state = {k: v.clone() for k, v in state.items()} if state else None
+        if self.state is not None:
+            self.mnm.check_state(self.state, self.fresh.numel())
+            self.n_rows = self.fresh.numel()
 
     def forward(self, x, cache=None, mask=None):
         x = self.block(x, cache, mask)
+        B = x.size(0)
         if self.state is None:
-            self.state = self.mnm.initial_state(x.size(0))
+            R = self.n_rows or B
+            self.state = {k: v.detach().clone() for k, v in self.mnm.initial_state(R).items()}
+            self.fresh = torch.ones(R, dtype=torch.bool, device=x.device)
+        lo, hi, _ = (self.rows or slice(0, B)).indices(self.fresh.numel())
+        if hi - lo != B:
+            raise RuntimeError(f"the memory has rows {lo}..{hi - 1} for a batch of {B}: reset() it or set .rows")
+        state = self._start_fresh({k: v[lo:hi] for k, v in self.state.items()}, self.fresh[lo:hi].clone())
         live = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        reads, self.state, self.write_loss = self.mnm(x, live, self.state, read_first=True)
+        reads, new, self.write_loss = self.mnm(x, live, state, read_first=True)
+        self.state = {k: torch.cat([v[:lo], new[k].detach(), v[hi:]]) for k, v in self.state.items()}
+        self.fresh[lo:hi] = False
         return x + reads
 
 

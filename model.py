@@ -52,6 +52,13 @@ class GPTConfig:
     # on GPUs), at the price of near-ties ranking differently; the attention over what is retrieved stays
     # in the model's dtype
     knn_search_dtype: str = "float32"
+    # metalearned neural memory (memory.MNMBlock) after this layer's block, written window by window with
+    # each batch row's document; -1 = none. The same fields shape the seq2seq chatbot's memory.
+    mnm_layer: int = -1
+    mnm_heads: int = 4
+    mnm_key_size: int = 32
+    mnm_hidden: int = 64  # width of the fast-weight MLP's hidden layer, per head
+    mnm_write: str = "local"  # 'local' (learned local rule), 'grad' (gradient step), 'titans' (momentum + forgetting)
 
 
 class KVCache:
@@ -221,6 +228,10 @@ class GPT(nn.Module):
                                  config.knn_search_dtype)
         self.apply(self._init_weights)
         scale_residual_init(self, config.n_layer)
+        if config.mnm_layer >= 0:  # after the init: models without it draw the same weights as before
+            from memory import add_mnm_block
+            add_mnm_block(self, config.mnm_layer, config.mnm_heads, config.mnm_key_size, config.mnm_hidden,
+                          config.mnm_write)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -359,6 +370,9 @@ class GPT(nn.Module):
         then shift every step, so from there on each step is one full forward pass of the
         cropped window (exactly what recomputation would do, with no cache benefit).
         """
+        if self.config.mnm_layer >= 0:
+            raise NotImplementedError("generation with an MNM block (mnm_layer >= 0) is not implemented: its memory "
+                                      "is written window by window; evaluate such a model with train.py's loss")
         if self.config.knn_layer >= 0:  # a memorizing layer reads its memory of earlier windows
             from memory import generate_with_memory
             return generate_with_memory(self, idx, max_new_tokens, temperature, top_k, top_p, stop_token,
@@ -429,11 +443,7 @@ class Seq2SeqConfig(GPTConfig):
     """n_layer counts decoder blocks; block_size is the longest utterance or reply, in tokens."""
     model_type: str = "seq2seq"
     n_enc_layer: int = 2
-    memory: str = "none"  # 'none' or 'mnm' (memory.MNM, between the turns of a conversation)
-    mnm_heads: int = 4
-    mnm_key_size: int = 32
-    mnm_hidden: int = 64  # width of the fast-weight MLP's hidden layer, per head
-    mnm_write: str = "local"  # 'local' (learned local rule), 'grad' (gradient step), 'titans' (momentum + forgetting)
+    memory: str = "none"  # 'none' or 'mnm' (memory.MNM, between the turns of a conversation; mnm_* shape it)
     mnm_read: str = "before"  # a turn reads the memory 'before' or 'after' its own write
     mnm_tbptt: int = 0  # > 0: training cuts the gradient through the memory every this many turns
 

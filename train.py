@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import ConfigError, format_config, load_config
-from memory import MNM_WRITES
+from memory import MNM, MNM_SHAPE_KEYS, MNM_WRITES, add_mnm_block, mnm_block
 from model import (GPT, GPTConfig, CheckpointError, Seq2Seq, Seq2SeqConfig, atomic_save, load_checkpoint,
                    model_args, model_from_checkpoint, remap_vocab, new_embedding_rows)
 from prepare import DataError, WordVocab, check_meta_compatible, load_doc_starts, load_meta, open_split
@@ -67,6 +67,9 @@ class TrainConfig:
     knn_topk: int = 32
     knn_memory_size: int = 16384  # entries per batch row and head
     knn_search_dtype: str = "float32"  # 'bfloat16': about 2x faster retrieval on CPUs with AVX512-BF16 (see GPTConfig)
+    # metalearned neural memory (memory.MNMBlock) after this layer's block, written window by window with each
+    # row's document, -1 = none; needs loader='docs'; shaped by mnm_heads, mnm_key_size, mnm_hidden, mnm_write
+    mnm_layer: int = -1
     # AdamW
     learning_rate: float = 6e-4
     max_iters: int = 5000
@@ -456,6 +459,8 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
         dialogs = DialogBatches(data_path, cfg.seed, cfg.dialog_slots, cfg.block_size)
         vocab = WordVocab()  # starts with the special tokens; grows as the batches bring words
 
+    if cfg.mnm_layer >= 0 and cfg.mnm_write not in MNM_WRITES:
+        raise ConfigError(f"mnm_write must be one of {MNM_WRITES}, got {cfg.mnm_write!r}")
     # model
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     ckpt = None
@@ -470,11 +475,14 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
                               n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
                               knn_layer=cfg.knn_layer, knn_topk=cfg.knn_topk, knn_memory_size=cfg.knn_memory_size,
-                              knn_search_dtype=cfg.knn_search_dtype))
+                              knn_search_dtype=cfg.knn_search_dtype, mnm_layer=cfg.mnm_layer,
+                              mnm_heads=cfg.mnm_heads, mnm_key_size=cfg.mnm_key_size, mnm_hidden=cfg.mnm_hidden,
+                              mnm_write=cfg.mnm_write))
     elif cfg.init_from == "resume":
         ckpt = load_checkpoint(ckpt_path, map_location="cpu")
         saved = ckpt["model_args"]
-        keys = ARCH_KEYS + (DIALOG_ARCH_KEYS if dialogs is not None else ())
+        keys = ARCH_KEYS + (DIALOG_ARCH_KEYS if dialogs is not None
+                            else MNM_SHAPE_KEYS if saved.get("mnm_layer", -1) >= 0 else ())
         if (saved.get("model_type") == "seq2seq") != (dialogs is not None):
             raise ConfigError(f"cannot resume {ckpt_path} with task={cfg.task!r}: it holds a "
                               f"{saved.get('model_type', 'gpt')} model; use the task it was trained with")
@@ -483,9 +491,10 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
             raise ConfigError(f"cannot resume {ckpt_path}: the settings change the model's shape "
                               + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in clash.items())
                               + "; use the settings it was trained with")
-        if saved.get("knn_layer", -1) != cfg.knn_layer:
-            raise ConfigError(f"cannot resume {ckpt_path}: it was trained with knn_layer={saved.get('knn_layer', -1)}, "
-                              f"the settings say {cfg.knn_layer}; use the settings it was trained with")
+        for key in ("knn_layer", "mnm_layer"):
+            if saved.get(key, -1) != getattr(cfg, key):
+                raise ConfigError(f"cannot resume {ckpt_path}: it was trained with {key}={saved.get(key, -1)}, "
+                                  f"the settings say {getattr(cfg, key)}; use the settings it was trained with")
         check_meta_compatible(ckpt["meta"], meta)
         model = model_from_checkpoint(ckpt, dropout=cfg.dropout)
         if dialogs is not None:
@@ -503,24 +512,29 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
         if cfg.knn_layer >= 0:  # a memorizing layer on top of pretrained weights, as Wu et al. fine-tune
             from memory import add_memorizing_layer
             add_memorizing_layer(model, cfg.knn_layer, cfg.knn_topk, cfg.knn_memory_size, cfg.knn_search_dtype)
+        if cfg.mnm_layer >= 0:
+            add_mnm_block(model, cfg.mnm_layer, cfg.mnm_heads, cfg.mnm_key_size, cfg.mnm_hidden, cfg.mnm_write)
     if dialogs is None and model.config.vocab_size < meta["vocab_size"]:
         raise DataError(f"{data_path} has {meta['vocab_size']} token ids, the model only {model.config.vocab_size}")
     block_size = model.config.block_size
     model.to(device)
     from memory import memorizing_layer
-    knn_mem = memorizing_layer(model)
+    mnm = mnm_block(model)
+    # memories with a row per batch row of every micro-step, emptied at document ends, by checkpoint key
+    row_mems = {name: m for name, m in (("knn_memory", memorizing_layer(model)), ("mnm_memory", mnm)) if m is not None}
     docs = cfg.loader == "docs"
     if cfg.loader not in ("random", "docs"):
         raise ConfigError(f"loader={cfg.loader!r}; choose 'random' or 'docs'")
-    if knn_mem is not None and not docs:
-        raise ConfigError("a memorizing layer (knn_layer >= 0) remembers the earlier windows of each row's "
-                          "document: set loader='docs' (and prepare a dataset with document boundaries)")
+    if row_mems and not docs:
+        raise ConfigError("a memorizing layer (knn_layer >= 0) or an MNM block (mnm_layer >= 0) remembers the "
+                          "earlier windows of each row's document: set loader='docs' (and prepare a dataset with "
+                          "document boundaries)")
     if docs:
         streams = {s: DocStream(splits[s], load_doc_starts(data_path, s, len(splits[s])), global_rows, block_size,
                                 cfg.seed, shuffle=s == "train") for s in ("train", "val")}
     local_rows = micro_steps * cfg.batch_size  # memory rows of this rank: every micro-step's batch rows
-    if knn_mem is not None:
-        knn_mem.reset(local_rows)
+    for m in row_mems.values():
+        m.reset(local_rows)
     print0(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_args(model)}")
 
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
@@ -529,13 +543,16 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        if knn_mem is not None and ckpt.get("knn_memory"):
-            state = ckpt["knn_memory"]  # rows of the whole global batch, in global row order
-            if state["written"].numel() != global_rows:
-                raise ConfigError(f"{ckpt_path} holds memories of {state['written'].numel()} batch rows, this run "
+        for name, m in row_mems.items():
+            state = ckpt.get(name)  # rows of the whole global batch, in global row order
+            if not state:
+                continue
+            n = next(iter(state.values())).size(0)
+            if n != global_rows:
+                raise ConfigError(f"{ckpt_path} holds memories of {n} batch rows, this run "
                                   f"has {global_rows}: resume with the batch_size and gradient_accumulation_steps "
                                   "it was trained with")
-            knn_mem.set_state({k: v[rank * local_rows:(rank + 1) * local_rows].to(device) for k, v in state.items()})
+            m.set_state({k: v[rank * local_rows:(rank + 1) * local_rows].to(device) for k, v in state.items()})
         states = ckpt["rng"]
         if len(states) == world_size:
             set_rng_state(states[rank])
@@ -597,12 +614,14 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
         """Forward one micro-step of document-contiguous rows; a row's memory empties when its document ends."""
         lo = (rank * micro_steps + micro) * cfg.batch_size
         X, Y, last = stream.batch(it, range(lo, lo + cfg.batch_size), device)
-        if knn_mem is not None:
-            knn_mem.rows = slice(micro * cfg.batch_size, (micro + 1) * cfg.batch_size)
+        for m in row_mems.values():
+            m.rows = slice(micro * cfg.batch_size, (micro + 1) * cfg.batch_size)
         with ctx:
             _, loss = (model if train_step else raw_model)(X, Y)
-        if knn_mem is not None:
-            knn_mem.clear_rows(micro * cfg.batch_size + last.nonzero().squeeze(1))
+            if train_step and mnm is not None:  # the MNM's write path learns from its write loss
+                loss = loss + MNM.write_loss_weight * mnm.write_loss
+        for m in row_mems.values():
+            m.clear_rows(micro * cfg.batch_size + last.nonzero().squeeze(1))
         return loss, (Y >= 0).sum()
 
     @torch.no_grad()
@@ -610,11 +629,11 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
         """Loss per token over the first eval_iters iterations of each split's document stream (in file
         order, laid out like training batches; weighted by tokens, as the last window of a document is
         short), every row's memory starting empty; the training memories are put back afterwards."""
-        saved = knn_mem.get_state() if knn_mem is not None else None
+        saved = {name: m.get_state() for name, m in row_mems.items()}
         out = {}
         for split in ("train", "val"):
-            if knn_mem is not None:
-                knn_mem.reset(local_rows)
+            for m in row_mems.values():
+                m.reset(local_rows)
             total = torch.zeros(2, device=device)  # summed loss, tokens
             for k in range(cfg.eval_iters):
                 for micro in range(micro_steps):
@@ -623,9 +642,9 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
             if ddp:
                 dist.all_reduce(total)
             out[split] = (total[0] / total[1]).item()
-        if knn_mem is not None:
-            knn_mem.reset(local_rows)
-            knn_mem.set_state(saved)
+        for name, m in row_mems.items():
+            m.reset(local_rows)
+            m.set_state(saved[name])
         return out
 
     # metrics.jsonl: one JSON line per logged iteration / evaluation; a resumed run drops the
@@ -656,14 +675,13 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
             dist.all_gather_object(rng, get_rng_state())
         else:
             rng = [get_rng_state()]
-        knn_state = {}
-        if knn_mem is not None:  # every rank's memories, in global row order, for an exact resume
-            parts = [{k: v.cpu() for k, v in knn_mem.get_state().items()}]
+        mem_states = {}
+        for name, m in row_mems.items():  # every rank's memories, in global row order, for an exact resume
+            parts = [{k: v.cpu() for k, v in m.get_state().items()}]
             if ddp:
                 parts = [None] * world_size
-                dist.all_gather_object(parts, {k: v.cpu() for k, v in knn_mem.get_state().items()})
-            if parts[0]:
-                knn_state = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+                dist.all_gather_object(parts, {k: v.cpu() for k, v in m.get_state().items()})
+            mem_states[name] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts[0] else {}
         if master_process:
             checkpoint = {
                 "model": raw_model.state_dict(),
@@ -678,7 +696,7 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
                 "vocab": vocab.to_dict() if vocab is not None else None,
                 # batches are a pure function of (seed, iteration): this is the sampler's whole state
                 "sampler": {"seed": cfg.seed, "next_iter": iter_num, "loader": cfg.loader},
-                "knn_memory": knn_state,
+                **mem_states,
             }
             atomic_save(checkpoint, ckpt_path)
             print0(f"saved checkpoint to {ckpt_path}")

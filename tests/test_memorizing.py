@@ -377,3 +377,114 @@ def test_ppl_eval_with_the_gate_shut_equals_the_layer_off(short_docs, tmp_path):
     assert rows[0]["tokens"] == sum(len(d) - 1 for d in sample.split_documents(str(short_docs / "docs"), "val")) + 6
     assert rows[1]["nll"] == pytest.approx(rows[0]["nll"], rel=1e-6) == rows[2]["nll"]
     assert (tmp_path / "eval_ppl" / "ppl.png").exists()
+
+
+# -----------------------------------------------------------------------------
+# metalearned neural memory in a GPT (memory.MNMBlock, mnm_layer)
+
+def mnm_cfg(data, out, **kw):
+    return mem_cfg(data, out, **{**dict(knn_layer=-1, mnm_layer=1, mnm_heads=2, mnm_key_size=8, mnm_hidden=16), **kw})
+
+
+def test_mnm_rows_go_back_to_the_initial_weights():
+    from memory import MNMBlock
+    model = tiny_gpt(mnm_layer=1, mnm_heads=2, mnm_key_size=8, mnm_hidden=8, mnm_write="titans")
+    block = model.transformer.h[1]
+    assert isinstance(block, MNMBlock) and model.attentions[1] is block.block.attn
+    block.reset(4)
+    x = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        model(x)  # rows 0, 1 (no .rows: the first B)
+        block.rows = slice(2, 4)
+        model(x)
+    block.clear_rows(torch.tensor([1, 2]))
+    init = block.mnm.initial_state(4)
+    for k, v in block.state.items():
+        for r in range(4):  # (the titans momentum s1 is still zero after one write: w2 starts at zero)
+            assert torch.equal(v[r], init[k][r].detach()) == (r in (1, 2) or k == "s1"), (k, r)
+    assert block.fresh.tolist() == [False, True, True, False]
+
+
+def test_mnm_gradient_split_between_task_and_write_loss():
+    """The task loss of a window whose rows carry earlier windows' (detached) state reaches the read path
+    only; the write path and the initial weights learn from the write loss (and, for w1, w2, from the
+    task loss of windows that start a document); the pooling score column is unused in a GPT."""
+    from memory import MNM
+    model = tiny_gpt(mnm_layer=1, mnm_heads=2, mnm_key_size=8, mnm_hidden=8).train()
+    block, mnm = model.transformer.h[1], model.transformer.h[1].mnm
+    H, dk, dv = mnm.H, mnm.dk, mnm.dv
+    with torch.no_grad():  # as after some training: initial reads of zero would give the read keys no gradient
+        mnm.w2.normal_()
+    x = torch.randint(0, 50, (2, 32))
+    block.reset()
+    _, loss = model(x[:, :16], x[:, :16])  # fresh rows: every parameter gets a gradient
+    (loss + MNM.write_loss_weight * block.write_loss).backward()
+    unused = torch.zeros(H, 2 * dk + dv + 2, dtype=torch.bool)
+    unused[:, -1] = True  # the pooling score: GPT windows write every token, nothing is pooled
+    for name, p in model.named_parameters():
+        g = p.grad
+        if name.endswith("mnm.c_mem.weight") or name.endswith("mnm.c_mem.bias"):
+            g = g.view(H, 2 * dk + dv + 2, -1)
+            assert g[unused].abs().sum() == 0 and g[~unused].abs().sum(-1).min() > 0, name
+        else:
+            assert g is not None and g.abs().sum() > 0, name
+    model.zero_grad()
+    _, loss = model(x[:, 16:], x[:, 16:])  # a later window: reads the detached state; task loss only
+    loss.backward()
+    g = mnm.c_mem.weight.grad.view(H, 2 * dk + dv + 2, -1)
+    assert g[:, dk:2 * dk].abs().sum() > 0 and mnm.c_proj.weight.grad.abs().sum() > 0  # read keys, output
+    assert g[:, :dk].abs().sum() == 0 and g[:, 2 * dk:].abs().sum() == 0  # write keys, values, strengths
+    for p in (mnm.w1, mnm.w2, mnm.target):
+        assert p.grad is None or p.grad.abs().sum() == 0
+
+
+def test_mnm_fingerprint_unchanged_without_the_block():
+    from memory import model_fingerprint
+    a, b = tiny_gpt(), tiny_gpt(mnm_heads=8, mnm_write="grad")  # off: the mnm_* settings change nothing
+    assert model_fingerprint(a) == model_fingerprint(b)
+    assert model_fingerprint(tiny_gpt(mnm_layer=1, mnm_heads=2, mnm_key_size=8)) != model_fingerprint(a)
+
+
+def test_mnm_memory_starts_fresh_exactly_at_each_document(short_docs, tmp_path, monkeypatch):
+    from memory import MNMBlock
+    seen = []
+    forward = MNMBlock.forward
+
+    def spy(self, x, cache=None, mask=None):
+        if self.training:
+            seen.append(self.fresh[self.rows].tolist() if self.fresh is not None else [True] * x.size(0))
+        return forward(self, x, cache, mask)
+
+    monkeypatch.setattr(MNMBlock, "forward", spy)
+    cfg = mnm_cfg(short_docs, tmp_path, max_iters=20, eval_interval=8, gradient_accumulation_steps=2)
+    out = train.main(cfg)
+    assert out["losses"][19] < out["losses"][0] - 0.3  # it trains
+    stream = train.DocStream(np.memmap(short_docs / "docs" / "train.bin", dtype=np.uint16, mode="r"),
+                             np.load(short_docs / "docs" / "train_docs.npy"), 4, 32, cfg.seed)
+    ends = 0
+    for i, fresh in enumerate(seen):
+        it, micro = divmod(i, 2)
+        for b, f in enumerate(fresh):
+            doc, w = stream.locate(it, micro * 2 + b)
+            assert f == (w == 0)  # at the initial weights exactly when the row starts a document
+            ends += f and it > 0
+    assert ends > 0
+
+
+def test_resume_with_mnm_equals_uninterrupted(short_docs, tmp_path):
+    common = dict(dropout=0.1, lr_decay_iters=24, eval_interval=12, mnm_write="titans")
+    full = train.main(mnm_cfg(short_docs, tmp_path / "full", max_iters=24, **common))
+    part = tmp_path / "part"
+    train.main(mnm_cfg(short_docs, part, max_iters=12, **common))
+    state = load_checkpoint(str(part / "ckpt.pt"))["mnm_memory"]
+    assert set(state) == {"w1", "w2", "s1", "s2", "fresh"} and state["fresh"].tolist() == [False, False]
+    resumed = train.main(mnm_cfg(short_docs, part, max_iters=24, init_from="resume", **common))
+    for it in range(12, 24):
+        assert resumed["losses"][it] == pytest.approx(full["losses"][it], rel=1e-6)
+    assert resumed["val_loss"] == pytest.approx(full["val_loss"], rel=1e-6)
+
+
+def test_mnm_layer_needs_the_docs_loader(plays_data, tmp_path):
+    from configurator import ConfigError
+    with pytest.raises(ConfigError, match="MNM block .*loader='docs'"):
+        train.main(tiny_train_config(plays_data, tmp_path, dataset="shakespeare_plays", mnm_layer=1))
