@@ -196,6 +196,17 @@ def short_docs(tmp_path_factory, shared_data):
     return data_dir
 
 
+def rows_windows(data, cfg, seen):
+    """(iteration, what a row's memory held, the row's window in its document) for each row of each
+    recorded training forward; cfg has 2 micro-steps of batch_size 2."""
+    stream = train.DocStream(np.memmap(data / "docs" / "train.bin", dtype=np.uint16, mode="r"),
+                             np.load(data / "docs" / "train_docs.npy"), 4, cfg.block_size, cfg.seed)
+    for i, held in enumerate(seen):
+        it, micro = divmod(i, 2)
+        for b, h in enumerate(held):
+            yield it, h, stream.locate(it, micro * 2 + b)[1]
+
+
 def test_memory_holds_exactly_the_rows_earlier_windows(short_docs, tmp_path, monkeypatch):
     seen = []
     forward = MemorizingMemory.forward
@@ -210,15 +221,10 @@ def test_memory_holds_exactly_the_rows_earlier_windows(short_docs, tmp_path, mon
                             knn_topk=4, knn_memory_size=48, max_iters=12, eval_interval=100, block_size=64,
                             batch_size=2, gradient_accumulation_steps=2)
     train.main(cfg)
-    stream = train.DocStream(np.memmap(short_docs / "docs" / "train.bin", dtype=np.uint16, mode="r"),
-                             np.load(short_docs / "docs" / "train_docs.npy"), 4, 64, cfg.seed)
     ends = 0
-    for i, written in enumerate(seen):
-        it, micro = divmod(i, 2)
-        for b, n in enumerate(written):
-            doc, w = stream.locate(it, micro * 2 + b)
-            assert n == w * 64  # every earlier window of this document, and nothing of the previous one
-            ends += w == 0 and it > 0
+    for it, n, w in rows_windows(short_docs, cfg, seen):
+        assert n == w * 64  # every earlier window of this document, and nothing of the previous one
+        ends += w == 0 and it > 0
     assert ends > 0  # some row moved on to a new document, and found its memory empty
 
 
@@ -459,15 +465,10 @@ def test_mnm_memory_starts_fresh_exactly_at_each_document(short_docs, tmp_path, 
     cfg = mnm_cfg(short_docs, tmp_path, max_iters=20, eval_interval=8, gradient_accumulation_steps=2)
     out = train.main(cfg)
     assert out["losses"][19] < out["losses"][0] - 0.3  # it trains
-    stream = train.DocStream(np.memmap(short_docs / "docs" / "train.bin", dtype=np.uint16, mode="r"),
-                             np.load(short_docs / "docs" / "train_docs.npy"), 4, 32, cfg.seed)
     ends = 0
-    for i, fresh in enumerate(seen):
-        it, micro = divmod(i, 2)
-        for b, f in enumerate(fresh):
-            doc, w = stream.locate(it, micro * 2 + b)
-            assert f == (w == 0)  # at the initial weights exactly when the row starts a document
-            ends += f and it > 0
+    for it, f, w in rows_windows(short_docs, cfg, seen):
+        assert f == (w == 0)  # at the initial weights exactly when the row starts a document
+        ends += f and it > 0
     assert ends > 0
 
 
