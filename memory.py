@@ -734,27 +734,31 @@ class MemorizingMemory(nn.Module):
 @torch.no_grad()
 def generate_with_memory(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None,
                          generators=None, use_cache=True):
-    """GPT.generate for a model with a memorizing layer: the sequence (prompt, then generated tokens)
-    is cut into windows of block_size, as in training. A token is predicted from its own window up
-    to it, locally, and from the memory of all earlier windows; a window enters the memory once it
-    is full, by one forward pass over it (the same pass with or without the KV cache, so cached
-    decoding equals recomputation). Each batch row has its own memory, emptied at the start."""
+    """GPT.generate for a model with a memorizing layer and/or an MNM block: the sequence (prompt,
+    then generated tokens) is cut into windows of block_size, as in training. A token is predicted
+    from its own window up to it, locally, and from the memories of all earlier windows; a window
+    enters the memories once it is full, by one forward pass over it (the same pass with or without
+    the KV cache, so cached decoding equals recomputation). Each batch row has its own memories,
+    emptied at the start; the memories' training state is put back afterwards."""
     from model import KVCache, append_next
-    mem = memorizing_layer(model)
+    mems = [m for m in (memorizing_layer(model), mnm_block(model)) if m is not None]
     T = model.config.block_size
     B = idx.size(0)
-    saved = mem.get_state(), mem.n_rows, mem.write, mem.rows
-    mem.reset(B)
+    saved = [(m.get_state(), m.n_rows, m.write, m.rows) for m in mems]
+    for m in mems:
+        m.reset(B)
     cache, committed = None, 0
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
     try:
         for _ in range(max_new_tokens):
             n = idx.size(1)
             while committed + T <= n - 1:  # windows before the newest token's window enter the memory
-                mem.write = True
+                for m in mems:
+                    m.write = True
                 model(idx[:, committed:committed + T])
                 committed, cache = committed + T, None
-            mem.write = False
+            for m in mems:
+                m.write = False
             if not use_cache:
                 logits, _ = model(idx[:, committed:])
             elif cache is None:
@@ -766,8 +770,9 @@ def generate_with_memory(model, idx, max_new_tokens, temperature=1.0, top_k=None
             if finished:
                 break
     finally:
-        mem.set_state(saved[0])
-        mem.n_rows, mem.write, mem.rows = saved[1:]
+        for m, (state, n_rows, write, rows) in zip(mems, saved):
+            m.set_state(state)
+            m.n_rows, m.write, m.rows = n_rows, write, rows
     return idx
 
 
@@ -1453,6 +1458,7 @@ class MNMBlock(nn.Module):
         super().__init__()
         self.block, self.mnm = block, mnm
         self.write_loss = None
+        self.write = True  # False: read only (generation reads a window's tokens one by one, then writes it whole)
         self.reset()
 
     @property
@@ -1500,8 +1506,9 @@ class MNMBlock(nn.Module):
         state = self._start_fresh({k: v[lo:hi] for k, v in self.state.items()}, self.fresh[lo:hi].clone())
         live = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         reads, new, self.write_loss = self.mnm(x, live, state, read_first=True)
-        self.state = {k: torch.cat([v[:lo], new[k].detach(), v[hi:]]) for k, v in self.state.items()}
-        self.fresh[lo:hi] = False
+        if self.write:
+            self.state = {k: torch.cat([v[:lo], new[k].detach(), v[hi:]]) for k, v in self.state.items()}
+            self.fresh[lo:hi] = False
         return x + reads
 
 

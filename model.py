@@ -370,10 +370,7 @@ class GPT(nn.Module):
         then shift every step, so from there on each step is one full forward pass of the
         cropped window (exactly what recomputation would do, with no cache benefit).
         """
-        if self.config.mnm_layer >= 0:
-            raise NotImplementedError("generation with an MNM block (mnm_layer >= 0) is not implemented: its memory "
-                                      "is written window by window; evaluate such a model with train.py's loss")
-        if self.config.knn_layer >= 0:  # a memorizing layer reads its memory of earlier windows
+        if self.config.knn_layer >= 0 or self.config.mnm_layer >= 0:  # per-row memories of earlier windows
             from memory import generate_with_memory
             return generate_with_memory(self, idx, max_new_tokens, temperature, top_k, top_p, stop_token,
                                         generators, use_cache)

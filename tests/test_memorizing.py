@@ -12,7 +12,7 @@ from torch.nn import functional as F
 import train
 from conftest import ROOT, tiny_train_config
 from memory import (KNNLM, KNNLMDatastore, KNNMemoryError, KNNSettings, MemorizingMemory, knnlm_log_probs,
-                    last_mlp_input, memorizing_layer)
+                    last_mlp_input, memorizing_layer, mnm_block)
 from model import GPT, GPTConfig, load_checkpoint
 
 
@@ -116,6 +116,28 @@ def test_cached_generation_equals_recomputation_over_long_prompt():
     # the memory matters: shut it and the continuation changes
     memorizing_layer(model).gate_bias.data.fill_(float("-inf"))
     assert not torch.equal(model.generate(prompt, 30, temperature=0), cached)
+
+
+def test_mnm_cached_generation_equals_recomputation_over_long_prompt():
+    model = tiny_gpt(mnm_layer=1, mnm_heads=2, mnm_key_size=8, mnm_hidden=16)
+    block = mnm_block(model)
+    with torch.no_grad():
+        block.mnm.c_proj.weight.normal_(0, 1.0)  # loud reads, so what the memory holds steers the tokens
+    prompt = torch.randint(0, 50, (2, 37))  # two full windows are written before generating
+    cached = model.generate(prompt, 30, temperature=0, use_cache=True)
+    assert torch.equal(cached, model.generate(prompt, 30, temperature=0, use_cache=False))
+    alone = model.generate(prompt[1:], 30, temperature=0)
+    assert torch.equal(alone[0], cached[1])  # each row has its own fast weights
+    assert block.state is None  # the training state is put back
+    # the memory matters: other earlier windows change the predictions of the same last window
+    with torch.no_grad():
+        logits = []
+        for earlier in (prompt[:, :32], torch.randint(0, 50, (2, 32))):
+            block.reset()
+            windows(model, earlier)
+            logits.append(model(prompt[:, 32:])[0])
+        block.reset()
+    assert not torch.allclose(logits[0], logits[1])
 
 
 # -----------------------------------------------------------------------------
