@@ -286,7 +286,9 @@ def test_memory_layer_needs_the_docs_loader(plays_data, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_ranks_keep_separate_memories(short_docs, tmp_path):
-    common = dict(max_iters=6, gradient_accumulation_steps=2, eval_interval=6)
+    # both per-row memories at once: a memorizing layer and an MNM block
+    common = dict(max_iters=6, gradient_accumulation_steps=2, eval_interval=6, mnm_layer=0, mnm_heads=2,
+                  mnm_key_size=8, mnm_hidden=16)
     single = train.main(mem_cfg(short_docs, tmp_path / "one", **common))
     settings = dict(dataset="docs", data_dir=short_docs, out_dir=tmp_path / "two", device="cpu",
                     dtype="float32", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=2, eval_iters=2,
@@ -300,11 +302,16 @@ def test_ddp_ranks_keep_separate_memories(short_docs, tmp_path):
     ddp_losses = {l["iter"]: l["loss"] for l in lines if "loss" in l}
     for it in range(6):  # rank 1's rows read rank 1's memories: a broadcast from rank 0 would change this
         assert ddp_losses[it] == pytest.approx(single["losses"][it], rel=1e-4)
-    one = load_checkpoint(str(tmp_path / "one" / "ckpt.pt"))["knn_memory"]
-    two = load_checkpoint(str(tmp_path / "two" / "ckpt.pt"))["knn_memory"]
-    assert torch.equal(one["written"], two["written"])
-    assert torch.allclose(one["values"], two["values"], atol=1e-4)
-    assert not torch.allclose(two["values"][:2], two["values"][2:])  # the two ranks' rows differ
+    one, two = (load_checkpoint(str(tmp_path / run / "ckpt.pt")) for run in ("one", "two"))
+    knn1, knn2 = one["knn_memory"], two["knn_memory"]
+    assert torch.equal(knn1["written"], knn2["written"])
+    assert torch.allclose(knn1["values"], knn2["values"], atol=1e-4)
+    assert not torch.allclose(knn2["values"][:2], knn2["values"][2:])  # the two ranks' rows differ
+    mnm1, mnm2 = one["mnm_memory"], two["mnm_memory"]
+    assert torch.equal(mnm1["fresh"], mnm2["fresh"])
+    for k in ("w1", "w2"):
+        assert torch.allclose(mnm1[k], mnm2[k], atol=1e-4)
+        assert not torch.allclose(mnm2[k][:2], mnm2[k][2:])
 
 
 # -----------------------------------------------------------------------------
