@@ -634,11 +634,8 @@ class Seq2Seq(GPT):
         for _ in range(min(max_new_tokens, self.config.block_size)):
             new = idx[:, -1:] if cache is not None and cache.pos else idx
             logits = self.decode(new, cross, cross_mask, cache=cache, cross_kv=cross_kv)
-            nxt = sample_next(logits[:, -1], temperature, top_k, None, generators)
-            nxt = torch.where(done[:, None], torch.full_like(nxt, EOS_ID), nxt)
-            done |= nxt[:, 0] == EOS_ID
-            idx = torch.cat([idx, nxt], dim=1)
-            if bool(done.all()):
+            idx, finished = append_next(idx, logits[:, -1], done, temperature, top_k, None, EOS_ID, generators)
+            if finished:
                 break
         return idx[:, 1:]
 

@@ -194,6 +194,17 @@ def save_figure(fig, path: str):
     os.replace(tmp, path)
 
 
+def write_eval(cfg, source: str, result: dict, fig) -> dict:
+    """Write an evaluation's result (with the settings and the model) as JSON and its figure as PNG,
+    to eval_out or out_dir/eval_<eval>; returns the result."""
+    out = cfg.eval_out or os.path.join(cfg.out_dir, f"eval_{cfg.eval}")
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, f"{cfg.eval}.json"), {"settings": asdict(cfg), "model": source, **result})
+    save_figure(fig, os.path.join(out, f"{cfg.eval}.png"))
+    print(f"wrote {out}/{cfg.eval}.json and {cfg.eval}.png")
+    return result
+
+
 def contains_word(text: str, answer: str) -> bool:
     return re.search(r"(?<!\w)" + re.escape(answer) + r"(?!\w)", text, flags=re.IGNORECASE) is not None
 
@@ -659,13 +670,7 @@ def run_dialog(cfg, model, vocab, source):
     """What sample.py does with a seq2seq model: mode='chat', or eval='dialog'."""
     if cfg.eval == "dialog":
         test_file = cfg.eval_file or os.path.join("data", "dialogs", "dialogs_test.jsonl")
-        result, fig = eval_dialog(cfg, model, vocab, test_file)
-        out = cfg.eval_out or os.path.join(cfg.out_dir, "eval_dialog")
-        os.makedirs(out, exist_ok=True)
-        write_json(os.path.join(out, "dialog.json"), {"settings": asdict(cfg), "model": source, **result})
-        save_figure(fig, os.path.join(out, "dialog.png"))
-        print(f"wrote {out}/dialog.json and dialog.png")
-        return result
+        return write_eval(cfg, source, *eval_dialog(cfg, model, vocab, test_file))
     if cfg.mode != "chat" or cfg.eval:
         raise ConfigError(f"{source} is a seq2seq chatbot: use mode='chat' or eval='dialog'")
     transcript = run_chat(cfg, model, vocab)
@@ -699,13 +704,7 @@ def main(cfg: SampleConfig):
 
     if cfg.eval:
         evaluate = {"recall": eval_recall, "sentiment": eval_sentiment, "ppl": eval_ppl, "knnlm": eval_knnlm}[cfg.eval]
-        result, fig = evaluate(cfg, model, tokenizer, meta, memory, gen_kwargs)
-        out = cfg.eval_out or os.path.join(cfg.out_dir, f"eval_{cfg.eval}")
-        os.makedirs(out, exist_ok=True)
-        write_json(os.path.join(out, f"{cfg.eval}.json"), {"settings": asdict(cfg), "model": source, **result})
-        save_figure(fig, os.path.join(out, f"{cfg.eval}.png"))
-        print(f"wrote {out}/{cfg.eval}.json and {cfg.eval}.png")
-        return result
+        return write_eval(cfg, source, *evaluate(cfg, model, tokenizer, meta, memory, gen_kwargs))
 
     prompt = read_text(cfg.start)
     prompt_ids = tokenizer.encode(prompt)

@@ -27,7 +27,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import ConfigError, format_config, load_config
-from memory import MNM, MNM_SHAPE_KEYS, MNM_WRITES, add_mnm_block, mnm_block
+from memory import (MNM, MNM_SHAPE_KEYS, MNM_WRITES, add_memorizing_layer, add_mnm_block, memorizing_layer,
+                    mnm_block)
 from model import (GPT, GPTConfig, CheckpointError, Seq2Seq, Seq2SeqConfig, atomic_save, load_checkpoint,
                    model_args, model_from_checkpoint, remap_vocab, new_embedding_rows)
 from prepare import DataError, WordVocab, check_meta_compatible, load_doc_starts, load_meta, open_split
@@ -510,7 +511,6 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
         if cfg.block_size < model.config.block_size:
             model.crop_block_size(cfg.block_size)
         if cfg.knn_layer >= 0:  # a memorizing layer on top of pretrained weights, as Wu et al. fine-tune
-            from memory import add_memorizing_layer
             add_memorizing_layer(model, cfg.knn_layer, cfg.knn_topk, cfg.knn_memory_size, cfg.knn_search_dtype)
         if cfg.mnm_layer >= 0:
             add_mnm_block(model, cfg.mnm_layer, cfg.mnm_heads, cfg.mnm_key_size, cfg.mnm_hidden, cfg.mnm_write)
@@ -518,7 +518,6 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
         raise DataError(f"{data_path} has {meta['vocab_size']} token ids, the model only {model.config.vocab_size}")
     block_size = model.config.block_size
     model.to(device)
-    from memory import memorizing_layer
     mnm = mnm_block(model)
     # memories with a row per batch row of every micro-step, emptied at document ends, by checkpoint key
     row_mems = {name: m for name, m in (("knn_memory", memorizing_layer(model)), ("mnm_memory", mnm)) if m is not None}
@@ -679,8 +678,8 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
         for name, m in row_mems.items():  # every rank's memories, in global row order, for an exact resume
             parts = [{k: v.cpu() for k, v in m.get_state().items()}]
             if ddp:
-                parts = [None] * world_size
-                dist.all_gather_object(parts, {k: v.cpu() for k, v in m.get_state().items()})
+                mine, parts = parts[0], [None] * world_size
+                dist.all_gather_object(parts, mine)
             mem_states[name] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts[0] else {}
         if master_process:
             checkpoint = {
