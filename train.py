@@ -425,7 +425,15 @@ def main(cfg: TrainConfig) -> dict:
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     try:
-        return _train(cfg, ddp, rank, world_size, master_process, device, dtype)
+        result = _train(cfg, ddp, rank, world_size, master_process, device, dtype)
+        if ddp:
+            # DDP keeps the process group, and so gloo's worker threads, alive to interpreter exit. A rank
+            # that left straight after its last collective could exit while a worker still frees that
+            # collective's Python-made tensors: the worker then takes the GIL of a finalised interpreter
+            # and the process aborts ("terminate called without an active exception"). The barrier waits
+            # out every earlier collective on every rank first.
+            dist.barrier()
+        return result
     finally:
         if ddp:
             dist.destroy_process_group()

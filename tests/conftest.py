@@ -1,5 +1,6 @@
 """Shared fixtures. Offline data comes from MNEMO_DATA (default ../shared/data, relative to the repo root)."""
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -43,3 +44,11 @@ def tiny_train_config(data_dir, out_dir, **overrides):
                     warmup_iters=5, min_lr=3e-4, seed=1234)
     settings.update(overrides)
     return load_config(TrainConfig, [], **settings)
+
+
+def torchrun_train(settings: dict, nproc: int = 2):
+    """train.py under torchrun with `nproc` CPU processes (gloo); fails the test with both output tails."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                        "train.py", *[f"--{k}={v}" for k, v in settings.items()]], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert r.returncode == 0, f"stdout:\n{r.stdout[-2000:]}\nstderr:\n{r.stderr[-3000:]}"

@@ -7,6 +7,7 @@ import torch
 import sample
 import train
 from configurator import load_config
+from conftest import tiny_train_config, torchrun_train
 from memory import MNM, MNMBlock
 from model import GPT, GPTConfig, Seq2Seq, Seq2SeqConfig, load_checkpoint, model_from_checkpoint, remap_vocab
 from prepare import DIALOG_HELDOUT_NAMES, SPECIALS, DataError, WordVocab, hf_dialogs, prepare
@@ -419,7 +420,6 @@ def test_eval_dialog_writes_json_and_png(trained, dialog_data, tmp_path):
 
 
 def test_gpt_trains_and_samples_on_the_word_vocabulary(dialog_data, tmp_path):
-    from conftest import tiny_train_config
     result = train.main(tiny_train_config(dialog_data, tmp_path, dataset="dialogs", max_iters=4, eval_interval=4))
     assert result["iter_num"] == 4
     samples = sample.main(chat_config(tmp_path, start="<user> my name is bob . <bot>", num_samples=1,
@@ -431,13 +431,9 @@ def test_gpt_trains_and_samples_on_the_word_vocabulary(dialog_data, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_dialog_training_equals_one_process(dialog_data, tmp_path):
-    import os
-    from test_train import _torchrun
     common = dict(gradient_accumulation_steps=2, batch_size=2)
     single = train.main(tiny_dialog_config(dialog_data, tmp_path / "one", **common))
-    args = [f"--{k}={v}" for k, v in {**tiny_dialog_settings(dialog_data, tmp_path / "two"), **common}.items()]
-    r = _torchrun(args, {**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun_train({**tiny_dialog_settings(dialog_data, tmp_path / "two"), **common})
     lines = [json.loads(l) for l in open(tmp_path / "two" / "metrics.jsonl")]
     ddp_losses = {l["iter"]: l["loss"] for l in lines if "loss" in l}
     assert sorted(ddp_losses) == list(range(6))  # the vocabulary grew on both ranks alike

@@ -1,8 +1,5 @@
 """The Memorizing Transformer layer, the document-contiguous loader, and kNN-LM."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 import train
-from conftest import ROOT, tiny_train_config
+from conftest import tiny_train_config, torchrun_train
 from memory import (KNNLM, KNNLMDatastore, KNNMemoryError, KNNSettings, MemorizingMemory, knnlm_log_probs,
                     last_mlp_input, memorizing_layer, mnm_block)
 from model import GPT, GPTConfig, load_checkpoint
@@ -294,10 +291,7 @@ def test_ddp_ranks_keep_separate_memories(short_docs, tmp_path):
                     dtype="float32", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=2, eval_iters=2,
                     log_interval=1, learning_rate=3e-3, warmup_iters=5, min_lr=3e-4, seed=1234, loader="docs",
                     knn_layer=1, knn_topk=4, knn_memory_size=64, **common)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "train.py", *[f"--{k}={v}" for k, v in settings.items()]], cwd=ROOT, capture_output=True,
-                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun_train(settings)
     lines = [json.loads(l) for l in open(tmp_path / "two" / "metrics.jsonl")]
     ddp_losses = {l["iter"]: l["loss"] for l in lines if "loss" in l}
     for it in range(6):  # rank 1's rows read rank 1's memories: a broadcast from rank 0 would change this

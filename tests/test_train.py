@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 
@@ -8,7 +7,7 @@ import torch
 
 import train
 from configurator import ConfigError
-from conftest import ROOT, tiny_train_config
+from conftest import ROOT, tiny_train_config, torchrun_train
 from model import CheckpointError, atomic_save, load_checkpoint
 
 
@@ -121,22 +120,13 @@ def test_wandb_offline(char_data, tmp_path, monkeypatch):
     assert any(p.name.startswith("offline-run") for p in (tmp_path / "wandb").iterdir())
 
 
-def _torchrun(args, env):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "train.py", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-
-
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one(char_data, tmp_path):
     common = dict(max_iters=10, gradient_accumulation_steps=4, batch_size=4, eval_interval=10)
     single = train.main(tiny_train_config(char_data, tmp_path / "one", **common))
-    args = [f"--{k}={v}" for k, v in dict(dataset="shakespeare_char", data_dir=char_data, out_dir=tmp_path / "two",
-                                          device="cpu", dtype="float32", n_layer=2, n_head=2, n_embd=32,
-                                          block_size=32, eval_iters=4, log_interval=1, learning_rate=3e-3,
-                                          warmup_iters=5, min_lr=3e-4, seed=1234, **common).items()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = _torchrun(args, env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun_train(dict(dataset="shakespeare_char", data_dir=char_data, out_dir=tmp_path / "two", device="cpu",
+                        dtype="float32", n_layer=2, n_head=2, n_embd=32, block_size=32, eval_iters=4, log_interval=1,
+                        learning_rate=3e-3, warmup_iters=5, min_lr=3e-4, seed=1234, **common))
     lines = [json.loads(l) for l in open(tmp_path / "two" / "metrics.jsonl")]
     ddp_losses = {l["iter"]: l["loss"] for l in lines if "loss" in l}
     assert sorted(ddp_losses) == list(range(10))
