@@ -1,19 +1,8 @@
 # Type 3 (mix over {current + k memories}, then r of the current value): the reference's sentiment
-# setting, layers 6-8. Offline: --init_from=path/to/save_pretrained_folder.
-init_from = "gpt2"
-eval = "sentiment"
-start = "\nCats are horrible"
-memory_text = "FILE:config/memories/cats_positive.txt"
-eval_seeds = 100
-max_new_tokens = 100
-temperature = 0.8
-top_k = 200
-out_dir = "out-gpt2-memory"
-eval_out = "out-gpt2-memory/type_3"
+# setting, layers 6-8; otherwise the Type 1 run of config/sample_gpt2_type_1_method.py.
+# Offline: --init_from=path/to/save_pretrained_folder.
+from pathlib import Path
 
-knn = [0, 0, 0, 0, 0, 0, 5, 5, 5, 0, 0, 0]  # layers 6, 7, 8
-bookkeeping_frac = 0.9
-mem_frac = 5.0
-knn_softmax_influence = 0.01
-resid_only = False
+exec((Path(__file__).parent / "sample_gpt2_type_1_method.py").read_text())
+eval_out = "out-gpt2-memory/type_3"
 resid_frac = 0.33
