@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from configurator import ConfigError, format_config, load_config
 from memory import KNNMemory, KNNSettings, FaissIndex, TorchIndex
 from model import GPT, GPTConfig
-from train import TrainConfig, autocast_context, resolve_device
+from train import TrainConfig, autocast_context, resolve_device, write_json
 
 
 @dataclass
@@ -500,10 +500,7 @@ def print_table(rows, value_header):
 
 
 def write_result(result, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
+    write_json(path, result)
     print(f"\nwrote {path}")
 
 

@@ -81,7 +81,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from model import Block, GPTConfig, atomic_save
+from model import Block, GPTConfig, atomic_save, atomic_write
 
 FORMAT_VERSION = 1
 BACKENDS = ("auto", "torch", "faiss-flat", "faiss-ivf", "faiss-ivfpq")
@@ -1516,15 +1516,12 @@ def save_conversation(path: str, state: dict, embedding, vocab: dict, extra: dic
     """A conversation's state as two files: PATH.safetensors (the memory's fast weights and the token
     embedding, which holds the rows of words added while chatting) and PATH.json (the vocabulary with
     its counts, and `extra`). Both are written atomically; no pickle."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     tensors = {f"memory.{k}": v.detach().contiguous().cpu() for k, v in state.items()}
     tensors["wte"] = embedding.detach().contiguous().cpu()
-    for name, write in ((f"{path}.safetensors", lambda p: save_file(tensors, p)),
-                        (f"{path}.json", lambda p: open(p, "w").write(json.dumps(
-                            {"format_version": FORMAT_VERSION, "vocab": vocab, **(extra or {})})))):
-        tmp = f"{name}.tmp"
-        write(tmp)
-        os.replace(tmp, name)
+    atomic_write(f"{path}.safetensors", lambda f: f.write(save(tensors)))
+    atomic_write(f"{path}.json", lambda f: json.dump({"format_version": FORMAT_VERSION, "vocab": vocab,
+                                                      **(extra or {})}, f), "w")
 
 
 def load_conversation(path: str, device="cpu"):

@@ -688,15 +688,21 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def atomic_save(obj, path: str):
-    """torch.save to a temp file in the same folder, fsync, then rename over `path`: a crash at
-    any point leaves either the old file or the new one, never a torn one."""
+def atomic_write(path: str, write, mode: str = "wb"):
+    """write(f) into a temp file in the same folder, fsync, then rename over `path`: a crash at any
+    point leaves either the old file or the new one, never a torn one. Every file the project writes
+    goes through here (checkpoints, results, plots, conversation states)."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
+    with open(tmp, mode) as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_save(obj, path: str):
+    """torch.save, atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:

@@ -36,7 +36,7 @@ from memory import (KNNLM, KNNLMDatastore, KNNMemory, KNNMemoryError, KNNSetting
 from model import GPT, CheckpointError, Seq2Seq, load_checkpoint, model_from_checkpoint
 from prepare import (DataError, WordVocab, check_meta_compatible, get_tokenizer, load_doc_starts, load_meta,
                      open_split)
-from train import autocast_context, grow_vocab, prune_vocab, resolve_device
+from train import autocast_context, grow_vocab, prune_vocab, resolve_device, save_figure, write_json
 
 
 @dataclass
@@ -175,23 +175,6 @@ def generate(model, prompt_ids: list[int], seeds: list[int], cfg: SampleConfig, 
                 new = new[:new.index(stop_token) + 1]
             out.append(new)
     return out
-
-
-def write_json(path: str, obj):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
-def save_figure(fig, path: str):
-    import matplotlib.pyplot as plt
-    tmp = path + ".tmp.png"
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_eval(cfg, source: str, result: dict, fig) -> dict:

@@ -36,7 +36,7 @@ from configurator import ConfigError, format_config
 from memory import DNC, DNCConfig, ReplayBuffer
 from model import GPT, GPTConfig, atomic_save, load_checkpoint
 from prepare import DataError, check_meta_compatible, load_meta, open_split
-from train import get_batch, get_lr, resolve_device
+from train import get_batch, get_lr, resolve_device, save_figure, write_json
 
 ALGORITHMIC = ("copy", "repeat_copy", "assoc_recall")
 CONTINUAL = ("pmnist", "lm_sequence")
@@ -113,22 +113,6 @@ def make_optimizer(cfg, model):
         return model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
     return torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                              weight_decay=cfg.weight_decay)
-
-
-def write_json(obj, path):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
-def save_figure(fig, path):
-    import matplotlib.pyplot as plt
-    tmp = f"{path}.tmp.png"
-    fig.tight_layout()
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def new_figure(ncols):
@@ -347,7 +331,7 @@ def train_algorithmic(cfg, device) -> dict:
     result = {"task": cfg.task, "params": params, "bits_wrong": final["bits"], "train_time_s": final["train_time_s"],
               "below_0.01_bits": target, "eval_sequences": cfg.eval_iters * cfg.batch_size,
               "iter_num": iter_num, "history": history, "settings": asdict(cfg)}
-    write_json(result, os.path.join(cfg.out_dir, "results.json"))
+    write_json(os.path.join(cfg.out_dir, "results.json"), result)
     fig, axes = new_figure(1)
     ax = axes[0][0]
     for name in models:
@@ -476,7 +460,7 @@ def report_continual(cfg, results, n_tasks, score_name, extra, names=None) -> di
         print(f"{method:>9}: mean {r['running_average'][-1]:.4f} | " + " ".join(f"{s:.3f}" for s in r["final"]))
     out = {"task": cfg.task, "score": score_name, "n_tasks": n_tasks, "methods": results, **extra,
            "settings": asdict(cfg)}
-    write_json(out, os.path.join(cfg.out_dir, "results.json"))
+    write_json(os.path.join(cfg.out_dir, "results.json"), out)
     fig, axes = new_figure(2)
     left, right = axes[0]
     for method, r in results.items():

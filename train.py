@@ -29,8 +29,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import ConfigError, format_config, load_config
 from memory import (MNM, MNM_SHAPE_KEYS, MNM_WRITES, add_memorizing_layer, add_mnm_block, memorizing_layer,
                     mnm_block)
-from model import (GPT, GPTConfig, CheckpointError, Seq2Seq, Seq2SeqConfig, atomic_save, load_checkpoint,
-                   model_args, model_from_checkpoint, remap_vocab, new_embedding_rows)
+from model import (GPT, GPTConfig, CheckpointError, Seq2Seq, Seq2SeqConfig, atomic_save, atomic_write,
+                   load_checkpoint, model_args, model_from_checkpoint, remap_vocab, new_embedding_rows)
 from prepare import DataError, WordVocab, check_meta_compatible, load_doc_starts, load_meta, open_split
 
 
@@ -381,6 +381,20 @@ def get_lr(it: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
+def write_json(path: str, obj):
+    """A result file (sample.py, tasks.py, bench.py), written atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: json.dump(obj, f, indent=1), "w")
+
+
+def save_figure(fig, path: str):
+    """A matplotlib figure as PNG, written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
 def plot_losses(metrics_path: str, png_path: str):
     """Training and validation loss against iteration, from metrics.jsonl."""
     import matplotlib
@@ -403,11 +417,7 @@ def plot_losses(metrics_path: str, png_path: str):
     ax.set_ylabel("loss")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    save_figure(fig, png_path)
 
 
 def main(cfg: TrainConfig) -> dict:
@@ -460,16 +470,16 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
     data_path = os.path.join(cfg.data_dir, cfg.dataset)
     meta = load_meta(data_path)
     splits = {s: open_split(data_path, s, meta) for s in ("train", "val")}
+    if (cfg.task == "dialog" or cfg.mnm_layer >= 0) and cfg.mnm_write not in MNM_WRITES:
+        raise ConfigError(f"mnm_write must be one of {MNM_WRITES}, got {cfg.mnm_write!r}")
     dialogs = vocab = None  # task='dialog': the dialogue batches and the elastic vocabulary
     if cfg.task == "dialog":
-        if cfg.memory not in ("mnm", "none") or cfg.mnm_write not in MNM_WRITES or cfg.mnm_read not in ("before", "after"):
-            raise ConfigError(f"memory must be 'mnm' or 'none' (got {cfg.memory!r}), mnm_write one of {MNM_WRITES} "
-                              f"(got {cfg.mnm_write!r}) and mnm_read 'before' or 'after' (got {cfg.mnm_read!r})")
+        if cfg.memory not in ("mnm", "none") or cfg.mnm_read not in ("before", "after"):
+            raise ConfigError(f"memory must be 'mnm' or 'none' (got {cfg.memory!r}) and mnm_read 'before' or "
+                              f"'after' (got {cfg.mnm_read!r})")
         dialogs = DialogBatches(data_path, cfg.seed, cfg.dialog_slots, cfg.block_size)
         vocab = WordVocab()  # starts with the special tokens; grows as the batches bring words
 
-    if cfg.mnm_layer >= 0 and cfg.mnm_write not in MNM_WRITES:
-        raise ConfigError(f"mnm_write must be one of {MNM_WRITES}, got {cfg.mnm_write!r}")
     # model
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     ckpt = None
