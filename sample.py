@@ -36,7 +36,7 @@ from memory import (KNNLM, KNNLMDatastore, KNNMemory, KNNMemoryError, KNNSetting
 from model import GPT, CheckpointError, Seq2Seq, load_checkpoint, model_from_checkpoint
 from prepare import (DataError, WordVocab, check_meta_compatible, get_tokenizer, load_doc_starts, load_meta,
                      open_split)
-from train import autocast_context, grow_vocab, prune_vocab, resolve_device, save_figure, write_json
+from train import autocast_context, grow_vocab, prune_vocab, pyplot, resolve_device, save_figure, write_json
 
 
 @dataclass
@@ -227,9 +227,7 @@ def eval_recall(cfg, model, tokenizer, meta, memory, gen_kwargs) -> dict:
     summary = {arm: sum(r[arm] for r in results) / len(results) for arm in arms}
     for arm in arms:
         print(f"{arm:>8}: hit rate {summary[arm]:.3f} over {len(results)} items x {len(seeds)} seeds")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     n = len(results) * len(seeds)
     errs = [(summary[a] * (1 - summary[a]) / n) ** 0.5 for a in arms]
@@ -262,9 +260,7 @@ def eval_sentiment(cfg, model, tokenizer, meta, memory, gen_kwargs) -> dict:
                      "samples": texts}
         print(f"{arm:>7}: median {med:+.3f}, IQR {q3 - q1:.3f}, mean {scores.mean().item():+.3f} "
               f"over {len(seeds)} seeds")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.boxplot([arms["plain"]["scores"], arms["memory"]["scores"]])
     ax.set_xticks([1, 2], ["no memory", "kNN memory"])
@@ -366,9 +362,7 @@ def eval_ppl(cfg, model, tokenizer, meta, memory, gen_kwargs):
     if cfg.eval_baseline:
         base, *_ = load_model("resume", cfg.eval_baseline, device)
         score("baseline", base, 0)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     mem_rows = [r for r in rows if r["model"] == "memory" and r["memory"] > 0]
     ax.plot([r["memory"] for r in mem_rows], [r["ppl"] for r in mem_rows], "o-", label="memorizing layer")
@@ -439,9 +433,7 @@ def eval_knnlm(cfg, model, tokenizer, meta, memory, gen_kwargs):
     # kNN-LM time: the same forward pass, the search, and the mix for every lambda
     speed = {"plain_tok_s": n / seconds["plain"], "knnlm_tok_s": n / seconds["knnlm"]}
     print(f"scoring speed: plain {speed['plain_tok_s']:,.0f} tok/s, kNN-LM {speed['knnlm_tok_s']:,.0f} tok/s")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.plot([r["lambda"] for r in rows], [r["ppl"] for r in rows], "o-")
     ax.set_xlabel("lambda (weight of p_kNN)")
@@ -574,9 +566,7 @@ def eval_dialog(cfg, model, vocab, test_file):
         for v, acc in summary[key].items():
             print(f"  {key}={v}: recall with memory {acc['memory']['recall']:.3f}, without "
                   f"{acc['no_memory']['recall']:.3f} ({acc['memory']['n']} questions)")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(18, 4), sharey=True)
     panels = [("overall and by attribute", {"all": summary["all"], **summary["attribute"]}),
               ("by number of facts", summary["n_facts"]), ("by turns from fact to question (6 = 6+)",

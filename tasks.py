@@ -36,7 +36,7 @@ from configurator import ConfigError, format_config
 from memory import DNC, DNCConfig, ReplayBuffer
 from model import GPT, GPTConfig, atomic_save, load_checkpoint
 from prepare import DataError, check_meta_compatible, load_meta, open_split
-from train import get_batch, get_lr, resolve_device, save_figure, write_json
+from train import get_batch, get_lr, pyplot, resolve_device, save_figure, write_json
 
 ALGORITHMIC = ("copy", "repeat_copy", "assoc_recall")
 CONTINUAL = ("pmnist", "lm_sequence")
@@ -116,9 +116,7 @@ def make_optimizer(cfg, model):
 
 
 def new_figure(ncols):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     return plt.subplots(1, ncols, figsize=(6 * ncols, 4), squeeze=False)
 
 

@@ -381,6 +381,14 @@ def get_lr(it: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend: plots are written on machines without a display."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def write_json(path: str, obj):
     """A result file (sample.py, tasks.py, bench.py), written atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -389,17 +397,14 @@ def write_json(path: str, obj):
 
 def save_figure(fig, path: str):
     """A matplotlib figure as PNG, written atomically; the figure is closed."""
-    import matplotlib.pyplot as plt
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def plot_losses(metrics_path: str, png_path: str):
     """Training and validation loss against iteration, from metrics.jsonl."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     train, evals = [], []
     with open(metrics_path) as f:
         for line in f:
