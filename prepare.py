@@ -162,7 +162,7 @@ class WordVocab:
 
     def encode(self, text):
         """Ids of the words; a word not in the vocabulary becomes <unk> (add() it first to keep it)."""
-        return [self.stoi.get(w, self.unk) for w in self.tokenize(text)]
+        return self.encode_words(self.tokenize(text))
 
     def encode_batch(self, texts):
         return [self.encode(t) for t in texts]
