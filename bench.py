@@ -33,9 +33,10 @@ import torch
 from torch.nn import functional as F
 
 from configurator import ConfigError, format_config, load_config
-from memory import KNNMemory, KNNSettings, FaissIndex, TorchIndex
+from common import autocast_context, resolve_device, write_json
+from knn import KNNMemory, KNNSettings, FaissIndex, TorchIndex
 from model import GPT, GPTConfig
-from train import TrainConfig, autocast_context, resolve_device, write_json
+from train import TrainConfig
 
 
 @dataclass
@@ -270,7 +271,8 @@ def bench_knn(model, cfg, device, dtype) -> tuple[dict, list]:
 def bench_memorizing(cfg, device, dtype, vocab_size) -> tuple[dict, list]:
     """Training with a memorizing layer (memory full: every step searches knn_memory_size entries per row
     and head, then appends its window) vs without; kNN-LM scoring vs plain scoring."""
-    from memory import KNNLMDatastore, knnlm_log_probs, last_mlp_input, memorizing_layer
+    from knn import KNNLMDatastore, knnlm_log_probs, last_mlp_input
+    from memory import MemoryConfig, attach_memories, memorizing_layer
     rows, res = Rows(), {}
     shape = dict(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                  n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)
@@ -281,7 +283,7 @@ def bench_memorizing(cfg, device, dtype, vocab_size) -> tuple[dict, list]:
     for label, extra in (("plain", {}), ("memorizing", layer),
                          ("memorizing_bf16", {**layer, "knn_search_dtype": "bfloat16"})):
         torch.manual_seed(cfg.seed)
-        model = GPT(GPTConfig(**shape, **extra)).to(device)
+        model = attach_memories(GPT(GPTConfig(**shape)), MemoryConfig(**extra)).to(device)
         mem = memorizing_layer(model)
         if mem is not None:  # fill every row's memory with random entries (cost depends on the size only)
             mem.reset(cfg.batch_size)
@@ -328,7 +330,7 @@ def naive_dnc_forward(dnc, x):
     """The DNC's documented equations written out one sample and one read head at a time, the
     way a straightforward port does it: the speed baseline for memory.DNC, and an independent
     check of its numbers in the tests. Shares dnc's controller and layers; dense links only."""
-    from memory import DNC_EPS
+    from dnc import DNC_EPS
     c = dnc.cfg
     B, T, _ = x.shape
     N, W, R = c.memory_slots, c.word_size, c.read_heads
@@ -406,7 +408,7 @@ def time_forward_backward(forward, x, iters, device):
 
 
 def bench_dnc(cfg: BenchConfig, device: str) -> dict:
-    from memory import DNC
+    from dnc import DNC
     from tasks import ALGORITHMIC, dnc_config
     if cfg.task not in ALGORITHMIC:
         raise ConfigError(f"bench.py times the GPT (task='lm') or the DNC of task {', '.join(ALGORITHMIC)}; "

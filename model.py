@@ -26,8 +26,7 @@ the model's parameters and state_dict; a plain callable (a kNN store) does not.
 
 import inspect
 import math
-import os
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -43,22 +42,6 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # True: bias in Linears and LayerNorms, like GPT-2
-    # Memorizing Transformer layer (memory.MemorizingMemory): kNN attention over each batch row's past
-    # windows at this layer; -1 = none
-    knn_layer: int = -1
-    knn_topk: int = 32  # memory entries each query attends to
-    knn_memory_size: int = 16384  # entries kept per batch row and head, first in first out
-    # the dtype retrieval scores in: 'bfloat16' ranks about 2x faster on CPUs with AVX512-BF16 or AMX (and
-    # on GPUs), at the price of near-ties ranking differently; the attention over what is retrieved stays
-    # in the model's dtype
-    knn_search_dtype: str = "float32"
-    # metalearned neural memory (memory.MNMBlock) after this layer's block, written window by window with
-    # each batch row's document; -1 = none. The same fields shape the seq2seq chatbot's memory.
-    mnm_layer: int = -1
-    mnm_heads: int = 4
-    mnm_key_size: int = 32
-    mnm_hidden: int = 64  # width of the fast-weight MLP's hidden layer, per head
-    mnm_write: str = "local"  # 'local' (learned local rule), 'grad' (gradient step), 'titans' (momentum + forgetting)
 
 
 class KVCache:
@@ -176,6 +159,29 @@ class Block(nn.Module):
         return x
 
 
+def init_weights(module):
+    """GPT-2's init: N(0, 0.02) for Linear and Embedding weights, zero biases."""
+    if isinstance(module, nn.Linear):
+        torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+
+def configure_optimizers(model, weight_decay, learning_rate, betas, device_type):
+    """AdamW with weight decay on 2-D tensors only (matmul weights, embeddings), never on
+    biases and LayerNorm gains; fused kernel on CUDA when this torch has it."""
+    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    extra = dict(fused=True) if fused else dict()
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+
+
 def scale_residual_init(model, n_layer):
     """GPT-2 scales the init of residual projections by 1/sqrt(number of residual layers)."""
     for pn, p in model.named_parameters():
@@ -222,24 +228,11 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying: https://paperswithcode.com/method/weight-tying
         self.transformer.wte.weight = self.lm_head.weight
-        if config.knn_layer >= 0:
-            from memory import add_memorizing_layer  # memory.py builds on this module
-            add_memorizing_layer(self, config.knn_layer, config.knn_topk, config.knn_memory_size,
-                                 config.knn_search_dtype)
-        self.apply(self._init_weights)
+        self.apply(init_weights)
         scale_residual_init(self, config.n_layer)
-        if config.mnm_layer >= 0:  # after the init: models without it draw the same weights as before
-            from memory import add_mnm_block
-            add_mnm_block(self, config.mnm_layer, config.mnm_heads, config.mnm_key_size, config.mnm_hidden,
-                          config.mnm_write)
-
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        # arguments of the trainable memories memory.py attaches from outside (a memorizing layer, an MNM
+        # block); checkpoints keep them beside the model's own arguments
+        self.memory_args = {}
 
     def get_num_params(self, non_embedding=True):
         """Parameter count; position embeddings are left out by default, as in the
@@ -333,16 +326,7 @@ class GPT(nn.Module):
         return model
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on 2-D tensors only (matmul weights, embeddings), never on
-        biases and LayerNorm gains; fused kernel on CUDA when this torch has it."""
-        params = [p for p in self.parameters() if p.requires_grad]  # tied weights appear once
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        extra = dict(fused=True) if fused else dict()
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+        return configure_optimizers(self, weight_decay, learning_rate, betas, device_type)
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H Q T."""
@@ -370,10 +354,6 @@ class GPT(nn.Module):
         then shift every step, so from there on each step is one full forward pass of the
         cropped window (exactly what recomputation would do, with no cache benefit).
         """
-        if self.config.knn_layer >= 0 or self.config.mnm_layer >= 0:  # per-row memories of earlier windows
-            from memory import generate_with_memory
-            return generate_with_memory(self, idx, max_new_tokens, temperature, top_k, top_p, stop_token,
-                                        generators, use_cache)
         B = idx.size(0)
         block_size = self.config.block_size
         # memories that rewrite earlier positions (memory.recompute) need the layers from the
@@ -433,298 +413,3 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generators=None
 
 
 # -----------------------------------------------------------------------------
-# seq2seq: an encoder-decoder built from the GPT's blocks, for turn-by-turn dialogue with a memory
-
-@dataclass
-class Seq2SeqConfig(GPTConfig):
-    """n_layer counts decoder blocks; block_size is the longest utterance or reply, in tokens."""
-    model_type: str = "seq2seq"
-    n_enc_layer: int = 2
-    memory: str = "none"  # 'none' or 'mnm' (memory.MNM, between the turns of a conversation; mnm_* shape it)
-    mnm_read: str = "before"  # a turn reads the memory 'before' or 'after' its own write
-    mnm_tbptt: int = 0  # > 0: training cuts the gradient through the memory every this many turns
-
-
-class CrossAttention(nn.Module):
-    """Decoder queries over the encoder's outputs (and the memory's reads), padding masked."""
-
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.c_kv = nn.Linear(config.n_embd, 2 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
-
-    def heads(self, x):
-        B, T, C = x.size()
-        return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-
-    def kv(self, enc):
-        """Keys and values of the encoder side, (B, nh, S, hs) each: computed once per turn."""
-        return tuple(map(self.heads, self.c_kv(enc).split(enc.size(-1), dim=2)))
-
-    def forward(self, x, kv, mask):
-        B, T, C = x.size()
-        dropout_p = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(self.heads(self.c_q(x)), *kv, attn_mask=mask, dropout_p=dropout_p)
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
-
-
-class DecoderBlock(Block):
-    """A GPT block (causal self-attention, MLP) with cross-attention between the two."""
-
-    def __init__(self, config: GPTConfig, layer_idx: int):
-        super().__init__(config, layer_idx)
-        self.ln_3 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.cross_attn = CrossAttention(config)
-
-    def forward(self, x, cross_kv, cross_mask, cache: KVCache | None = None):
-        x = x + self.attn(self.ln_1(x), cache)
-        x = x + self.cross_attn(self.ln_3(x), cross_kv, cross_mask)
-        x = x + self.mlp(self.ln_2(x))
-        return x
-
-
-class Seq2Seq(GPT):
-    """Encoder-decoder over conversation turns: the encoder (bidirectional GPT blocks) reads only the
-    user's current utterance; the decoder (causal GPT blocks + cross-attention) writes the reply. With
-    memory='mnm' the encoder's outputs are written into a metalearned memory whose fast weights persist
-    from turn to turn, and read back through the just-written weights; the decoder attends to the
-    encoder outputs and to those reads. Nothing else carries over between turns, so what the bot knows
-    of earlier turns went through the memory.
-
-    Token embeddings are tied to the output layer. `slots` (B, K, n_embd), optional, are extra embedding
-    rows per batch row, addressed as ids vocab_size .. vocab_size + K - 1 in inputs and scored as extra
-    logits: the trainer fills them with fresh random rows for the fact words of each dialogue.
-    Shares GPT's initialisation, optimizer set-up and FLOP accounting."""
-
-    def __init__(self, config: Seq2SeqConfig):
-        nn.Module.__init__(self)
-        self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),  # encoder and decoder positions alike
-            drop=nn.Dropout(config.dropout),
-            enc=nn.ModuleList([Block(config, i) for i in range(config.n_enc_layer)]),
-            ln_enc=nn.LayerNorm(config.n_embd, bias=config.bias),
-            h=nn.ModuleList([DecoderBlock(config, i) for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
-        for block in self.transformer.enc:
-            block.attn.causal = False
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight
-        self.memory = None
-        if config.memory == "mnm":
-            from memory import MNM  # memory.py builds on this file
-            self.memory = MNM(config.n_embd, config.mnm_heads, config.mnm_key_size, config.mnm_hidden,
-                              config.mnm_write, pool=True)
-            # reads are normalised like the encoder's outputs they sit beside: the decoder sees them at
-            # full scale from the first step, however small the memory's output starts
-            self.transformer.ln_mem = nn.LayerNorm(config.n_embd, bias=config.bias)
-        elif config.memory != "none":
-            raise ValueError(f"memory must be 'none' or 'mnm', got {config.memory!r}")
-        if config.mnm_read not in ("before", "after"):
-            raise ValueError(f"mnm_read must be 'before' or 'after', got {config.mnm_read!r}")
-        self.apply(self._init_weights)
-        scale_residual_init(self, config.n_layer + config.n_enc_layer)
-        if self.memory is not None:
-            self.memory.match_read_keys()
-
-    def embed(self, idx, slots=None, start=0):
-        """(B, T) ids at positions start.. -> (B, T, n_embd) token + position embeddings; ids >=
-        vocab_size index slots."""
-        V = self.transformer.wte.weight.size(0)
-        tok = self.transformer.wte(idx.clamp(max=V - 1))
-        if slots is not None:
-            slot = torch.gather(slots, 1, (idx - V).clamp(min=0)[..., None].expand(*idx.shape, slots.size(-1)))
-            tok = torch.where((idx >= V)[..., None], slot, tok)
-        pos = torch.arange(start, start + idx.size(1), device=idx.device)
-        return self.transformer.drop(tok + self.transformer.wpe(pos))
-
-    def logits(self, x, slots=None):
-        """Tied output layer: (B, T, vocab_size [+ K])."""
-        logits = self.lm_head(x)
-        if slots is not None:
-            logits = torch.cat([logits, x @ slots.transpose(1, 2)], dim=-1)
-        return logits
-
-    def encode(self, src, slots=None):
-        """src (B, S) user utterances, padded -> outputs (B, S, n_embd), mask (B, S) of real tokens."""
-        if src.size(1) > self.config.block_size:
-            raise ValueError(f"an utterance of {src.size(1)} tokens is longer than block_size {self.config.block_size}")
-        mask = src != PAD_ID
-        mask[:, 0] = True  # an empty (padding) turn still attends somewhere
-        x = self.embed(src, slots)
-        for block in self.transformer.enc:
-            x = block(x, mask=mask[:, None, None, :])
-        return self.transformer.ln_enc(x), mask
-
-    def initial_state(self, batch_size):
-        """The memory state at the start of a conversation (the learned initial fast weights, one copy
-        per batch row); {} without a memory."""
-        return self.memory.initial_state(batch_size) if self.memory is not None else {}
-
-    def remember(self, enc, mask, state, valid=None, persist=True):
-        """Write this turn's encoder outputs into the memory, then read it. Returns what the decoder
-        attends to, (B, S [+ S], n_embd), its mask, the new state and the write loss. persist=False is
-        the no-memory baseline: every turn starts again from the initial fast weights."""
-        if self.memory is None:
-            return enc, mask, state, enc.new_zeros(())
-        if not persist:
-            state = self.initial_state(enc.size(0))
-        reads, state, write_loss = self.memory(enc, mask, state, valid, read_first=self.config.mnm_read == "before")
-        return torch.cat([enc, self.transformer.ln_mem(reads)], dim=1), torch.cat([mask, mask], dim=1), state, write_loss
-
-    def decode(self, tgt, cross, cross_mask, slots=None, cache: KVCache | None = None, cross_kv=None):
-        """tgt (B, T) reply tokens so far (starting with <bos>) -> logits (B, T, V [+ K])."""
-        start = cache.pos if cache is not None else 0
-        if start + tgt.size(1) > self.config.block_size:
-            raise ValueError(f"a reply of {start + tgt.size(1)} tokens is longer than block_size {self.config.block_size}")
-        cross_kv = cross_kv or [block.cross_attn.kv(cross) for block in self.transformer.h]
-        x = self.embed(tgt, slots, start)
-        m = cross_mask[:, None, None, :]
-        for block, kv in zip(self.transformer.h, cross_kv):
-            x = block(x, kv, m, cache)
-        if cache is not None:
-            cache.pos += tgt.size(1)
-        return self.logits(self.transformer.ln_f(x), slots)
-
-    def forward(self, src, tgt, targets=None, slots=None):
-        """A batch of whole dialogues: src (B, N, S) user turns, tgt (B, N, T) replies starting with <bos>,
-        targets (B, N, T) the replies shifted (-1 = ignored). Turns run in order through the memory.
-        Returns (logits (B, N, T, V [+ K]), loss): mean reply cross entropy + the memory's write loss."""
-        B, N, S = src.shape
-        rows = lambda t: t.repeat_interleave(N, dim=0) if t is not None else None  # per dialogue -> per turn
-        enc, mask = self.encode(src.reshape(B * N, S), rows(slots))  # turns do not see each other
-        enc, mask = enc.view(B, N, S, -1), mask.view(B, N, S)
-        valid = (src != PAD_ID).any(-1)  # (B, N): turns that exist
-        state, cross, cross_mask, write_losses = self.initial_state(B), [], [], []
-        tbptt = self.config.mnm_tbptt
-        for n in range(N):
-            if tbptt and n and n % tbptt == 0:
-                state = {k: v.detach() for k, v in state.items()}
-            c, cm, state, wl = self.remember(enc[:, n], mask[:, n], state, valid[:, n])
-            cross.append(c)
-            cross_mask.append(cm)
-            write_losses.append(wl)
-        cross = torch.stack(cross, 1).flatten(0, 1)  # (B * N, S', n_embd)
-        cross_mask = torch.stack(cross_mask, 1).flatten(0, 1)
-        logits = self.decode(tgt.reshape(B * N, -1), cross, cross_mask, rows(slots))
-        logits = logits.view(B, N, tgt.size(-1), -1)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.flatten(0, 2), targets.reshape(-1), ignore_index=-1)
-        if self.memory is not None:
-            loss = loss + self.memory.write_loss_weight * torch.stack(write_losses).mean()
-        return logits, loss
-
-    @torch.no_grad()
-    def reply(self, cross, cross_mask, max_new_tokens, temperature=0.0, top_k=None, generators=None,
-              use_cache=True):
-        """Reply tokens (B, <= max_new_tokens) to one turn, after <bos>, ending with <eos> (rows that
-        finished early are padded with <eos>). With the KV cache it equals recomputing every step."""
-        B = cross.size(0)
-        cross_kv = [block.cross_attn.kv(cross) for block in self.transformer.h]
-        idx = torch.full((B, 1), BOS_ID, dtype=torch.long, device=cross.device)
-        done = torch.zeros(B, dtype=torch.bool, device=cross.device)
-        cache = KVCache(self.config, B, cross.device, cross.dtype) if use_cache else None
-        for _ in range(min(max_new_tokens, self.config.block_size)):
-            new = idx[:, -1:] if cache is not None and cache.pos else idx
-            logits = self.decode(new, cross, cross_mask, cache=cache, cross_kv=cross_kv)
-            idx, finished = append_next(idx, logits[:, -1], done, temperature, top_k, None, EOS_ID, generators)
-            if finished:
-                break
-        return idx[:, 1:]
-
-    def generate(self, *args, **kwargs):
-        raise TypeError("a seq2seq model answers turns: use encode, remember and reply (sample.py mode='chat')")
-
-
-# the WordVocab's special ids (prepare.SPECIALS): padding, start and end of a reply
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
-
-
-def new_embedding_rows(weight, n, generator=None):
-    """The init rule for the rows of new words: N(0, s^2), s the RMS of the existing embedding, so a new
-    word starts at the scale of the words the model knows. The trainer draws a dialogue's slot rows
-    by the same rule, which is what lets the model copy a word it meets for the first time."""
-    s = weight.detach().float().pow(2).mean().sqrt()
-    rows = torch.randn(n, weight.size(1), generator=generator, device=generator.device if generator else "cpu")
-    return (rows.to(weight.device) * s).to(weight.dtype)
-
-
-@torch.no_grad()
-def remap_vocab(model, keep, n_new=0, optimizer=None, generator=None):
-    """Rebuild the tied token embedding (transformer.wte = lm_head) as the old rows `keep`, in that
-    order, followed by n_new rows from new_embedding_rows. keep = range(V) grows the vocabulary (every
-    old row and so every old logit stays exactly as it was); a subset prunes it. The optimizer's
-    per-row state (AdamW's exp_avg and exp_avg_sq) is remapped the same way, zeros for new rows, and
-    the new Parameter takes the old one's place in its param group and state."""
-    old = model.transformer.wte.weight
-    keep = torch.as_tensor(keep, dtype=torch.long, device=old.device)
-    new = nn.Parameter(torch.cat([old[keep], new_embedding_rows(old, n_new, generator)]))
-    model.transformer.wte.weight = new
-    model.lm_head.weight = new
-    model.config.vocab_size = new.size(0)
-    if optimizer is not None:
-        for group in optimizer.param_groups:
-            group["params"] = [new if p is old else p for p in group["params"]]
-        state = optimizer.state.pop(old, None)
-        if state is not None:
-            for k, v in state.items():
-                if torch.is_tensor(v) and v.shape == old.shape:
-                    state[k] = torch.cat([v[keep], v.new_zeros(n_new, v.size(1))])
-            optimizer.state[new] = state
-    return new
-
-
-# -----------------------------------------------------------------------------
-# checkpoints: atomic writes, safe loads, clear errors
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def atomic_write(path: str, write, mode: str = "wb"):
-    """write(f) into a temp file in the same folder, fsync, then rename over `path`: a crash at any
-    point leaves either the old file or the new one, never a torn one. Every file the project writes
-    goes through here (checkpoints, results, plots, conversation states)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_save(obj, path: str):
-    """torch.save, atomically."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint written by train.py (tensors and plain Python only: weights_only)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at {path}: train first, or set out_dir to the folder holding ckpt.pt")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}); "
-                              "restore it from a copy or start again with init_from='scratch'") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise CheckpointError(f"{path} is not a mnemo checkpoint (no 'model'/'model_args' entries)")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict, **overrides) -> GPT:
-    args = {**ckpt["model_args"], **overrides}
-    model = Seq2Seq(Seq2SeqConfig(**args)) if args.get("model_type") == "seq2seq" else GPT(GPTConfig(**args))
-    model.load_state_dict(ckpt["model"])
-    return model
-
-
-def model_args(model: GPT) -> dict:
-    return asdict(model.config)

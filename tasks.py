@@ -16,7 +16,7 @@ Writes metrics.jsonl, results.json, bits.png and ckpt.pt to out_dir.
 Continual learning ('pmnist', 'lm_sequence'): tasks come one after another, max_iters
 iterations each. Every method in `methods` starts from the same initial weights and sees the
 same batches: 'finetune' just keeps training, 'ewc' adds elastic weight consolidation,
-'replay' mixes stored examples of earlier tasks into every batch (memory.ReplayBuffer).
+'replay' mixes stored examples of earlier tasks into every batch (ReplayBuffer).
 After each task every task is evaluated; results.json holds the whole matrix and
 continual.png plots the last row and the running average.
 """
@@ -32,11 +32,13 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from checkpoint import load_checkpoint
+from common import atomic_save, get_lr, pyplot, resolve_device, save_figure, write_json
 from configurator import ConfigError, format_config
-from memory import DNC, DNCConfig, ReplayBuffer
-from model import GPT, GPTConfig, atomic_save, load_checkpoint
+from data import get_batch
+from dnc import DNC, DNCConfig
+from model import GPT, GPTConfig
 from prepare import DataError, check_meta_compatible, load_meta, open_split
-from train import get_batch, get_lr, pyplot, resolve_device, save_figure, write_json
 
 ALGORITHMIC = ("copy", "repeat_copy", "assoc_recall")
 CONTINUAL = ("pmnist", "lm_sequence")
@@ -348,6 +350,56 @@ def train_algorithmic(cfg, device) -> dict:
 
 # -----------------------------------------------------------------------------
 # continual learning: EWC and the shared protocol
+
+class ReplayBuffer:
+    """Up to `capacity` stored examples, each a row of one or more tensors (say an image and its
+    label), kept on the device they arrive on.
+
+    policy 'ring': the newest examples overwrite the oldest. 'reservoir' (Vitter's algorithm R):
+    after n examples were offered, each of them is in the buffer with the same probability
+    capacity / n, so old tasks keep their share. sample(n) draws uniformly, with replacement,
+    from the filled slots only: an unfilled slot is never returned."""
+
+    def __init__(self, capacity: int, policy: str = "ring", seed: int = 0):
+        if capacity < 1 or policy not in ("ring", "reservoir"):
+            raise ValueError(f"ReplayBuffer needs capacity >= 1 and policy 'ring' or 'reservoir', "
+                             f"got {capacity}, {policy!r}")
+        self.capacity, self.policy = capacity, policy
+        self.slots = None  # one (capacity, ...) tensor per field, allocated by the first add
+        self.filled = 0  # slots 0..filled-1 hold examples
+        self.seen = 0  # examples offered so far
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self):
+        return self.filled
+
+    def add(self, *rows):
+        """Offer examples: tensors with the same number of rows, the same fields every call."""
+        n = rows[0].size(0)
+        if self.slots is None:
+            self.slots = [torch.zeros((self.capacity, *r.shape[1:]), dtype=r.dtype, device=r.device) for r in rows]
+        if len(rows) != len(self.slots) or any(r.size(0) != n or r.shape[1:] != s.shape[1:] or r.dtype != s.dtype
+                                               for r, s in zip(rows, self.slots)):
+            raise ValueError("ReplayBuffer.add: every call must give the same fields, each with rows of the "
+                             f"stored shape and dtype ({[(tuple(s.shape[1:]), s.dtype) for s in self.slots]})")
+        for i in range(n):  # one at a time: a later example may replace an earlier one of the same call
+            if self.policy == "ring":
+                dest = self.seen % self.capacity
+            else:
+                dest = self.seen if self.seen < self.capacity else int(self.rng.integers(0, self.seen + 1))
+            if dest < self.capacity:
+                for s, r in zip(self.slots, rows):
+                    s[dest] = r[i]
+            self.seen += 1
+        self.filled = min(self.capacity, self.seen)
+
+    def sample(self, n: int):
+        """n stored examples drawn uniformly from the filled slots: a tuple of (n, ...) tensors."""
+        if self.filled == 0:
+            raise ValueError("ReplayBuffer.sample: the buffer is empty; add examples first")
+        idx = torch.from_numpy(self.rng.integers(0, self.filled, size=n)).to(self.slots[0].device)
+        return tuple(s[idx] for s in self.slots)
+
 
 def fisher_diagonal(model, loss_fn, inputs, generator=None, chunk_size=128) -> dict:
     """Diagonal Fisher information, E[(d log p(y|x) / d theta)^2] over inputs with y drawn from the

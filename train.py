@@ -26,12 +26,16 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from chat import DialogBatches, Seq2Seq, Seq2SeqConfig, grow_vocab, prune_vocab
+from checkpoint import CheckpointError, load_checkpoint, memory_args, model_args, model_from_checkpoint
+from common import (atomic_save, atomic_write, autocast_context, ddp_info, get_lr, get_rng_state, print0, pyplot,
+                    resolve_device, save_figure, seeded_generator, set_rng_state)
 from configurator import ConfigError, format_config, load_config
-from memory import (MNM, MNM_SHAPE_KEYS, MNM_WRITES, add_memorizing_layer, add_mnm_block, memorizing_layer,
-                    mnm_block)
-from model import (GPT, GPTConfig, CheckpointError, Seq2Seq, Seq2SeqConfig, atomic_save, atomic_write,
-                   load_checkpoint, model_args, model_from_checkpoint, remap_vocab, new_embedding_rows)
+from data import DocStream, batch_offsets, get_batch
+from memory import MNM, MNMBlock, MemoryConfig, attach_memories, mnm_block, row_memories
+from model import GPT, GPTConfig
 from prepare import DataError, WordVocab, check_meta_compatible, load_doc_starts, load_meta, open_split
+import tasks  # the DNC's algorithmic tasks and continual learning (task != 'lm')
 
 
 @dataclass
@@ -141,265 +145,13 @@ class TrainConfig:
 
 
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
+MNM_SHAPE_KEYS = ("mnm_heads", "mnm_key_size", "mnm_hidden", "mnm_write")
+
+
+def memory_config(cfg) -> MemoryConfig:
+    return MemoryConfig(**{k: getattr(cfg, k) for k in MemoryConfig.__dataclass_fields__})
 DIALOG_ARCH_KEYS = ("n_enc_layer", "memory", "mnm_heads", "mnm_key_size", "mnm_hidden", "mnm_write", "mnm_read")
 
-
-# -----------------------------------------------------------------------------
-# distributed helpers
-
-def ddp_info():
-    """(is_ddp, rank, local_rank, world_size) from torchrun's environment."""
-    if int(os.environ.get("RANK", -1)) == -1:
-        return False, 0, 0, 1
-    return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-
-
-def print0(*args, **kwargs):
-    """print on rank 0 only."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)
-
-
-def resolve_device(device: str, dtype: str):
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype = "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
-    return device, dtype
-
-
-def autocast_context(device: str, dtype: str):
-    if dtype == "float32":
-        return nullcontext()
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
-
-
-# -----------------------------------------------------------------------------
-# data: batches as a pure function of (seed, stream, index)
-
-def get_batch(data, rows, block_size, device):
-    """rows: start offsets. Returns x, y (len(rows), block_size) int64 on device."""
-    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in rows]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in rows]).astype(np.int64))
-    if device.startswith("cuda"):
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
-
-
-class DocStream:
-    """Document-contiguous batches. Global row g of the n_rows rows of a global batch reads the
-    documents order[g], order[g + n_rows], order[g + 2 n_rows], ... (order is a permutation drawn
-    from seed, or the file's order when shuffle is False), so the rows share out every document
-    once, then start their lists again. Each document is read from its start, one window of
-    block_size after another: at iteration i a row reads the i-th window of its endless sequence.
-    Windows never cross a document end; the last one of a document is padded (targets -1, ignored
-    by the loss). Like batch_offsets, a pure function of (seed, iteration): resumed runs and any
-    world size read the same rows."""
-
-    def __init__(self, data, starts, n_rows: int, block_size: int, seed: int, shuffle: bool = True):
-        self.data, self.T = data, block_size
-        ends = np.r_[starts[1:], len(data)]
-        keep = ends - starts >= 2  # a document needs a token to predict
-        self.starts, self.ends = starts[keep], ends[keep]
-        if len(self.starts) == 0:
-            raise DataError("no document has two tokens or more: prepare a dataset of longer documents")
-        self.windows = -(-(self.ends - self.starts - 1) // block_size)  # per document, ceil((len - 1) / T)
-        n = len(self.starts)
-        if n < n_rows:
-            raise DataError(f"{n} documents for {n_rows} batch rows (gradient_accumulation_steps x batch_size): "
-                            "every row needs a document of its own; use fewer rows or more documents")
-        order = np.random.default_rng([seed, 3]).permutation(n) if shuffle else np.arange(n)
-        self.docs = [order[g::n_rows] for g in range(n_rows)]
-        self.cum = [np.r_[0, np.cumsum(self.windows[d])] for d in self.docs]  # windows before each document
-
-    def locate(self, it: int, row: int):
-        """(document, window within it) that global row `row` reads at iteration it."""
-        cum = self.cum[row]
-        r = it % cum[-1]
-        j = int(np.searchsorted(cum, r, side="right")) - 1
-        return int(self.docs[row][j]), int(r - cum[j])
-
-    def batch(self, it: int, rows, device: str):
-        """x, y (len(rows), T) on device, and last (len(rows),) bool: the window ends its document."""
-        T = self.T
-        x = np.zeros((len(rows), T), dtype=np.int64)
-        y = np.full((len(rows), T), -1, dtype=np.int64)
-        last = np.zeros(len(rows), dtype=bool)
-        for i, g in enumerate(rows):
-            doc, w = self.locate(it, g)
-            a = self.starts[doc] + w * T
-            n = min(T, self.ends[doc] - 1 - a)  # positions with a next token in this document
-            x[i, :n] = self.data[a:a + n]
-            y[i, :n] = self.data[a + 1:a + 1 + n]
-            last[i] = w == self.windows[doc] - 1
-        x, y = torch.from_numpy(x), torch.from_numpy(y)
-        if device.startswith("cuda"):
-            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.to(device), y.to(device), torch.from_numpy(last)
-
-
-def batch_offsets(seed: int, stream: int, index: int, n_rows: int, data_len: int, block_size: int):
-    """Start offsets of the `index`-th batch of a stream (0 = training iterations, 1 = train-split
-    eval, 2 = val-split eval): the same numbers on every rank and on every restart."""
-    if data_len <= block_size:
-        raise DataError(f"the split has {data_len} tokens, fewer than block_size + 1 = {block_size + 1}: "
-                        "lower block_size or prepare more data")
-    rng = np.random.default_rng([seed, stream, index])
-    return rng.integers(0, data_len - block_size, size=n_rows)
-
-
-# -----------------------------------------------------------------------------
-# dialogue batches (task='dialog') and the elastic vocabulary they grow
-
-def seeded_generator(*key) -> torch.Generator:
-    """A torch generator that is a pure function of key (ints): what resumed and DDP runs redraw."""
-    return torch.Generator().manual_seed(int(np.random.default_rng(list(key)).integers(2**62)))
-
-
-class DialogBatches:
-    """Whole dialogues from data_path/dialogs_{train,val}.jsonl, drawn as a pure function of
-    (seed, stream, index), turned into Seq2Seq inputs by the elastic vocabulary. The fact words of
-    each dialogue (its "entities") are swapped for slot ids with fresh random embedding rows, drawn by
-    the rule new words get (model.new_embedding_rows): the model cannot learn those words by heart and
-    learns instead to copy what the memory hands back, which is what a word typed at chat time needs.
-    Utterances longer than block_size keep their last block_size tokens, replies their first."""
-
-    def __init__(self, data_path, seed, n_slots, block_size):
-        self.splits = {}
-        for split in ("train", "val"):
-            path = os.path.join(data_path, f"dialogs_{split}.jsonl")
-            if not os.path.isfile(path):
-                raise DataError(f"no {path}: task='dialog' reads dialogues; run: python prepare.py dialogs")
-            with open(path) as f:
-                self.splits[split] = [json.loads(line) for line in f if line.strip()]
-            if not self.splits[split]:
-                raise DataError(f"{path} holds no dialogues; prepare it again")
-        self.seed, self.n_slots, self.block_size = seed, n_slots, block_size
-
-    def draw(self, split, stream, index, n_rows):
-        rng = np.random.default_rng([self.seed, stream, index])
-        dialogs = self.splits[split]
-        return [dialogs[i] for i in rng.integers(0, len(dialogs), size=n_rows)]
-
-    @staticmethod
-    def words(dialogs):
-        """Every word of the dialogues except their fact words, in order."""
-        out = []
-        for d in dialogs:
-            entities = {w for e in d["entities"] for w in WordVocab.tokenize(e)}
-            for turn in d["turns"]:
-                out += [w for w in WordVocab.tokenize(turn["user"] + " " + turn["bot"]) if w not in entities]
-        return out
-
-    def tensors(self, dialogs, vocab, embedding, generator, device):
-        """(src (B, N, S), tgt (B, N, T), targets (B, N, T), slots (B, K, n_embd)) for Seq2Seq.forward."""
-        B, N, V, K = len(dialogs), max(len(d["turns"]) for d in dialogs), len(vocab), self.n_slots
-        encoded = []
-        for d in dialogs:
-            entities = sorted({w for e in d["entities"] for w in WordVocab.tokenize(e)})
-            if len(entities) > K:
-                raise DataError(f"a dialogue has {len(entities)} fact words, more than dialog_slots={K}; raise it")
-            slot_of = {w: V + int(j) for w, j in zip(entities, torch.randperm(K, generator=generator))}
-            ids = lambda text: [slot_of.get(w, vocab.stoi.get(w, vocab.unk)) for w in WordVocab.tokenize(text)]
-            encoded.append([(ids(t["user"])[-self.block_size:], ids(t["bot"])[:self.block_size - 1])
-                            for t in d["turns"]])
-        S = max(len(u) for turns in encoded for u, _ in turns)
-        T = max(len(r) for turns in encoded for _, r in turns) + 1
-        src = torch.full((B, N, S), vocab.pad, dtype=torch.long)
-        tgt = torch.full((B, N, T), vocab.pad, dtype=torch.long)
-        targets = torch.full((B, N, T), -1, dtype=torch.long)
-        for b, turns in enumerate(encoded):
-            for n, (u, r) in enumerate(turns):
-                src[b, n, :len(u)] = torch.tensor(u, dtype=torch.long)
-                tgt[b, n, :len(r) + 1] = torch.tensor([vocab.bos] + r, dtype=torch.long)
-                targets[b, n, :len(r) + 1] = torch.tensor(r + [vocab.eos], dtype=torch.long)
-        slots = new_embedding_rows(embedding, B * K, generator).view(B, K, -1)
-        return src.to(device), tgt.to(device), targets.to(device), slots.to(device)
-
-
-def grow_vocab(vocab, model, words, step, optimizer=None, generator=None) -> list[str]:
-    """Add the unknown words to the vocabulary and the model (new embedding rows, optimizer state
-    resized in step) and count every word as seen at `step`. Returns the new words."""
-    new = vocab.add(words, step)
-    if new:
-        remap_vocab(model, range(len(vocab) - len(new)), len(new), optimizer, generator)
-    vocab.observe([vocab.stoi[w] for w in words], step)
-    return new
-
-
-def prune_vocab(vocab, model, min_count=0, capacity=None, optimizer=None, keep=()) -> list[str]:
-    """Prune the vocabulary (prepare.WordVocab.prune) and remap the model's embedding rows and the
-    optimizer's state the same way. Returns the words dropped."""
-    before = list(vocab.words)
-    alive = vocab.prune(min_count, capacity, keep)
-    if len(alive) < len(before):
-        remap_vocab(model, alive, 0, optimizer)
-    return sorted(set(before) - set(vocab.words))
-
-
-# -----------------------------------------------------------------------------
-# RNG state: everything a resumed run needs to draw the same numbers (dropout, user code)
-
-def get_rng_state():
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), np_state[2], np_state[3], np_state[4]],
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-    }
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-# -----------------------------------------------------------------------------
-
-def get_lr(it: int, cfg: TrainConfig) -> float:
-    if not cfg.decay_lr:
-        return cfg.learning_rate
-    decay_iters = cfg.lr_decay_iters if cfg.lr_decay_iters is not None else cfg.max_iters
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it > decay_iters:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
-    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
-
-
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend: plots are written on machines without a display."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def write_json(path: str, obj):
-    """A result file (sample.py, tasks.py, bench.py), written atomically."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, lambda f: json.dump(obj, f, indent=1), "w")
-
-
-def save_figure(fig, path: str):
-    """A matplotlib figure as PNG, written atomically; the figure is closed."""
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    pyplot().close(fig)
 
 
 def plot_losses(metrics_path: str, png_path: str):
@@ -429,7 +181,6 @@ def main(cfg: TrainConfig) -> dict:
     """Train as cfg says; returns {'losses': {iter: loss}, 'val_loss': ..., 'iter_num': ...}.
     A task other than 'lm' runs in tasks.py and returns its own results."""
     if cfg.task not in ("lm", "dialog"):
-        import tasks  # the DNC's algorithmic tasks and continual learning
         return tasks.main(cfg)
     ddp, rank, local_rank, world_size = ddp_info()
     master_process = rank == 0
@@ -475,8 +226,8 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
     data_path = os.path.join(cfg.data_dir, cfg.dataset)
     meta = load_meta(data_path)
     splits = {s: open_split(data_path, s, meta) for s in ("train", "val")}
-    if (cfg.task == "dialog" or cfg.mnm_layer >= 0) and cfg.mnm_write not in MNM_WRITES:
-        raise ConfigError(f"mnm_write must be one of {MNM_WRITES}, got {cfg.mnm_write!r}")
+    if (cfg.task == "dialog" or cfg.mnm_layer >= 0) and cfg.mnm_write not in MNM.WRITES:
+        raise ConfigError(f"mnm_write must be one of {MNM.WRITES}, got {cfg.mnm_write!r}")
     dialogs = vocab = None  # task='dialog': the dialogue batches and the elastic vocabulary
     if cfg.task == "dialog":
         if cfg.memory not in ("mnm", "none") or cfg.mnm_read not in ("before", "after"):
@@ -497,14 +248,11 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
             mnm_write=cfg.mnm_write, mnm_read=cfg.mnm_read, mnm_tbptt=cfg.mnm_tbptt))
     elif cfg.init_from == "scratch":
         model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
-                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
-                              knn_layer=cfg.knn_layer, knn_topk=cfg.knn_topk, knn_memory_size=cfg.knn_memory_size,
-                              knn_search_dtype=cfg.knn_search_dtype, mnm_layer=cfg.mnm_layer,
-                              mnm_heads=cfg.mnm_heads, mnm_key_size=cfg.mnm_key_size, mnm_hidden=cfg.mnm_hidden,
-                              mnm_write=cfg.mnm_write))
+                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
+        attach_memories(model, memory_config(cfg))
     elif cfg.init_from == "resume":
         ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-        saved = ckpt["model_args"]
+        saved = {**ckpt["memory_args"], **ckpt["model_args"]}
         keys = ARCH_KEYS + (DIALOG_ARCH_KEYS if dialogs is not None
                             else MNM_SHAPE_KEYS if saved.get("mnm_layer", -1) >= 0 else ())
         if (saved.get("model_type") == "seq2seq") != (dialogs is not None):
@@ -533,17 +281,14 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
         model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
         if cfg.block_size < model.config.block_size:
             model.crop_block_size(cfg.block_size)
-        if cfg.knn_layer >= 0:  # a memorizing layer on top of pretrained weights, as Wu et al. fine-tune
-            add_memorizing_layer(model, cfg.knn_layer, cfg.knn_topk, cfg.knn_memory_size, cfg.knn_search_dtype)
-        if cfg.mnm_layer >= 0:
-            add_mnm_block(model, cfg.mnm_layer, cfg.mnm_heads, cfg.mnm_key_size, cfg.mnm_hidden, cfg.mnm_write)
+        attach_memories(model, memory_config(cfg))  # e.g. a memorizing layer on pretrained weights, as Wu et al.
     if dialogs is None and model.config.vocab_size < meta["vocab_size"]:
         raise DataError(f"{data_path} has {meta['vocab_size']} token ids, the model only {model.config.vocab_size}")
     block_size = model.config.block_size
     model.to(device)
     mnm = mnm_block(model)
     # memories with a row per batch row of every micro-step, emptied at document ends, by checkpoint key
-    row_mems = {name: m for name, m in (("knn_memory", memorizing_layer(model)), ("mnm_memory", mnm)) if m is not None}
+    row_mems = row_memories(model)
     docs = cfg.loader == "docs"
     if cfg.loader not in ("random", "docs"):
         raise ConfigError(f"loader={cfg.loader!r}; choose 'random' or 'docs'")
@@ -708,6 +453,7 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
             checkpoint = {
                 "model": raw_model.state_dict(),
                 "model_args": model_args(raw_model),
+                "memory_args": memory_args(raw_model),
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "iter_num": iter_num,
@@ -812,3 +558,4 @@ if __name__ == "__main__":
         main(load_config(TrainConfig))
     except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
+

@@ -4,15 +4,19 @@ import json
 import pytest
 import torch
 
+import evaluate
 import sample
 import train
 from configurator import load_config
 from conftest import tiny_train_config, torchrun_train
 from memory import MNM, MNMBlock
-from model import GPT, GPTConfig, Seq2Seq, Seq2SeqConfig, load_checkpoint, model_from_checkpoint, remap_vocab
+from chat import (Conversation, DialogBatches, Seq2Seq, Seq2SeqConfig, grow_vocab, prune_vocab, remap_vocab)
+from checkpoint import load_checkpoint, model_from_checkpoint
+from common import seeded_generator
+from model import GPT, GPTConfig
 from prepare import DIALOG_HELDOUT_NAMES, SPECIALS, DataError, WordVocab, hf_dialogs, prepare
-from sample import Conversation, SampleConfig
-from train import DialogBatches, TrainConfig, grow_vocab, prune_vocab, seeded_generator
+from sample import SampleConfig
+from train import TrainConfig
 
 
 def tiny_seq2seq(memory="mnm", write="local", vocab_size=40, **kw):
@@ -409,9 +413,10 @@ def test_chat_replays_a_script_with_save_and_load(trained, tmp_path):
 
 def test_eval_dialog_writes_json_and_png(trained, dialog_data, tmp_path):
     out, _ = trained
-    result = sample.main(chat_config(out, eval="dialog", eval_items=12, batch_size=5,
-                                     eval_file=str(dialog_data / "dialogs" / "dialogs_test.jsonl"),
-                                     eval_out=str(tmp_path / "ev")))
+    cfg = load_config(evaluate.EvalConfig, [], out_dir=str(out), device="cpu", eval="dialog", eval_items=12,
+                      batch_size=5, eval_file=str(dialog_data / "dialogs" / "dialogs_test.jsonl"),
+                      eval_out=str(tmp_path / "ev"))
+    result = evaluate.main(cfg)
     summary = result["summary"]
     assert set(summary["all"]) == {"memory", "no_memory"} and summary["all"]["memory"]["n"] > 12
     assert summary["new_word"]["True"]["memory"]["n"] > 0 and set(summary["repeat"]) <= {"True", "False"}

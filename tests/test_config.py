@@ -70,7 +70,7 @@ def test_shipped_train_configs_are_valid(path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "config").glob("sample_*.py")), ids=lambda p: p.name)
 def test_shipped_sample_configs_are_valid(path, monkeypatch):
-    from memory import KNNSettings
+    from knn import KNNSettings
     from sample import SampleConfig
     monkeypatch.chdir(ROOT)
     cfg = load_config(SampleConfig, [str(path)])

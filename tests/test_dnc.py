@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import bench
-from memory import (DNC, DNCConfig, allocation_weights, content_weights, dense_link_reads, dense_link_update,
+from dnc import (DNC, DNCConfig, allocation_weights, content_weights, dense_link_reads, dense_link_update,
                     detach_dnc_state, load_dnc_state, memory_step, save_dnc_state, sparse_link_reads,
                     sparse_link_update, split_interface)
 

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from memory import KNNAttention, KNNMemory, KNNMemoryError, KNNSettings, TorchIndex, FaissIndex
+from knn import KNNAttention, KNNMemory, KNNMemoryError, KNNSettings, TorchIndex, FaissIndex
 from model import GPT, GPTConfig
 
 VOCAB = 40

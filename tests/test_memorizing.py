@@ -8,16 +8,18 @@ from torch.nn import functional as F
 
 import train
 from conftest import tiny_train_config, torchrun_train
-from memory import (KNNLM, KNNLMDatastore, KNNMemoryError, KNNSettings, MemorizingMemory, knnlm_log_probs,
-                    last_mlp_input, memorizing_layer, mnm_block)
-from model import GPT, GPTConfig, load_checkpoint
+from knn import KNNLM, KNNLMDatastore, KNNMemoryError, KNNSettings, knnlm_log_probs, last_mlp_input
+from memory import MemoryConfig, MemorizingMemory, attach_memories, generate_any, memorizing_layer, mnm_block
+from checkpoint import load_checkpoint
+from model import GPT, GPTConfig
 
 
 def tiny_gpt(seed=0, **kw):
     torch.manual_seed(seed)
     cfg = dict(block_size=16, vocab_size=50, n_layer=3, n_head=2, n_embd=16)
     cfg.update(kw)
-    return GPT(GPTConfig(**cfg)).eval()
+    mem = {k: cfg.pop(k) for k in list(cfg) if k in MemoryConfig.__dataclass_fields__}
+    return attach_memories(GPT(GPTConfig(**cfg)), MemoryConfig(**mem)).eval()
 
 
 def windows(model, x):
@@ -107,12 +109,12 @@ def test_cached_generation_equals_recomputation_over_long_prompt():
     model = tiny_gpt(knn_layer=1, knn_topk=4, knn_memory_size=100)
     memorizing_layer(model).gate_bias.data.fill_(0.0)
     prompt = torch.randint(0, 50, (2, 37))  # two full windows go to memory before generating
-    cached = model.generate(prompt, 30, temperature=0, use_cache=True)
-    recomputed = model.generate(prompt, 30, temperature=0, use_cache=False)
+    cached = generate_any(model, prompt, 30, temperature=0, use_cache=True)
+    recomputed = generate_any(model, prompt, 30, temperature=0, use_cache=False)
     assert torch.equal(cached, recomputed)
     # the memory matters: shut it and the continuation changes
     memorizing_layer(model).gate_bias.data.fill_(float("-inf"))
-    assert not torch.equal(model.generate(prompt, 30, temperature=0), cached)
+    assert not torch.equal(generate_any(model, prompt, 30, temperature=0), cached)
 
 
 def test_mnm_cached_generation_equals_recomputation_over_long_prompt():
@@ -121,9 +123,9 @@ def test_mnm_cached_generation_equals_recomputation_over_long_prompt():
     with torch.no_grad():
         block.mnm.c_proj.weight.normal_(0, 1.0)  # loud reads, so what the memory holds steers the tokens
     prompt = torch.randint(0, 50, (2, 37))  # two full windows are written before generating
-    cached = model.generate(prompt, 30, temperature=0, use_cache=True)
-    assert torch.equal(cached, model.generate(prompt, 30, temperature=0, use_cache=False))
-    alone = model.generate(prompt[1:], 30, temperature=0)
+    cached = generate_any(model, prompt, 30, temperature=0, use_cache=True)
+    assert torch.equal(cached, generate_any(model, prompt, 30, temperature=0, use_cache=False))
+    alone = generate_any(model, prompt[1:], 30, temperature=0)
     assert torch.equal(alone[0], cached[1])  # each row has its own fast weights
     assert block.state is None  # the training state is put back
     # the memory matters: other earlier windows change the predictions of the same last window
@@ -392,18 +394,18 @@ def test_memorizing_bench_suite(tmp_path, capsys):
 
 
 def test_ppl_eval_with_the_gate_shut_equals_the_layer_off(short_docs, tmp_path):
-    import sample
+    import evaluate
     from configurator import load_config
-    from model import atomic_save
+    from common import atomic_save
     train.main(mem_cfg(short_docs, tmp_path, max_iters=4, eval_interval=4))
     ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
     ckpt["model"]["transformer.h.1.attn.memory.gate_bias"].fill_(float("-inf"))
     atomic_save(ckpt, str(tmp_path / "ckpt.pt"))
-    cfg = load_config(sample.SampleConfig, [], out_dir=str(tmp_path), device="cpu", eval="ppl", eval_dataset="docs",
+    cfg = load_config(evaluate.EvalConfig, [], out_dir=str(tmp_path), device="cpu", eval="ppl", eval_dataset="docs",
                       data_dir=str(short_docs), eval_context=True, eval_memory_sizes=[16, 64], batch_size=4)
-    rows = sample.main(cfg)["rows"]
+    rows = evaluate.main(cfg)["rows"]
     assert [r["memory"] for r in rows] == [0, 16, 64]
-    assert rows[0]["tokens"] == sum(len(d) - 1 for d in sample.split_documents(str(short_docs / "docs"), "val")) + 6
+    assert rows[0]["tokens"] == sum(len(d) - 1 for d in evaluate.split_documents(str(short_docs / "docs"), "val")) + 6
     assert rows[1]["nll"] == pytest.approx(rows[0]["nll"], rel=1e-6) == rows[2]["nll"]
     assert (tmp_path / "eval_ppl" / "ppl.png").exists()
 
@@ -468,7 +470,7 @@ def test_mnm_gradient_split_between_task_and_write_loss():
 
 
 def test_mnm_fingerprint_unchanged_without_the_block():
-    from memory import model_fingerprint
+    from knn import model_fingerprint
     a, b = tiny_gpt(), tiny_gpt(mnm_heads=8, mnm_write="grad")  # off: the mnm_* settings change nothing
     assert model_fingerprint(a) == model_fingerprint(b)
     assert model_fingerprint(tiny_gpt(mnm_layer=1, mnm_heads=2, mnm_key_size=8)) != model_fingerprint(a)

@@ -10,8 +10,9 @@ from torch.nn import functional as F
 import tasks
 import train
 from configurator import ConfigError, load_config
-from memory import DNC, ReplayBuffer
-from model import load_checkpoint
+from checkpoint import load_checkpoint
+from dnc import DNC
+from tasks import ReplayBuffer
 from prepare import DataError
 
 

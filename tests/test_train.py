@@ -8,7 +8,8 @@ import torch
 import train
 from configurator import ConfigError
 from conftest import ROOT, tiny_train_config, torchrun_train
-from model import CheckpointError, atomic_save, load_checkpoint
+from checkpoint import CheckpointError, load_checkpoint
+from common import atomic_save
 
 
 def test_loss_decreases_on_shakespeare_char(char_data, tmp_path):
