@@ -1,27 +1,43 @@
 """
 The GPT language model: GPT-2 compatible (parameter names, shapes, numerics), with a KV cache
-for generation and one documented seam in attention where a memory plugs in.
+for generation and one documented seam in attention where a memory plugs in. The Llama family
+(SmolLM2, ...) is a configuration of the same model, as in nanochat: GPTConfig(n_kv_head=...,
+norm='rmsnorm', pos='rope', mlp='swiglu', bias=False, tie_embeddings=...).
 
 Parameter names follow GPT-2 / nanoGPT (transformer.wte, transformer.h.0.attn.c_attn, ...) so
 pretrained weights map by name; Hugging Face stores four of them (the Conv1D layers) transposed.
+Llama weights map as: embed_tokens -> wte, q/k/v_proj -> one fused c_attn, o_proj -> attn.c_proj,
+gate_proj -> mlp.c_gate, up_proj -> mlp.c_fc, down_proj -> mlp.c_proj, input_layernorm -> ln_1,
+post_attention_layernorm -> ln_2, model.norm -> ln_f.
 
 The memory seam
 ---------------
 Every CausalSelfAttention has an attribute `memory` (None by default). When set, attention calls
 
-    y = memory(attn, q, k, v, attend)      # q: (B, nh, T, hs); k, v: (B, nh, Tk, hs)
+    y = memory(attn, q, k, v, attend)      # q: (B, nh, T, hs); k, v: (B, n_kv_head, Tk, hs)
 
 instead of `y = attend(q, k, v)`. q holds the queries of the T new tokens, k and v the keys and
 values of the whole visible context (cached past + new, Tk >= T), all split into heads and
 before any memory touched them; `attend(q, k, v)` is the layer's own causal attention and
-returns (B, nh, T, hs). A memory may read q/k/v, replace any of them (e.g. swap in retrieved
-values) and call `attend`, or compute y its own way (e.g. mix attend's output with attention
+returns (B, nh, T, hs). With grouped-query attention (n_kv_head < n_head) k and v have only
+n_kv_head heads, not repeated: query head h reads k/v head h // (n_head // n_kv_head), and
+`attend` takes them so (as it takes k/v repeated to n_head heads). A memory may read q/k/v,
+replace any of them (e.g. swap in retrieved values) and call `attend`, or compute y its own way (e.g. mix attend's output with attention
 over retrieved pairs). The KV cache always stores the *unmodified* k and v, so a memory that
 rewrites past values sees the original ones again at the next step. `attn.layer_idx` tells
 the memory which layer it is at. A memory whose changes reach back to earlier positions
 (their outputs depend on the newest token) sets `memory.recompute = True`; generation then
 caches only the layers below it, see KVCache. A memory that is an nn.Module (learned gates) becomes part of
 the model's parameters and state_dict; a plain callable (a kNN store) does not.
+
+Positions at the seam: `attn.q_pos` (LongTensor (T,)) holds the positions of the T queries, set
+by every forward (they continue from the KV cache's); key j of k sits at position j, so
+attn.q_pos == arange(Tk - T, Tk). With pos='rope', q and k arrive *rotated* at their positions
+(the cache stores rotated keys, as Hugging Face does); `attn.rotary` (a Rotary, None without
+RoPE) undoes that: attn.rotary.rotate(q, -attn.q_pos) are the unrotated queries and
+attn.rotary.rotate(k, -torch.arange(Tk)) the unrotated keys, and rotate(x, pos) rotates vectors
+x (..., hs) to positions pos. A memory that stores keys for later retrieval should store them
+unrotated (or rotate them to the positions where it will use them).
 """
 
 import inspect
@@ -43,6 +59,15 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # True: bias in Linears and LayerNorms, like GPT-2
+    # the architecture family; the defaults are GPT-2, the Llama family sets all of these
+    n_kv_head: int | None = None  # key/value heads, grouped-query attention (Llama); None = n_head
+    norm: str = "layernorm"  # 'layernorm' (GPT-2) or 'rmsnorm' (Llama; never a bias)
+    norm_eps: float = 1e-5
+    pos: str = "learned"  # 'learned' (a wpe table, GPT-2) or 'rope' (rotary, on q and k; Llama)
+    rope_theta: float = 10000.0  # RoPE base wavelength
+    mlp: str = "gelu"  # 'gelu' (GPT-2) or 'swiglu' (Llama: c_proj(silu(c_gate(x)) * c_fc(x)))
+    mlp_hidden: int | None = None  # width of the MLP's hidden layer; None = 4 * n_embd
+    tie_embeddings: bool = True  # lm_head shares wte's weight (GPT-2, SmolLM2); False: its own
     # Memorizing Transformer layer (memory.MemorizingMemory): kNN attention over each batch row's past
     # windows at this layer; -1 = none
     knn_layer: int = -1
@@ -60,6 +85,31 @@ class GPTConfig:
     mnm_hidden: int = 64  # width of the fast-weight MLP's hidden layer, per head
     mnm_write: str = "local"  # 'local' (learned local rule), 'grad' (gradient step), 'titans' (momentum + forgetting)
 
+    def __post_init__(self):
+        self.check()
+
+    def check(self):
+        """Raise ValueError, naming the field, for a configuration the model cannot build."""
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) is None or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head} (head size n_embd // n_head)")
+        if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
+            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head} (query heads share k/v heads in groups)")
+        if self.mlp_hidden is not None and self.mlp_hidden < 1:
+            raise ValueError(f"mlp_hidden must be positive (or None for 4 * n_embd), got {self.mlp_hidden}")
+        choices = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "mlp": ("gelu", "swiglu")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"pos='rope' rotates pairs of dimensions: the head size {self.n_embd // self.n_head} must be even")
+        if self.pos == "rope" and self.rope_theta <= 0:
+            raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
+
 
 class KVCache:
     """Keys and values of the tokens seen so far, preallocated to block_size.
@@ -76,7 +126,8 @@ class KVCache:
         hs = config.n_embd // config.n_head
         self.recompute_from = recompute_from
         self.n_cached = config.n_layer if recompute_from is None else recompute_from
-        shape = (self.n_cached, batch_size, config.n_head, config.block_size, hs)
+        # only the n_kv_head key/value heads are stored (grouped-query attention is what makes the cache small)
+        shape = (self.n_cached, batch_size, config.n_kv_head or config.n_head, config.block_size, hs)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.x = None
@@ -85,7 +136,7 @@ class KVCache:
         self.pos = 0  # tokens already stored (same for every layer once a forward pass is done)
 
     def update(self, layer: int, k, v):
-        """Store the new (B, nh, T, hs) keys/values of `layer`; return the whole context's."""
+        """Store the new (B, n_kv_head, T, hs) keys/values of `layer`; return the whole context's."""
         end = self.pos + k.size(2)
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
@@ -98,46 +149,80 @@ class KVCache:
         return self.x[:, :end]
 
 
+class Rotary:
+    """Rotary position embedding (RoPE, Su et al. 2021) in Hugging Face Llama's layout ("rotate_half":
+    dimension i pairs with i + hs/2, the pair turned by the angle pos * theta^(-2i/hs)), so Llama
+    weights map unchanged. rotate(x, pos) turns vectors x (..., hs) to positions pos, whose shape is
+    x's leading dimensions or a suffix of them (e.g. (T,) for x (B, nh, T, hs)); rotate(x, -pos) undoes
+    it. Not an nn.Module: it has no weights, and its frequencies stay float32 under model.to(bfloat16)."""
+
+    def __init__(self, head_size: int, theta: float):
+        self.head_size, self.theta = head_size, theta
+
+    def cos_sin(self, pos, dtype):
+        hs = self.head_size
+        # HF's expressions, in float32, so rotated q and k agree with Llama's to the last bits
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, hs, 2, dtype=torch.float, device=pos.device) / hs))
+        freqs = pos.float()[..., None] * inv_freq  # (..., hs/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (..., hs)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def rotate(self, x, pos):
+        cos, sin = self.cos_sin(pos, x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head or config.n_head
+        self.n_embd = config.n_embd
+        self.head_size = hs = config.n_embd // config.n_head
+        # q, k and v in one matmul: n_head query heads, n_kv_head key and value heads
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * self.n_kv_head) * hs, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
         self.layer_idx = layer_idx
         self.memory = None  # the seam, see the module docstring
         self.causal = True  # False in a seq2seq encoder: every token sees the whole (unpadded) input
+        self.rotary = Rotary(hs, config.rope_theta) if config.pos == "rope" else None
+        self.q_pos = None  # positions of the current queries, (T,): set by forward, for memories
 
     def attend(self, q, k, v, mask=None):
-        """Causal attention of the T newest queries over all Tk keys: (B, nh, T, hs). Without
-        self.causal, bidirectional attention where mask (B, 1, 1, Tk), True = a real token, hides padding."""
+        """Causal attention of the T newest queries over all Tk keys: (B, nh, T, hs). k and v may have
+        fewer heads than q (grouped-query attention). Without self.causal, bidirectional attention
+        where mask (B, 1, 1, Tk), True = a real token, hides padding."""
         T, Tk = q.size(2), k.size(2)
-        dropout_p = self.attn_dropout if self.training else 0.0
+        sdpa = dict(dropout_p=self.attn_dropout if self.training else 0.0, enable_gqa=k.size(1) != q.size(1))
         if not self.causal:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **sdpa)
         if T == Tk:  # no cached past: the usual lower-triangular mask
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, **sdpa)
         # with a cached past, query i sits at position Tk - T + i; SDPA's is_causal would align
         # the mask top-left instead, so build it explicitly (a single new token sees everything)
         mask = None
         if T > 1:
             mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - T)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **sdpa)
 
     def forward(self, x, cache: KVCache | None = None, mask=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        hs = C // self.n_head
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_size
+        q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        # positions continue from the cache's (a stand-in cache without .pos starts at 0)
+        start = getattr(cache, "pos", 0) if cache is not None else 0
+        self.q_pos = torch.arange(start, start + T, device=x.device)  # (T,)
+        if self.rotary is not None:  # rotate before caching: a key keeps the position it was written at
+            q, k = self.rotary.rotate(q, self.q_pos), self.rotary.rotate(k, self.q_pos)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, Tk, hs)
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nkv, Tk, hs)
         if mask is not None:
             y = self.attend(q, k, v, mask)
         elif self.memory is None:
@@ -149,25 +234,41 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GPT-2's c_proj(gelu(c_fc(x))), or Llama's SwiGLU c_proj(silu(c_gate(x)) * c_fc(x)) (c_fc is
+    Llama's up_proj, c_gate its gate_proj, c_proj its down_proj)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        hidden = config.mlp_hidden or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_gate = nn.Linear(config.n_embd, hidden, bias=config.bias) if config.mlp == "swiglu" else None
+        # GPT-2's "gelu_new"; SwiGLU's gate goes through SiLU
+        self.act = nn.GELU(approximate="tanh") if config.mlp == "gelu" else nn.SiLU()
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        if self.c_gate is None:
+            h = self.act(self.c_fc(x))
+        else:
+            h = self.act(self.c_gate(x)) * self.c_fc(x)
+        return self.dropout(self.c_proj(h))
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    """The model's normalisation layer: LayerNorm (GPT-2) or RMSNorm (Llama, no bias)."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
 class Block(nn.Module):
 
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x, cache: KVCache | None = None, mask=None):
@@ -210,18 +311,19 @@ class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        assert config.vocab_size is not None and config.block_size is not None
+        config.check()  # again: fields may have been edited since the config was made
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            # learned positions are a table; rotary ones live in attention (no weights)
+            **(dict(wpe=nn.Embedding(config.block_size, config.n_embd)) if config.pos == "learned" else {}),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying: https://paperswithcode.com/method/weight-tying
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:  # weight tying: https://paperswithcode.com/method/weight-tying
+            self.transformer.wte.weight = self.lm_head.weight
         if config.knn_layer >= 0:
             from memory import add_memorizing_layer  # memory.py builds on this module
             add_memorizing_layer(self, config.knn_layer, config.knn_topk, config.knn_memory_size,
@@ -243,10 +345,13 @@ class GPT(nn.Module):
 
     def get_num_params(self, non_embedding=True):
         """Parameter count; position embeddings are left out by default, as in the
-        scaling-law convention (token embeddings count once, as lm_head)."""
+        scaling-law convention (token embeddings count once, as lm_head; an untied wte, a
+        lookup table that does no matmul, is left out too)."""
         n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n_params -= self.transformer.wpe.weight.numel()
+        if non_embedding and not self.config.tie_embeddings:
+            n_params -= self.transformer.wte.weight.numel()
         return n_params
 
     @property
@@ -266,9 +371,10 @@ class GPT(nn.Module):
             raise ValueError(f"cannot forward {start + t} tokens, block_size is {self.config.block_size}")
         pos = torch.arange(start, start + t, dtype=torch.long, device=device)  # (t,)
 
-        tok_emb = self.transformer.wte(idx)  # (b, t, n_embd)
-        pos_emb = self.transformer.wpe(pos)  # (t, n_embd)
-        x = self.transformer.drop(tok_emb + pos_emb)
+        x = self.transformer.wte(idx)  # (b, t, n_embd)
+        if "wpe" in self.transformer:  # learned positions; RoPE rotates q and k inside attention instead
+            x = x + self.transformer.wpe(pos)  # + (t, n_embd)
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             if cache is not None and i == cache.recompute_from:
                 x = cache.update_resid(x)  # (b, start + t, n_embd): layers from here see every position
@@ -288,7 +394,8 @@ class GPT(nn.Module):
         """Shrink the context (e.g. load GPT-2 with 1024 positions, train with 256)."""
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if "wpe" in self.transformer:  # RoPE has no table: any position up to block_size works
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dropout: float = 0.0):
