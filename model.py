@@ -126,22 +126,28 @@ class KVCache:
     running the upper layers over the whole context.
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int, device, dtype, recompute_from: int | None = None):
+    def __init__(self, config: GPTConfig, batch_size: int, device, dtype, recompute_from: int | None = None,
+                 size: int | None = None):
         hs = config.n_embd // config.n_head
         self.recompute_from = recompute_from
         self.n_cached = config.n_layer if recompute_from is None else recompute_from
+        # room for `size` tokens (default block_size): generation asks for no more than it will use,
+        # which matters when block_size is a Llama's 8192
+        self.size = size or config.block_size
         # only the n_kv_head key/value heads are stored (grouped-query attention is what makes the cache small)
-        shape = (self.n_cached, batch_size, config.n_kv_head or config.n_head, config.block_size, hs)
+        shape = (self.n_cached, batch_size, config.n_kv_head or config.n_head, self.size, hs)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.x = None
         if recompute_from is not None:
-            self.x = torch.zeros(batch_size, config.block_size, config.n_embd, device=device, dtype=dtype)
+            self.x = torch.zeros(batch_size, self.size, config.n_embd, device=device, dtype=dtype)
         self.pos = 0  # tokens already stored (same for every layer once a forward pass is done)
 
     def update(self, layer: int, k, v):
         """Store the new (B, n_kv_head, T, hs) keys/values of `layer`; return the whole context's."""
         end = self.pos + k.size(2)
+        if end > self.size:
+            raise ValueError(f"KVCache holds {self.size} tokens, cannot store up to {end}")
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
@@ -453,7 +459,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 stop_token=None, generators=None, use_cache=True):
+                 stop_token=None, generators=None, use_cache=True, suppress_tokens=None, suppress_steps=1):
         """Continue each row of idx (B, T) by max_new_tokens tokens; returns (B, T + n).
 
         temperature 0 is greedy. Row i samples with generators[i] (a torch.Generator), so a
@@ -462,8 +468,15 @@ class GPT(nn.Module):
         context outgrows block_size it is cropped to the last block_size tokens; positions
         then shift every step, so from there on each step is one full forward pass of the
         cropped window (exactly what recomputation would do, with no cache benefit).
+
+        suppress_tokens (token ids) cannot be drawn as any of the first suppress_steps new tokens.
+        An instruct model given a plain prompt needs it: SmolLM2-Instruct puts ~0.34 probability on
+        its end token <|im_end|> right after "Question: ... Answer:", so suppress that id for the
+        first token(s), or wrap the prompt in its chat template (chat_prompt) instead.
         """
         if self.config.knn_layer >= 0 or self.config.mnm_layer >= 0:  # per-row memories of earlier windows
+            if suppress_tokens is not None:
+                raise ValueError("suppress_tokens is not supported with a memorizing layer or an MNM block")
             from memory import generate_with_memory
             return generate_with_memory(self, idx, max_new_tokens, temperature, top_k, top_p, stop_token,
                                         generators, use_cache)
@@ -474,18 +487,24 @@ class GPT(nn.Module):
         recompute = [a.layer_idx for a in self.attentions if getattr(a.memory, "recompute", False)]
         recompute_from = min(recompute) if recompute else None
         cache = None
+        cache_size = min(block_size, idx.size(1) + max_new_tokens)  # no room for tokens we will not make
+        if suppress_tokens is not None:
+            suppress_tokens = torch.tensor(list(suppress_tokens), dtype=torch.long, device=idx.device)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             if not use_cache:
                 logits, _ = self(idx[:, -block_size:])
             elif cache is None or cache.pos + 1 > block_size:
                 # (re)fill the cache with the visible window
                 param = next(self.parameters())
-                cache = KVCache(self.config, B, idx.device, param.dtype, recompute_from)
+                cache = KVCache(self.config, B, idx.device, param.dtype, recompute_from, cache_size)
                 logits, _ = self(idx[:, -block_size:], cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], cache=cache)
-            idx, finished = append_next(idx, logits[:, -1, :], done, temperature, top_k, top_p, stop_token, generators)
+            logits = logits[:, -1, :]  # (B, V)
+            if suppress_tokens is not None and step < suppress_steps:
+                logits = logits.index_fill(1, suppress_tokens, -float("inf"))
+            idx, finished = append_next(idx, logits, done, temperature, top_k, top_p, stop_token, generators)
             if finished:
                 break
         return idx
@@ -721,6 +740,27 @@ def pretrained_tokenizer(name_or_path: str):
     if name_or_path in PACKAGED_GGUF or name_or_path.endswith(".gguf"):
         name_or_path = gguf_folder(name_or_path)
     return AutoTokenizer.from_pretrained(name_or_path)
+
+
+def pretrained_tokenizer_meta(name_or_path: str, model: "GPT") -> dict:
+    """The tokenizer meta (for prepare.get_tokenizer) of GPT.from_pretrained(name_or_path): GPT-2's
+    BPE through tiktoken for a GPT-2, the model's own tokenizer through transformers otherwise."""
+    if model.config.pos == "learned":
+        return {"tokenizer": "gpt2"}
+    return {"tokenizer": "hf", "tokenizer_name": name_or_path}
+
+
+def chat_prompt(tokenizer, user_text: str) -> str:
+    """user_text in the tokenizer's chat template, ending where the assistant's reply begins: the
+    prompt an instruct model expects. (A plain prompt such as "Question: ... Answer:" makes
+    SmolLM2-Instruct want to end at once: suppress its end token, see GPT.generate.) tokenizer: a
+    transformers tokenizer or prepare.HFTokenizer; encode the result with tokenizer.encode, which
+    keeps the template's special tokens."""
+    hf = getattr(tokenizer, "hf", tokenizer)
+    if not getattr(hf, "chat_template", None):
+        raise ValueError("this tokenizer has no chat template (a base model, not an instruct one?)")
+    return hf.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False,
+                                  add_generation_prompt=True)
 
 
 # -----------------------------------------------------------------------------
