@@ -5,6 +5,7 @@ plus OUT/meta.json, which says how to read them back (tokenizer, dtype, token co
     python prepare.py shakespeare_char                    # downloads Tiny Shakespeare
     python prepare.py shakespeare_char --input input.txt  # same, from a local copy
     python prepare.py text --input books/ --tokenizer char
+    python prepare.py shakespeare --tokenizer smollm2     # a pretrained model's own tokenizer (SmolLM2's)
     python prepare.py facts                               # built-in synthetic QA corpus
     python prepare.py dialogs                             # built-in dialogues for the seq2seq chatbot
 
@@ -93,6 +94,36 @@ class GPT2Tokenizer:
     def encode_batch(self, texts):
         # corpora are encoded as ordinary text: a literal "<|endoftext|>" in the data must not end a document
         return self.enc.encode_ordinary_batch(texts)
+
+
+class HFTokenizer:
+    """A pretrained model's own tokenizer, through transformers: `model_name` is any name
+    GPT.from_pretrained takes ('smollm2', a .gguf file, a Hugging Face folder or hub name)."""
+    name = "hf"
+
+    def __init__(self, model_name):
+        try:
+            from model import pretrained_tokenizer  # resolves short names, caches what a GGUF file holds
+            self.hf = pretrained_tokenizer(model_name)
+        except (OSError, ValueError) as e:
+            raise DataError(f"could not load the tokenizer of {model_name!r} ({_first_line(e)}); use char, "
+                            "gpt2, word, smollm2, a .gguf file or a Hugging Face model folder") from None
+        self.model_name = model_name
+        self.hf.model_max_length = sys.maxsize  # corpora are encoded in long chunks: no "too long" warnings
+        self.vocab_size = len(self.hf)
+        self.eot_token = self.hf.eos_token_id
+        self.separator = [self.eot_token] if self.eot_token is not None else self.encode("\n\n")
+
+    def encode(self, text):
+        # like GPT2Tokenizer.encode: special tokens written out (a chat template's) become those tokens
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def decode(self, ids):
+        return self.hf.decode([int(i) for i in ids])
+
+    def encode_batch(self, texts):
+        # corpora are ordinary text: a literal "<|im_end|>" in the data must not become the special token
+        return self.hf(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 
@@ -225,7 +256,9 @@ def get_tokenizer(meta):
         return CharTokenizer(meta["chars"])
     if meta["tokenizer"] == "word":
         return WordVocab.from_dict(meta["vocab"])
-    raise DataError(f"unknown tokenizer {meta['tokenizer']!r} (expected 'char', 'gpt2' or 'word')")
+    if meta["tokenizer"] == "hf":
+        return HFTokenizer(meta["tokenizer_name"])
+    raise DataError(f"unknown tokenizer {meta['tokenizer']!r} (expected 'char', 'gpt2', 'word' or 'hf')")
 
 
 def token_dtype(vocab_size):
@@ -235,7 +268,7 @@ def token_dtype(vocab_size):
 
 def check_meta_compatible(a, b):
     """Raise DataError unless a and b were made with the same tokenizer (e.g. a checkpoint's and a dataset's)."""
-    for key in ("tokenizer", "vocab_size", "chars"):
+    for key in ("tokenizer", "tokenizer_name", "vocab_size", "chars"):
         # a bare {"tokenizer": "gpt2"} (pretrained GPT-2) has no vocab_size; the name alone pins it down
         if key in a and key in b and a[key] != b[key]:
             if key == "chars":
@@ -907,8 +940,10 @@ def prepare(name, input=None, tokenizer=None, out_dir=None, val_frac=0.1, seed=1
         tok = CharTokenizer(sorted(chars))
     elif tokenizer == "word":  # every word of both splits, like the char table
         tok = WordVocab.from_texts(doc for docs in (corpus.train, corpus.val) for doc in docs)
-    else:
+    elif tokenizer == "gpt2":
         tok = get_tokenizer({"tokenizer": tokenizer})
+    else:  # any other name is a pretrained model's own tokenizer (smollm2, a .gguf file, an HF folder)
+        tok = get_tokenizer({"tokenizer": "hf", "tokenizer_name": tokenizer})
     dtype = token_dtype(tok.vocab_size)
 
     out_dir = Path(out_dir or Path("data") / name)
@@ -936,6 +971,8 @@ def prepare(name, input=None, tokenizer=None, out_dir=None, val_frac=0.1, seed=1
             meta["chars"] = tok.chars
         if tok.name == "word":
             meta["vocab"] = tok.to_dict()
+        if tok.name == "hf":
+            meta["tokenizer_name"] = tok.model_name
         meta["eot_token"] = tok.eot_token
         for file_name, text in {**corpus.extra_files, "meta.json": json.dumps(meta, indent=2) + "\n"}.items():
             temps[file_name] = tmp = out_dir / f"{file_name}.{os.getpid()}.tmp"
@@ -957,7 +994,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=DATASETS)
     parser.add_argument("--input", help="local file or folder, instead of downloading")
-    parser.add_argument("--tokenizer", choices=("char", "gpt2", "word"), help="override the dataset's default tokenizer")
+    parser.add_argument("--tokenizer", help="override the dataset's default tokenizer: char, gpt2, word, or a pretrained "
+                        "model's own: smollm2, a .gguf file, a Hugging Face folder or hub name")
     parser.add_argument("--out_dir", help="default: data/NAME")
     parser.add_argument("--val_frac", type=float, default=0.1, help="fraction of the text held out for val")
     parser.add_argument("--seed", type=int, default=1337, help="for the facts corpus and the openwebtext split")
