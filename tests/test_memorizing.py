@@ -151,6 +151,7 @@ def plays_data(tmp_path_factory, shared_data):
     return data_dir
 
 
+@pytest.mark.needs_data("shakespeare/input.txt")
 def test_plays_are_documents(plays_data):
     d = plays_data / "shakespeare_plays"
     meta = json.loads((d / "meta.json").read_text())
@@ -162,6 +163,7 @@ def test_plays_are_documents(plays_data):
     assert text(starts[8], 18) == "Master:\nBoatswain!"
 
 
+@pytest.mark.needs_data("wikitext2")
 def test_wikitext_articles_are_documents(tmp_path, shared_data):
     from prepare import prepare
     meta = prepare("wikitext2_docs", input=str(shared_data / "wikitext2"), out_dir=str(tmp_path))
@@ -203,10 +205,10 @@ def test_doc_stream_reads_each_rows_documents_in_order():
 
 
 @pytest.fixture(scope="module")
-def short_docs(tmp_path_factory, shared_data):
-    """Documents of 150..1,400 characters (one file each), cut from Tiny Shakespeare."""
+def short_docs(tmp_path_factory, play_text):
+    """Documents of 150..1,400 characters (one file each), cut from the committed play text."""
     from prepare import prepare
-    text = (shared_data / "shakespeare" / "input.txt").read_text()
+    text = play_text.read_text()
     src = tmp_path_factory.mktemp("src")
     pos = 0
     for i, n in enumerate([400, 1400, 150, 900, 600, 1200]):
@@ -277,6 +279,7 @@ def test_gradient_accumulation_keeps_a_memory_per_micro_step_row(short_docs, tmp
     assert torch.equal(a["written"], b["written"]) and torch.allclose(a["values"], b["values"], atol=1e-5)
 
 
+@pytest.mark.needs_data("shakespeare/input.txt")
 def test_memory_layer_needs_the_docs_loader(plays_data, tmp_path):
     from configurator import ConfigError
     with pytest.raises(ConfigError, match="loader='docs'"):
@@ -510,6 +513,7 @@ def test_resume_with_mnm_equals_uninterrupted(short_docs, tmp_path):
     assert resumed["val_loss"] == pytest.approx(full["val_loss"], rel=1e-6)
 
 
+@pytest.mark.needs_data("shakespeare/input.txt")
 def test_mnm_layer_needs_the_docs_loader(plays_data, tmp_path):
     from configurator import ConfigError
     with pytest.raises(ConfigError, match="MNM block .*loader='docs'"):
