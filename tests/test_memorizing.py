@@ -279,11 +279,10 @@ def test_gradient_accumulation_keeps_a_memory_per_micro_step_row(short_docs, tmp
     assert torch.equal(a["written"], b["written"]) and torch.allclose(a["values"], b["values"], atol=1e-5)
 
 
-@pytest.mark.needs_data("shakespeare/input.txt")
-def test_memory_layer_needs_the_docs_loader(plays_data, tmp_path):
+def test_memory_layer_needs_the_docs_loader(short_docs, tmp_path):
     from configurator import ConfigError
     with pytest.raises(ConfigError, match="loader='docs'"):
-        train.main(tiny_train_config(plays_data, tmp_path, dataset="shakespeare_plays", knn_layer=1))
+        train.main(tiny_train_config(short_docs, tmp_path, dataset="docs", knn_layer=1))
 
 
 @pytest.mark.slow
@@ -513,8 +512,7 @@ def test_resume_with_mnm_equals_uninterrupted(short_docs, tmp_path):
     assert resumed["val_loss"] == pytest.approx(full["val_loss"], rel=1e-6)
 
 
-@pytest.mark.needs_data("shakespeare/input.txt")
-def test_mnm_layer_needs_the_docs_loader(plays_data, tmp_path):
+def test_mnm_layer_needs_the_docs_loader(short_docs, tmp_path):
     from configurator import ConfigError
     with pytest.raises(ConfigError, match="MNM block .*loader='docs'"):
-        train.main(tiny_train_config(plays_data, tmp_path, dataset="shakespeare_plays", mnm_layer=1))
+        train.main(tiny_train_config(short_docs, tmp_path, dataset="docs", mnm_layer=1))
