@@ -126,7 +126,7 @@ def _unknown(cls, key: str, where: str, owners: dict) -> ConfigError:
     if key in owners:
         this = getattr(cls, "PROGRAM", cls.__name__)
         return ConfigError(f"setting '{key}' {where} belongs to {owners[key]}, not to {this} ({cls.__name__}): "
-                           f"drop it, or set {getattr(cls, 'PROGRAM', 'task').split('=')[0]} to that program")
+                           "drop it, or choose the program it belongs to")
     return ConfigError(f"unknown setting '{key}' {where}{_suggest(key, [f.name for f in dataclasses.fields(cls)])}")
 
 
