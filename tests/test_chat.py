@@ -16,7 +16,7 @@ from common import seeded_generator
 from model import GPT, GPTConfig
 from prepare import DIALOG_HELDOUT_NAMES, SPECIALS, DataError, WordVocab, hf_dialogs, prepare
 from sample import SampleConfig
-from train import TrainConfig
+from train import DialogConfig
 
 
 def tiny_seq2seq(memory="mnm", write="local", vocab_size=40, **kw):
@@ -63,7 +63,7 @@ def tiny_dialog_settings(data_dir, out_dir):
 
 
 def tiny_dialog_config(data_dir, out_dir, **overrides):
-    return load_config(TrainConfig, [], **{**tiny_dialog_settings(data_dir, out_dir), **overrides})
+    return load_config(DialogConfig, [], **{**tiny_dialog_settings(data_dir, out_dir), **overrides})
 
 
 # ---- vocabulary ----
