@@ -32,9 +32,9 @@ from checkpoint import CheckpointError, load_checkpoint, memory_args, model_args
 from common import (atomic_save, autocast_context, ddp_info, get_lr, get_rng_state, print0, pyplot,
                     resolve_device, save_figure, set_rng_state)
 from configurator import ConfigError, at_least, format_config, load_program, need, one_of
-from data import DocStream, Dialogs, DocStreams, Layout, RandomWindows  # noqa: F401 (DocStream: tests reach it here)
+from data import Dialogs, DocStreams, Layout, RandomWindows
 from memory import MNM, MemoryConfig, attach_memories
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, pretrained_tokenizer_meta
 from prepare import DataError, check_meta_compatible, load_meta
 from runs import MetricsLog, OutDirError, RunConfig, check_init_from, prepare_out_dir, read_metrics
 
@@ -317,10 +317,12 @@ def init_model(cfg, source, meta: dict, ckpt: dict | None):
         return model_from_checkpoint(ckpt, dropout=cfg.dropout, **tbptt)
     if cfg.init_from == "scratch":
         return cfg.new_model(source.vocab_size)
-    if meta["tokenizer"] != "gpt2":  # pretrained GPT-2: a hub name or a local folder
-        raise DataError(f"init_from={cfg.init_from!r} needs GPT-2 tokens, but {cfg.data_dir}/{cfg.dataset} was "
-                        f"prepared with the {meta['tokenizer']!r} tokenizer: prepare it with --tokenizer gpt2")
-    model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
+    model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)  # GPT-2 or the Llama family
+    want = pretrained_tokenizer_meta(cfg.init_from, model)
+    if meta["tokenizer"] != want["tokenizer"] or meta.get("tokenizer_name", want.get("tokenizer_name")) != want.get("tokenizer_name"):
+        hint = "gpt2" if want["tokenizer"] == "gpt2" else want["tokenizer_name"]
+        raise DataError(f"init_from={cfg.init_from!r} reads its own tokens, but {cfg.data_dir}/{cfg.dataset} was "
+                        f"prepared with the {meta['tokenizer']!r} tokenizer: prepare it with --tokenizer {hint}")
     if cfg.block_size < model.config.block_size:
         model.crop_block_size(cfg.block_size)
     try:
