@@ -25,7 +25,6 @@ never asserted in timed tests.
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -33,7 +32,7 @@ import torch
 from torch.nn import functional as F
 
 from configurator import ConfigError, above, at_least, format_config, load_config, need, one_of, within
-from common import autocast_context, resolve_device, write_json
+from common import autocast_context, cli, resolve_device, write_json
 from knn import KNNMemory, KNNSettings, FaissIndex, TorchIndex
 from model import GPT, GPTConfig
 from runs import check_shape_and_device
@@ -567,7 +566,4 @@ def write_result(result, path):
 
 
 if __name__ == "__main__":
-    try:
-        main(load_config(BenchConfig, ignore=TRAINING_ONLY))
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    cli(main, lambda: load_config(BenchConfig, ignore=TRAINING_ONLY), (ConfigError,))

@@ -136,17 +136,17 @@ def atomic_write(path, write, mode: str = "wb", replace: bool = True):
     return path if replace else tmp
 
 
-def remove_stale_temps(folder) -> int:
-    """Remove the temp files (NAME.PID.tmp) that killed runs left in folder: those whose process is gone.
-    Returns the bytes freed."""
-    freed = 0
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        m = re.fullmatch(r".+\.(\d+)\.tmp", name)
+def remove_stale_temps(folder) -> list[tuple[str, int]]:
+    """Remove the temp files that killed runs left in folder: NAME.PID.tmp whose process is gone, and
+    NAME.tmp (no pid: written before temp files carried one). Returns [(path, bytes)] of those removed."""
+    removed = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        m = re.fullmatch(r".+?(?:\.(\d+))?\.tmp", name)
         path = os.path.join(folder, name)
-        if m and os.path.isfile(path) and not _process_alive(int(m.group(1))):
-            freed += os.path.getsize(path)
+        if m and os.path.isfile(path) and not (m.group(1) and _process_alive(int(m.group(1)))):
+            removed.append((path, os.path.getsize(path)))
             os.remove(path)
-    return freed
+    return removed
 
 
 def _process_alive(pid: int) -> bool:

@@ -90,7 +90,12 @@ def _parse_cli_value(raw: str, tp):
 def read_config_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path} not found")
-    namespace = runpy.run_path(path)
+    try:
+        namespace = runpy.run_path(path)
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path} has a syntax error at line {e.lineno}: {e.msg}; fix it") from None
+    except Exception as e:
+        raise ConfigError(f"config file {path} failed while running ({type(e).__name__}: {e}); fix it") from None
     return {k: v for k, v in namespace.items()
             if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
 

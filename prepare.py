@@ -966,7 +966,7 @@ def prepare(name, input=None, tokenizer=None, out_dir=None, val_frac=0.1, seed=1
 
     out_dir = Path(out_dir or Path("data") / name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    freed = remove_stale_temps(out_dir)
+    freed = sum(size for _, size in remove_stale_temps(out_dir))
     if freed:
         print(f"note: removed {freed / 1e6:.1f} MB of temp files that a killed run left in {out_dir}")
     # every file is written to a temp file beside it (common.atomic_write, replace=False) and renamed into

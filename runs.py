@@ -11,14 +11,13 @@ leaves at most a torn last line, which the next resume drops with a warning.
 """
 
 import difflib
-import glob
 import json
 import os
 import re
 from dataclasses import dataclass
 
 import model
-from common import atomic_write
+from common import atomic_write, remove_stale_temps
 from configurator import ConfigError, above, at_least, need, within
 
 # names from_pretrained takes from the Hugging Face hub (or its cache), by prefix
@@ -118,8 +117,7 @@ def prepare_out_dir(out_dir: str, new_run: bool, overwrite: bool, master: bool =
     if not master:
         return
     os.makedirs(out_dir, exist_ok=True)
-    for tmp in sorted(glob.glob(os.path.join(glob.escape(out_dir), "*.tmp"))):
-        os.remove(tmp)
+    for tmp, _ in remove_stale_temps(out_dir):
         print(f"note: removed {tmp}, left by a run that was stopped while writing")
 
 

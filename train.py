@@ -17,7 +17,6 @@ or one of tasks.py's programs (tasks.TaskConfig: the DNC's algorithmic tasks, co
 """
 
 import os
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -29,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import tasks  # the DNC's algorithmic tasks and continual learning (task != 'lm', 'dialog')
 from chat import Seq2Seq, Seq2SeqConfig
 from checkpoint import CheckpointError, load_checkpoint, memory_args, model_args, model_from_checkpoint
-from common import (atomic_save, autocast_context, ddp_info, get_lr, get_rng_state, print0, pyplot,
+from common import (atomic_save, autocast_context, cli, ddp_info, get_lr, get_rng_state, print0, pyplot,
                     resolve_device, save_figure, set_rng_state)
 from configurator import ConfigError, at_least, format_config, load_program, need, one_of
 from data import Dialogs, DocStreams, Layout, RandomWindows
@@ -424,7 +423,4 @@ def plot_losses(metrics_path: str, png_path: str):
 
 
 if __name__ == "__main__":
-    try:
-        main(load_settings())
-    except (ConfigError, DataError, CheckpointError, OutDirError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+    cli(main, load_settings, (ConfigError, DataError, CheckpointError, OutDirError, FloatingPointError))

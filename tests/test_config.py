@@ -87,3 +87,14 @@ def test_shipped_sample_configs_are_valid(path, monkeypatch):
 def test_shipped_bench_configs_are_valid(path):
     from bench import TRAINING_ONLY, BenchConfig
     load_config(BenchConfig, [str(path)], ignore=TRAINING_ONLY)
+
+
+def test_config_file_with_a_syntax_error_names_the_line(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("max_iters = 10\nbatch_size = = 4\n")
+    with pytest.raises(ConfigError, match=r"bad.py has a syntax error at line 2"):
+        load_config(TrainConfig, [str(bad)])
+    boom = tmp_path / "boom.py"
+    boom.write_text("max_iters = 1 / 0\n")
+    with pytest.raises(ConfigError, match=r"boom.py failed while running \(ZeroDivisionError"):
+        load_config(TrainConfig, [str(boom)])

@@ -333,3 +333,14 @@ def test_runs_killed_while_writing_lose_nothing(char_data, tmp_path):
     full = train.main(tiny_train_config(char_data, tmp_path / "full", **KILL_SETTINGS))
     for it in range(30):
         assert losses[it] == pytest.approx(full["losses"][it], rel=1e-4)
+
+
+def test_live_temp_files_are_kept_and_stale_ones_removed(tmp_path):
+    """A temp file whose writer is alive (NAME.PID.tmp) is another run's work in progress: kept."""
+    from common import remove_stale_temps
+    live = tmp_path / f"ckpt.pt.{os.getpid()}.tmp"
+    live.write_bytes(b"in progress")
+    stale = tmp_path / "ckpt.pt.999999999.tmp"
+    stale.write_bytes(b"killed")
+    removed = remove_stale_temps(tmp_path)
+    assert [p for p, _ in removed] == [str(stale)] and live.exists()
