@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from configurator import ConfigError, format_config, load_config
 from common import autocast_context, resolve_device, write_json
-from knn import KNNMemory, KNNSettings, FaissIndex, TorchIndex
+from knn import KNNMemory, KNNSettings, FaissIndex, TorchIndex, default_nlist
 from model import GPT, GPTConfig
 from train import TrainConfig
 
@@ -59,6 +59,18 @@ class BenchConfig(TrainConfig):
     dnc_slots: list[int] = field(default_factory=list)
     dnc_seq_len: int = 20
     dnc_reference: bool = True
+    # suite 'knn_scale' (config/bench_knn_scale.py): the kNN memory from 1k to 10M entries of synthetic clustered
+    # keys, knn_backend 'auto' at every size, exact search up to knn_scale_exact_max, the other backends at
+    # knn_scale_compare_at; large memories are built on disk in knn_scale_dir (mapped, knn_dtype storage)
+    knn_scale_sizes: list[int] = field(default_factory=lambda: [1000, 10000, 100000, 1000000])
+    knn_scale_exact_max: int = 100000
+    knn_scale_compare_at: int = 100000
+    knn_scale_compare: list[str] = field(default_factory=lambda: ["faiss-fp16", "faiss-sq8", "faiss-ivf", "faiss-hnsw"])
+    knn_scale_dtype: str = "float16"
+    knn_scale_disk_from: int = 2000000  # memories of this many entries are built on disk, not in RAM
+    knn_scale_dir: str = "bench_knn_scale_mem"
+    knn_scale_nlist: int = 0  # IVF lists (0: knn.default_nlist)
+    knn_scale_repeats: int = 3  # memory-on / memory-off generation pairs per row; the median ratio is reported
 
 
 def sync(device: str):
@@ -268,6 +280,152 @@ def bench_knn(model, cfg, device, dtype) -> tuple[dict, list]:
     return res, rows
 
 
+def synthetic_entries(n: int, H: int, d: int, seed: int, chunk: int = 1 << 17, centres: int = 4096):
+    """Memory entries (keys, values), each (H, m, d), chunk by chunk: keys shaped like attention keys
+    (per head `centres` cluster centres with log-normal per-dimension scales and a shared offset, each key a
+    centre plus noise of half its scale); values a fixed transform of the keys (a search's cost does not
+    depend on them). Chunks keep a 10M-entry memory from ever being whole in RAM."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.exp(0.6 * torch.randn(H, 1, d, generator=g))
+    centre = torch.randn(H, centres, d, generator=g) * scale + 2 * torch.randn(H, 1, d, generator=g)
+    for s in range(0, n, chunk):
+        m = min(chunk, n - s)
+        which = torch.randint(0, centres, (H, m, 1), generator=g).expand(H, m, d)
+        keys = centre.gather(1, which) + 0.5 * scale * torch.randn(H, m, d, generator=g)
+        yield keys, 0.5 * keys.flip(-1)
+
+
+def bench_knn_scale(model, cfg, device, dtype) -> dict:
+    """Suite 'knn_scale': causal mode (KV cache), every head searching at every token, memory sizes
+    knn_scale_sizes of synthetic clustered keys. Per size and backend: generation tok/s and its time
+    against memory off (median of knn_scale_repeats interleaved pairs), recall@5 against exact search
+    (measured at build, leave-one-out), bytes per entry and head (index; keys + values storage), index
+    build time, incremental build throughput against a plain forward pass, and the time to open the
+    saved folder (memory-mapped)."""
+    import shutil
+    H, d = model.config.n_head, model.config.n_embd // model.config.n_head
+    L, n = cfg.knn_layer, cfg.gen_tokens
+    knn = [0] * model.config.n_layer
+    knn[L] = 5
+    base = dict(knn=knn, bookkeeping_frac=0.0, mem_frac=0.0, knn_softmax_influence=1.0, knn_recompute=False,
+                knn_dtype=cfg.knn_scale_dtype, knn_nlist=cfg.knn_scale_nlist, knn_hnsw_m=16)
+    g = torch.Generator().manual_seed(cfg.seed)
+    prompt = torch.randint(0, model.config.vocab_size, (1, cfg.prompt_len), generator=g).to(device)
+    step = model.config.block_size - 1
+    build_tokens = torch.randint(0, model.config.vocab_size, (2 * step,), generator=g).tolist()
+    windows = torch.tensor([[198] + build_tokens[i:i + step] for i in range(0, len(build_tokens), step)], device=device)
+    median = lambda xs: sorted(xs)[len(xs) // 2]
+
+    def gen_seconds(use_cache=True):
+        gens = [torch.Generator(device=device).manual_seed(0)]
+        with autocast_context(device, dtype):
+            model.generate(prompt, 4, generators=gens, use_cache=use_cache)  # warm-up
+            sync(device)
+            t0 = time.perf_counter()
+            model.generate(prompt, n, generators=gens, use_cache=use_cache)
+            sync(device)
+        return time.perf_counter() - t0
+
+    def on_off(mem):
+        """(tok/s on, tok/s off, median time ratio on / off) of interleaved pairs."""
+        ons, offs = [], []
+        for _ in range(cfg.knn_scale_repeats):
+            KNNMemory.detach(model)
+            offs.append(gen_seconds())
+            mem.attach(model)
+            ons.append(gen_seconds())
+        KNNMemory.detach(model)
+        return n / median(ons), n / median(offs), median([a / b for a, b in zip(ons, offs)])
+
+    def build_speed(mem):
+        """Median over pairs of (plain forward time / add_tokens time) for the same windows, and tok/s."""
+        ratios, speeds = [], []
+        for _ in range(cfg.knn_scale_repeats):
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                model(windows)
+                t_fwd = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            mem.add_tokens(model, build_tokens)
+            mem.index(L)  # an exact torch index is rebuilt after a change: count it
+            t_build = time.perf_counter() - t0
+            ratios.append(t_fwd / t_build)
+            speeds.append(len(build_tokens) / t_build)
+        return median(speeds), median(ratios)
+
+    rows, runs = [], []
+
+    def report(size, label, mem, stats, extra=None):
+        info = mem.index_info.get(L, {})
+        index = mem.index(L)
+        item = STORAGE_ITEMSIZE[mem.dtype]
+        run = {"size": size, "variant": label, "backend": mem.backend, "mode": "reference" if mem.settings.knn_recompute
+               else "causal", "tokens_per_s": stats[0], "off_tokens_per_s": stats[1], "slowdown": stats[2],
+               "recall_at_5": info.get("recall_at_k", 1.0), "exact": getattr(index, "exact", False),
+               "nlist": info.get("nlist"), "nprobe": info.get("nprobe"), "ef_search": info.get("ef_search"),
+               "refine": info.get("refine"), "index_bytes_per_entry_head": index.bytes_per_entry(),
+               "kv_bytes_per_entry_head": (mem.head_size + mem.value_size) * item, "dtype": mem.dtype,
+               "index_build_s": info.get("build_s"), **(extra or {})}
+        runs.append(run)
+        recall = "exact" if run["exact"] else f"{run['recall_at_5']:.3f}"
+        build = f"{run['build_tok_s']:,.0f} tok/s ({run['build_ratio']:.2f}x fwd)" if "build_tok_s" in run else "-"
+        opened = f"{run['open_s']:.2f} s" if "open_s" in run else "-"
+        row = (f"{size:>10,}", f"{label[:22]:<22}", f"{run['mode']:<9}", f"{stats[0]:6.1f}", f"{stats[2]:5.2f}x", f"{recall:>6}",
+               f"{run['index_bytes_per_entry_head']:6.1f} + {run['kv_bytes_per_entry_head']}",
+               f"{(info.get('build_s') or 0):6.1f} s", build, opened)
+        print(" | ".join(row), flush=True)
+        rows.append(row)
+
+    header = ("entries", "backend", "mode", "tok/s", "vs off", "rec@5", "B/entry/head idx+kv", "index", "build (incremental)",
+              "open")
+    print(" | ".join(header), flush=True)
+    for size in cfg.knn_scale_sizes:
+        on_disk = size >= cfg.knn_scale_disk_from
+        folder = os.path.join(cfg.knn_scale_dir, f"m{size}")
+        shutil.rmtree(folder, ignore_errors=True)
+        settings = KNNSettings(**base)
+        mem = KNNMemory(settings, [L], H, d, "bench", {}, 198, device, storage_dir=folder if on_disk else None)
+        t0 = time.perf_counter()
+        mem.reserve(size + 3 * len(build_tokens) * cfg.knn_scale_repeats)
+        for keys, values in synthetic_entries(size, H, d, cfg.seed):
+            mem.add_entries({L: keys}, {L: values})
+        fill_s = time.perf_counter() - t0
+        mem.index(L)
+        variants = [("auto", {})]
+        if size <= cfg.knn_scale_exact_max and getattr(mem.index(L), "exact", False) is False:
+            variants.append(("faiss-flat", {"knn_backend": "faiss-flat"}))
+        if size == cfg.knn_scale_compare_at:
+            variants += [(b, {"knn_backend": b}) for b in cfg.knn_scale_compare]
+        if size in (cfg.knn_scale_sizes[0], cfg.knn_scale_compare_at):
+            variants.append(("auto", {"knn_recompute": True}))
+        # the 'auto' memory: incremental build speed, then save + open (memory-mapped) timed
+        extra = {"fill_s": fill_s}
+        extra["build_tok_s"], extra["build_ratio"] = build_speed(mem)
+        mem.save(folder)
+        t0 = time.perf_counter()
+        opened = KNNMemory.load(folder, model, KNNSettings(**base), force=True)
+        extra["open_s"] = time.perf_counter() - t0
+        extra["folder_bytes"] = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+        mem = opened if on_disk else mem  # beyond RAM: generate from the mapped folder
+        for label, change in variants:
+            if label == "auto" and not change:
+                m = mem
+            else:
+                m = KNNMemory.__new__(KNNMemory)
+                m.__dict__.update(mem.__dict__)  # the same storage, another backend or mode
+                m.settings, m._indexes, m.index_info, m._dead = KNNSettings(**{**base, **change}), {}, {}, {}
+                m.index(L)
+            report(size, f"{label} ({m.backend})" if label == "auto" else label, m, on_off(m),
+                   extra if m is mem else None)
+        del mem, opened
+        shutil.rmtree(folder, ignore_errors=True)
+    print_table([(" | ".join(r[:2]), r[3], " | ".join(r[2:3] + r[4:])) for r in rows], "tok/s")
+    return {"runs": runs, "columns": header, "gen_tokens": n, "layer": L, "heads": H, "head_size": d}
+
+
+STORAGE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
 def bench_memorizing(cfg, device, dtype, vocab_size) -> tuple[dict, list]:
     """Training with a memorizing layer (memory full: every step searches knn_memory_size entries per row
     and head, then appends its window) vs without; kNN-LM scoring vs plain scoring."""
@@ -457,9 +615,10 @@ def main(cfg: BenchConfig) -> dict:
                           n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)).to(device)
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters on {device} ({dtype}), "
           f"{torch.get_num_threads()} CPU threads")
-    unknown = set(cfg.suite) - {"train", "generate", "knn", "memorizing"}
+    unknown = set(cfg.suite) - {"train", "generate", "knn", "memorizing", "knn_scale"}
     if unknown:
-        raise ConfigError(f"unknown suite {sorted(unknown)}; choose from 'train', 'generate', 'knn', 'memorizing'")
+        raise ConfigError(f"unknown suite {sorted(unknown)}; choose from 'train', 'generate', 'knn', 'memorizing', "
+                          "'knn_scale'")
     rows = []
     result = {"settings": asdict(cfg), "device": device, "dtype": dtype, "torch": torch.__version__,
               "threads": torch.get_num_threads()}
@@ -488,7 +647,10 @@ def main(cfg: BenchConfig) -> dict:
     if "memorizing" in cfg.suite:
         result["memorizing"], mem_rows = bench_memorizing(cfg, device, dtype, vocab_size)
         rows += mem_rows
-    print_table(rows, "throughput")
+    if "knn_scale" in cfg.suite:
+        result["knn_scale"] = bench_knn_scale(model, cfg, device, dtype)
+    if rows:
+        print_table(rows, "throughput")
     write_result(result, cfg.bench_json)
     return result
 

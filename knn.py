@@ -279,12 +279,13 @@ class FaissIndex:
             if kind == "faiss-ivfpq" and d % pq_m:
                 raise KNNMemoryError(f"knn_pq_m={pq_m} must divide the head size {d}")
             ids = torch.arange(N) if ids is None else ids
-            indexes = [self._build(keys[h], ids, metric, kind, pq_m, hnsw_m) for h in range(H)]
+            indexes = self._build(keys, ids, metric, kind, pq_m, hnsw_m)
         self.trained_count = N
         if keys.is_cuda and hasattr(faiss, "StandardGpuResources"):
             self.res = faiss.StandardGpuResources()
             indexes = [faiss.index_cpu_to_gpu(self.res, keys.device.index or 0, ix) for ix in indexes]
         self.indexes = indexes
+        self.refine = 1  # candidates fetched per neighbour asked, re-ranked exactly (KNNMemory sets knn_refine)
         self.set_probe(nprobe, ef_search)
 
     def set_probe(self, nprobe: int, ef_search: int):
@@ -297,38 +298,52 @@ class FaissIndex:
             if self.kind == "faiss-hnsw":
                 self.faiss.downcast_index(index.index).hnsw.efSearch = ef_search
 
-    def _build(self, x, ids, metric, kind, pq_m, hnsw_m):
+    def _build(self, keys, ids, metric, kind, pq_m, hnsw_m):
         faiss = self.faiss
-        N, d = x.shape
+        H, N, d = keys.shape
         mt = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
         spec = FAISS_KINDS[kind].format(nlist=self.nlist, pq_m=pq_m, half=max(1, d // 2), m=hnsw_m)
-        index = faiss.index_factory(d, spec, mt)
-        if not index.is_trained:
+        indexes = [faiss.index_factory(d, spec, mt) for _ in range(H)]
+        if not indexes[0].is_trained:
             # faiss's k-means wants ~39 points per centroid; train on a sample of the keys (10 iterations)
-            n_train = min(N, 32 * max(self.nlist, 256))
+            n_train = min(N, 40 * max(self.nlist, 256))
             rows = torch.randperm(N, generator=torch.Generator().manual_seed(0))[:n_train].sort().values
-            ivf = faiss.try_extract_index_ivf(index)
-            if ivf is not None:
-                ivf.cp.niter = 10
-                ivf.quantizer_trains_alone = 0
-            index.train(_as_f32(x[rows]))
-        self._add(index, x, ids)
-        return index
+            sample = keys[:, rows]  # (H, n_train, d): one pass over the rows for all heads
+            for h, index in enumerate(indexes):
+                ivf = faiss.try_extract_index_ivf(index)
+                if ivf is not None:
+                    ivf.cp.niter = 10
+                    ivf.quantizer_trains_alone = 0
+                    if hasattr(ivf, "do_polysemous_training"):
+                        ivf.do_polysemous_training = False  # the factory's default: minutes of annealing, unused here
+                index.train(_as_f32(sample[h]))
+        self.indexes = indexes
+        self.add(keys, ids)
+        return indexes
 
-    @staticmethod
-    def _add(index, x, ids, chunk=1 << 18):
-        for s in range(0, x.size(0), chunk):
-            index.add_with_ids(_as_f32(x[s:s + chunk]), ids[s:s + chunk].numpy().astype("int64"))
+    def _writable(self):
+        """Indexes mapped from files (read_index with IO_FLAG_MMAP: IVF lists stay on disk) are read-only:
+        read them into RAM before the first change (faiss would abort the process otherwise)."""
+        if getattr(self, "files", None):
+            self.indexes = [self.faiss.read_index(f) for f in self.files]
+            self.files = None
+            self.set_probe(self.nprobe, self.ef_search)
 
-    def add(self, keys, ids):
-        """New entries: keys (H, m, d), their stable ids (m,)."""
-        for h, index in enumerate(self.indexes):
-            self._add(index, keys[h], ids)
+    def add(self, keys, ids, chunk=1 << 16):
+        """New entries: keys (H, m, d), their stable ids (m,); read chunk by chunk of entries, all heads at
+        once (keys are stored entry-major: one pass over a memory-mapped file)."""
+        self._writable()
+        for s in range(0, keys.size(1), chunk):
+            part = keys[:, s:s + chunk].float().contiguous()
+            ids_np = ids[s:s + chunk].numpy().astype("int64")
+            for h, index in enumerate(self.indexes):
+                index.add_with_ids(np.ascontiguousarray(part[h].numpy()), ids_np)
 
     def remove(self, ids) -> bool:
         """Forget entries by id; False where the kind cannot (HNSW: the memory tombstones them)."""
         if self.kind == "faiss-hnsw":
             return False
+        self._writable()
         sel = self.faiss.IDSelectorBatch(ids.numpy().astype("int64"))
         for index in self.indexes:
             index.remove_ids(sel)
@@ -353,6 +368,8 @@ class FaissIndex:
         ix = self.indexes[0]
         if "Gpu" in type(ix).__name__:
             return float("nan")
+        if getattr(self, "files", None):  # mapped: its lists are in the file
+            return os.path.getsize(self.files[0]) / max(1, ix.ntotal)
         return len(faiss.serialize_index(ix)) / max(1, ix.ntotal)
 
     def to_cpu(self, h):
@@ -446,6 +463,14 @@ class Column:
         self.buf[self.n: self.n + m] = x.to(self.torch_dtype)
         self.n += m
 
+    def reserve(self, n: int):
+        """Room for n rows without growing (a large memory built in steps: no copy on the way)."""
+        self._own()
+        if n > self.buf.size(0):
+            old, new = self.buf, self._alloc(n)
+            new[: self.n] = old[: self.n]
+            self.buf = new
+
     def keep(self, mask):
         """Drop the rows where mask is False, keeping the order (in place, chunk by chunk)."""
         self._own()
@@ -467,11 +492,7 @@ class Column:
     def save(self, path: str):
         """Exactly these n rows as the .npy file `path` (a hard link when unchanged since opened)."""
         if self.source is not None:
-            try:
-                os.link(self.source, path)
-                return
-            except OSError:
-                pass  # another file system: copy
+            return _link_or_copy(self.source, path)
         with open(path, "wb") as f:
             f.write(_npy_header((self.n,) + self.row, self.descr))
             for s in range(0, self.n, 1 << 16):
@@ -652,6 +673,12 @@ class KNNMemory:
                 self._drop_index(L)  # rebuilt on the next search (exact ones: cheap; IVF: retrained for its size)
         return doc_id
 
+    def reserve(self, n: int):
+        """Room for n entries in every column (growing a large memory then copies nothing)."""
+        for L in self.layers:
+            self._keys[L].reserve(n)
+            self._values[L].reserve(n)
+
     def add_text(self, model, tokenizer, text: str, source: str = "") -> int:
         return self.add_tokens(model, tokenizer.encode(text), source=source, text=text)
 
@@ -720,6 +747,7 @@ class KNNMemory:
                 self._indexes[layer] = FaissIndex(self.keys[layer], s.knn_metric, backend, s.knn_nlist,
                                                   s.knn_nprobe or 1, s.knn_pq_m, ids=self.entry_ids,
                                                   hnsw_m=s.knn_hnsw_m, ef_search=s.knn_ef_search or 16)
+                self._indexes[layer].refine = max(1, s.knn_refine)
                 self.index_info[layer] = {"backend": backend, "count": self.local_count,
                                           "build_s": time.perf_counter() - t0}
                 self.measure(layer)
@@ -729,7 +757,8 @@ class KNNMemory:
         """Recall@k of the layer's approximate index against exact search, on `queries` stored keys
         (leave-one-out: each query's own entry is dropped from both answers), and with knn_nprobe=0 /
         knn_ef_search=0 the smallest nprobe / efSearch (1, 2, 4, ...) whose recall reaches knn_recall_target.
-        Kept in index_info (and the manifest)."""
+        Where even that falls short (coarse PQ codes) the re-ranked candidates (knn_refine) double until it
+        reaches it or 64x. Kept in index_info (and the manifest)."""
         s = self.settings
         index = self._indexes.get(layer) or self.index(layer)
         info = self.index_info[layer]
@@ -755,8 +784,11 @@ class KNNMemory:
             nprobe = _tune(lambda p: recall(p, 0), [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
                                                     if p < index.nlist] + [index.nlist], s.knn_recall_target)
         r = recall(nprobe or 1, ef or 16)
+        while r < s.knn_recall_target and index.refine < 64 and not (s.knn_nprobe or s.knn_ef_search):
+            index.refine *= 2  # the codes rank too coarsely (PQ): re-rank more candidates with the stored keys
+            r = recall(nprobe or 1, ef or 16)
         info.update({"nlist": index.nlist, "nprobe": index.nprobe, "ef_search": index.ef_search if
-                     index.kind == "faiss-hnsw" else None, "refine": s.knn_refine, "recall_at_k": r, "recall_k": k,
+                     index.kind == "faiss-hnsw" else None, "refine": index.refine, "recall_at_k": r, "recall_k": k,
                      "recall_queries": queries, "recall_seed": seed, "count": self.local_count})
         return info
 
@@ -771,7 +803,7 @@ class KNNMemory:
             return scores, pos.clone(), pos
         index = self.index(layer)
         kc = min(n if index.labels_are_positions else index.ntotal,
-                 k if getattr(index, "exact", False) else k * max(1, self.settings.knn_refine) + self._dead.get(layer, 0))
+                 k if getattr(index, "exact", False) else k * index.refine + self._dead.get(layer, 0))
         labels = index.search(heads, vecs, kc).cpu()
         if index.labels_are_positions:
             p = labels
@@ -896,8 +928,13 @@ class KNNMemory:
                 files = {}
                 for h in range(self.n_head):
                     name = f"index.{L}.{h}.faiss"
-                    atomic_write(os.path.join(target, name), lambda f: f.write(faiss.serialize_index(index.to_cpu(h))))
-                    files[name] = file_checksum(os.path.join(target, name))
+                    dest = os.path.join(target, name)
+                    src = index.files[h] if getattr(index, "files", None) else None
+                    if src and os.path.abspath(src) != dest:  # mapped from a folder, unchanged: link (or copy) it
+                        _link_or_copy(src, dest)
+                    elif not src:
+                        atomic_write(dest, lambda f: f.write(faiss.serialize_index(index.to_cpu(h))))
+                    files[name] = [os.path.getsize(os.path.join(target, name)), file_checksum(os.path.join(target, name))]
                     written.add(name)
                 man["indexes"][str(L)] = {**self.index_info[L], "keys": keys_fingerprint(self.keys[L], self.entry_ids),
                                           "dead": self._dead.get(L, 0), "files": files}
@@ -1025,9 +1062,17 @@ class KNNMemory:
                 if not os.path.isfile(f):
                     raise KNNMemoryError(f"{f} is missing; delete the 'indexes' entry of layer {L} from the manifest "
                                          "to rebuild the indexes from the keys, or rebuild the memory")
-                if file_checksum(f) != want:
+                size = os.path.getsize(f)
+                if not isinstance(want, list) or len(want) != 2:
+                    raise KNNMemoryError(f"{path}/manifest.json: indexes.{L}.files.{name} must be [bytes, checksum], "
+                                         f"got {want!r}; restore the manifest, or delete the 'indexes' entry to rebuild")
+                if size != want[0]:
+                    raise KNNMemoryError(f"{f} is truncated or damaged ({size} bytes, the manifest says {want[0]}): "
+                                         "delete the memory's index.*.faiss files and the manifest's 'indexes' entry "
+                                         "to rebuild them from the keys, or rebuild the memory")
+                if file_checksum(f) != want[1]:
                     raise KNNMemoryError(f"{f} is not the index this memory saved (checksum {file_checksum(f)}, "
-                                         f"manifest {want}): it may be copied from another memory and would return "
+                                         f"manifest {want[1]}): it may be copied from another memory and would return "
                                          "wrong neighbours. Restore the folder, or delete the memory's index.*.faiss "
                                          "files and the manifest's 'indexes' entry to rebuild them from the keys")
                 try:
@@ -1049,10 +1094,19 @@ class KNNMemory:
             index = FaissIndex(self.keys[L], s.knn_metric, self.backend, info.get("nlist") or 0, 1, s.knn_pq_m,
                                indexes=indexes)
             index.set_probe(info.get("nprobe") or 1, info.get("ef_search") or 16)
+            index.files = [os.path.join(path, f"index.{L}.{h}.faiss") for h in range(self.n_head)] if s.knn_mmap else None
             index.trained_count = info.get("count", self.local_count)
+            index.refine = info.get("refine") or max(1, s.knn_refine)
             self._indexes[L] = index
             self._dead[L] = info.get("dead", 0)
             self.index_info[L] = {k: v for k, v in info.items() if k not in ("files", "keys", "dead")}
+
+
+def _link_or_copy(src, dest):
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copyfile(src, dest)
 
 
 def _remove(p):
