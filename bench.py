@@ -71,6 +71,7 @@ class BenchConfig(TrainConfig):
     knn_scale_dir: str = "bench_knn_scale_mem"
     knn_scale_nlist: int = 0  # IVF lists (0: knn.default_nlist)
     knn_scale_repeats: int = 3  # memory-on / memory-off generation pairs per row; the median ratio is reported
+    knn_scale_build_tokens: int = 255  # tokens added per incremental build step (one window)
 
 
 def sync(device: str):
@@ -312,7 +313,7 @@ def bench_knn_scale(model, cfg, device, dtype) -> dict:
     g = torch.Generator().manual_seed(cfg.seed)
     prompt = torch.randint(0, model.config.vocab_size, (1, cfg.prompt_len), generator=g).to(device)
     step = model.config.block_size - 1
-    build_tokens = torch.randint(0, model.config.vocab_size, (2 * step,), generator=g).tolist()
+    build_tokens = torch.randint(0, model.config.vocab_size, (cfg.knn_scale_build_tokens,), generator=g).tolist()
     windows = torch.tensor([[198] + build_tokens[i:i + step] for i in range(0, len(build_tokens), step)], device=device)
     median = lambda xs: sorted(xs)[len(xs) // 2]
 

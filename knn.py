@@ -13,11 +13,20 @@ the memory entries nearest to its key. No parameter is trained.
     mem = KNNMemory.create(model, settings, tokenizer_meta, tokenizer)
     mem.add_text(model, tokenizer, "Cats are wonderful ...", source="cats.txt")   # grow
     mem.attach(model)            # generate as usual: model.generate(...)
-    mem.save("memories/cats")    # a folder: manifest.json + kv.safetensors (+ faiss indexes)
-    mem = KNNMemory.load("memories/cats", model, settings)
+    mem.save("memories/cats")    # a folder: manifest.json, keys/values .npy, ids, faiss indexes
+    mem = KNNMemory.load("memories/cats", model, settings)    # keys and values memory-mapped
 
 Every memory entry is one token of one document at every memory layer and head, so entry n is
 the same token everywhere and one `doc_ids` vector says where each entry came from.
+
+Scale (docs/knn-scale.md): the hook asks `memory.search(layer, heads, probes, k)` for candidates.
+knn_backend='auto' searches exactly while that is cheap and with an IVF index (int8 or 4-bit PQ
+codes, candidates re-ranked exactly with the stored keys) beyond, its nprobe tuned at build until
+recall@5 against exact search reaches knn_recall_target (stored in the manifest). Keys and values
+are kept in knn_dtype (float16 halves them), can be built straight on disk (storage_dir) and are
+memory-mapped when loaded, so a memory larger than RAM opens in seconds. A memory can be sharded
+over torch.distributed ranks (load(..., shard=(rank, world))): each searches its shard and the
+global top k is merged from all_gather.
 
 Differences from the reference, on purpose: the build pass is clean (no retrieval while building,
 so a multi-layer memory is not contaminated); text of any length is streamed in windows that each
@@ -314,8 +323,10 @@ class FaissIndex:
                 if ivf is not None:
                     ivf.cp.niter = 10
                     ivf.quantizer_trains_alone = 0
-                    if hasattr(ivf, "do_polysemous_training"):
-                        ivf.do_polysemous_training = False  # the factory's default: minutes of annealing, unused here
+                    pq = faiss.downcast_index(ivf)
+                    if isinstance(pq, faiss.IndexIVFPQ):
+                        pq.do_polysemous_training = False
+                        pq.pq.cp.niter = 10  # the factory's default: minutes of annealing, unused here
                 index.train(_as_f32(sample[h]))
         self.indexes = indexes
         self.add(keys, ids)
@@ -830,10 +841,12 @@ class KNNMemory:
         (all ranks call search with the same probes, as ranks generating in lockstep do): each takes
         its shard's top k and the global top k is merged from all_gather of scores, ids, keys, values."""
         scores, ids, pos = self._local_search(layer, heads, vecs, k)
-        h = heads.cpu()[:, None]
-        p = pos.clamp(min=0)
-        ck = self._keys[layer].buf[p, h].float()  # (M, k, d)
-        cv = self._values[layer].buf[p, h].float()
+        if self.local_count:
+            h, p = heads.cpu()[:, None], pos.clamp(min=0)
+            ck = self._keys[layer].buf[p, h].float()  # (M, k, d)
+            cv = self._values[layer].buf[p, h].float()
+        else:  # an empty shard: only padding (score -inf), which the merge drops
+            ck, cv = torch.zeros(*pos.shape, self.head_size), torch.zeros(*pos.shape, self.value_size)
         if self.shard is not None and self.shard[1] > 1:
             import torch.distributed as dist
             gathered = []

@@ -330,3 +330,25 @@ def test_datastore_shares_the_scalable_store(tmp_path, monkeypatch):
     loaded = KNNLMDatastore.load(tmp_path / "ds", model, store.settings)
     assert loaded._keys[2].source is not None and torch.equal(knn_probs(h, loaded, 6, 1.0, 50), want)
     assert torch.equal(loaded.next_tokens(), store.next_tokens())
+
+
+def test_knn_scale_bench_suite(tmp_path, capsys, monkeypatch):
+    import bench
+    from configurator import load_config
+    monkeypatch.setattr(knn, "AUTO_IVF_FROM", 2000)
+    out = tmp_path / "bench.json"
+    cfg = load_config(bench.BenchConfig, [], n_layer=2, n_head=2, n_embd=16, block_size=64, vocab_size=256,
+                      gen_tokens=4, prompt_len=4, device="cpu", dtype="float32", suite=["knn_scale"], knn_layer=1,
+                      knn_scale_sizes=[200, 3000], knn_scale_compare_at=200, knn_scale_compare=["faiss-sq8"],
+                      knn_scale_disk_from=3000, knn_scale_exact_max=200, knn_scale_dir=str(tmp_path / "mem"), knn_scale_repeats=1,
+                      knn_scale_build_tokens=20, bench_json=str(out))
+    bench.main(cfg)
+    assert "auto (faiss-ivfsq8)" in capsys.readouterr().out
+    runs = json.loads(out.read_text())["knn_scale"]["runs"]
+    assert [(r["size"], r["variant"], r["mode"]) for r in runs] == [
+        (200, "auto (torch)", "causal"), (200, "faiss-sq8", "causal"), (200, "auto (torch)", "reference"),
+        (3000, "auto (faiss-ivfsq8)", "causal")]
+    big = runs[-1]
+    assert big["recall_at_5"] >= 0.95 and big["open_s"] > 0 and big["build_tok_s"] > 0 and big["dtype"] == "float16"
+    assert big["kv_bytes_per_entry_head"] == 2 * 8 * 2 and 8 <= big["index_bytes_per_entry_head"] < 40
+    assert not (tmp_path / "mem" / "m3000").exists()  # the on-disk memory is removed after its rows
