@@ -72,6 +72,9 @@ class BenchConfig(TrainConfig):
     knn_scale_nlist: int = 0  # IVF lists (0: knn.default_nlist)
     knn_scale_repeats: int = 3  # memory-on / memory-off generation pairs per row; the median ratio is reported
     knn_scale_build_tokens: int = 255  # tokens added per incremental build step (one window)
+    knn_scale_heads: int = 0  # >0: the memory holds only this many heads and rows time the searches of all the
+    # model's heads against it (one probe per model head per token), scaled to a full memory: for sizes whose
+    # every head would not fit the machine's time (each head's index is independent: cost is per head)
 
 
 def sync(device: str):
@@ -317,26 +320,42 @@ def bench_knn_scale(model, cfg, device, dtype) -> dict:
     windows = torch.tensor([[198] + build_tokens[i:i + step] for i in range(0, len(build_tokens), step)], device=device)
     median = lambda xs: sorted(xs)[len(xs) // 2]
 
+    spent = [0.0]  # seconds inside memory.search during the timed generation
+
     def gen_seconds(use_cache=True):
         gens = [torch.Generator(device=device).manual_seed(0)]
         with autocast_context(device, dtype):
             model.generate(prompt, 4, generators=gens, use_cache=use_cache)  # warm-up
             sync(device)
+            spent[0] = 0.0
             t0 = time.perf_counter()
             model.generate(prompt, n, generators=gens, use_cache=use_cache)
             sync(device)
         return time.perf_counter() - t0
 
     def on_off(mem):
-        """(tok/s on, tok/s off, median time ratio on / off) of interleaved pairs."""
-        ons, offs = [], []
+        """(tok/s on, tok/s off, median time ratio on / off of interleaved pairs, median of the ratio implied by
+        the time inside memory.search: total / (total - search), immune to load changing between the pair)."""
+        ons, offs, inside = [], [], []
+        search = mem.search
+
+        def timed_search(*a, **kw):
+            t0 = time.perf_counter()
+            out = search(*a, **kw)
+            spent[0] += time.perf_counter() - t0
+            return out
+
+        mem.search = timed_search  # the hook calls memory.search
         for _ in range(cfg.knn_scale_repeats):
             KNNMemory.detach(model)
             offs.append(gen_seconds())
             mem.attach(model)
             ons.append(gen_seconds())
+            inside.append(spent[0])
         KNNMemory.detach(model)
-        return n / median(ons), n / median(offs), median([a / b for a, b in zip(ons, offs)])
+        del mem.search
+        return (n / median(ons), n / median(offs), median([a / b for a, b in zip(ons, offs)]),
+                median([t / (t - s) for t, s in zip(ons, inside)]), median(inside) / n * 1e3)
 
     def build_speed(mem):
         """Median over pairs of (plain forward time / add_tokens time) for the same windows, and tok/s."""
@@ -362,7 +381,7 @@ def bench_knn_scale(model, cfg, device, dtype) -> dict:
         item = STORAGE_ITEMSIZE[mem.dtype]
         run = {"size": size, "variant": label, "backend": mem.backend, "mode": "reference" if mem.settings.knn_recompute
                else "causal", "tokens_per_s": stats[0], "off_tokens_per_s": stats[1], "slowdown": stats[2],
-               "recall_at_5": info.get("recall_at_k", 1.0), "exact": getattr(index, "exact", False),
+               "search_ratio": stats[3], "search_ms_per_token": stats[4], "recall_at_5": info.get("recall_at_k", 1.0), "exact": getattr(index, "exact", False),
                "nlist": info.get("nlist"), "nprobe": info.get("nprobe"), "ef_search": info.get("ef_search"),
                "refine": info.get("refine"), "index_bytes_per_entry_head": index.bytes_per_entry(),
                "kv_bytes_per_entry_head": (mem.head_size + mem.value_size) * item, "dtype": mem.dtype,
@@ -371,16 +390,71 @@ def bench_knn_scale(model, cfg, device, dtype) -> dict:
         recall = "exact" if run["exact"] else f"{run['recall_at_5']:.3f}"
         build = f"{run['build_tok_s']:,.0f} tok/s ({run['build_ratio']:.2f}x fwd)" if "build_tok_s" in run else "-"
         opened = f"{run['open_s']:.2f} s" if "open_s" in run else "-"
-        row = (f"{size:>10,}", f"{label[:22]:<22}", f"{run['mode']:<9}", f"{stats[0]:6.1f}", f"{stats[2]:5.2f}x", f"{recall:>6}",
+        row = (f"{size:>10,}", f"{label[:22]:<22}", f"{run['mode']:<9}", f"{stats[0]:6.1f}", f"{stats[2]:5.2f}x",
+               f"{stats[4]:6.2f} ms {stats[3]:5.2f}x", f"{recall:>6}",
                f"{run['index_bytes_per_entry_head']:6.1f} + {run['kv_bytes_per_entry_head']}",
                f"{(info.get('build_s') or 0):6.1f} s", build, opened)
         print(" | ".join(row), flush=True)
         rows.append(row)
 
-    header = ("entries", "backend", "mode", "tok/s", "vs off", "rec@5", "B/entry/head idx+kv", "index", "build (incremental)",
+    def scaled_rows(size):
+        """A memory of knn_scale_heads heads: its index, recall, bytes, open time measured; per token, one
+        probe per model head (spread over its heads) searched n times and timed; memory-side build time
+        scaled by H / heads. Ratios are implied: (plain decoding step + search) / plain decoding step."""
+        mh = cfg.knn_scale_heads
+        folder = os.path.join(cfg.knn_scale_dir, f"m{size}h{mh}")
+        shutil.rmtree(folder, ignore_errors=True)
+        mem = KNNMemory(KNNSettings(**base), [L], mh, d, "bench", {}, 198, device,
+                        storage_dir=folder if size >= cfg.knn_scale_disk_from else None)
+        t0 = time.perf_counter()
+        mem.reserve(size + len(build_tokens) * cfg.knn_scale_repeats)
+        for keys, values in synthetic_entries(size, mh, d, cfg.seed):
+            mem.add_entries({L: keys}, {L: values})
+        extra = {"fill_s": time.perf_counter() - t0, "heads_built": mh}
+        mem.index(L)
+        ratios, speeds = [], []
+        for keys, values in synthetic_entries(len(build_tokens) * cfg.knn_scale_repeats, mh, d, cfg.seed + 1,
+                                              chunk=len(build_tokens)):
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                model(windows[:, :len(build_tokens) + 1])
+                t_fwd = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            mem.add_entries({L: keys}, {L: values})
+            t_mem = (time.perf_counter() - t0) * H / mh
+            ratios.append(t_fwd / (t_fwd + t_mem))
+            speeds.append(len(build_tokens) / (t_fwd + t_mem))
+        extra["build_tok_s"], extra["build_ratio"] = median(speeds), median(ratios)
+        mem.save(folder)
+        t0 = time.perf_counter()
+        mem = KNNMemory.load(folder, model, KNNSettings(**base), force=True)
+        extra["open_s"] = time.perf_counter() - t0
+        extra["folder_bytes"] = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+        heads = torch.arange(H) % mh
+        rows_ = torch.randint(0, len(mem), (n, H), generator=g)
+        probes = mem.keys[L][heads, rows_].float() + 0.1 * torch.randn(n, H, d, generator=g)  # (n, H, d)
+        mem.search(L, heads, probes[0], 5)  # warm-up
+        searches, offs = [], []
+        for _ in range(cfg.knn_scale_repeats):
+            offs.append(gen_seconds())
+            t0 = time.perf_counter()
+            for t in range(n):
+                mem.search(L, heads, probes[t], 5)
+            searches.append(time.perf_counter() - t0)
+        t_off, t_s = median(offs), median(searches)
+        implied = (t_off + t_s) / t_off
+        report(size, f"auto ({mem.backend}) {mh}/{H} heads", mem,
+               (n / (t_off + t_s), n / t_off, implied, implied, t_s / n * 1e3), extra)
+        del mem
+        shutil.rmtree(folder, ignore_errors=True)
+
+    header = ("entries", "backend", "mode", "tok/s", "vs off", "search/token, implied", "rec@5", "B/entry/head idx+kv", "index", "build (incremental)",
               "open")
     print(" | ".join(header), flush=True)
     for size in cfg.knn_scale_sizes:
+        if 0 < cfg.knn_scale_heads < H:
+            scaled_rows(size)
+            continue
         on_disk = size >= cfg.knn_scale_disk_from
         folder = os.path.join(cfg.knn_scale_dir, f"m{size}")
         shutil.rmtree(folder, ignore_errors=True)

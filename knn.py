@@ -839,7 +839,13 @@ class KNNMemory:
         memory's device. Exact or approximate per the backend; approximate ones fetch k * knn_refine
         candidates and re-rank them with the stored keys. A sharded memory is searched by every rank
         (all ranks call search with the same probes, as ranks generating in lockstep do): each takes
-        its shard's top k and the global top k is merged from all_gather of scores, ids, keys, values."""
+        its shard's top k and the global top k is merged from all_gather of scores, ids, keys, values.
+        Runs on one CPU thread: its operations are small, and with two threads every one of them waits for
+        both (140 ms instead of 0.35 ms per call, measured on a 2-core machine shared with other jobs)."""
+        with one_thread():
+            return self._search(layer, heads, vecs, k)
+
+    def _search(self, layer, heads, vecs, k):
         scores, ids, pos = self._local_search(layer, heads, vecs, k)
         if self.local_count:
             h, p = heads.cpu()[:, None], pos.clamp(min=0)
@@ -1193,6 +1199,26 @@ def read_manifest(path: str, kind: str) -> dict:
         raise KNNMemoryError(f"{manifest_path}: field 'value_size' must be a positive integer, got "
                              f"{man['value_size']!r}; restore the manifest or rebuild the memory")
     return man
+
+
+class one_thread:
+    """torch (and faiss) on one thread inside the block, as many as before after it."""
+
+    def __enter__(self):
+        import sys
+        self.n = torch.get_num_threads()
+        self.faiss = sys.modules.get("faiss")  # its wheel has an OpenMP pool of its own
+        self.nf = self.faiss.omp_get_max_threads() if self.faiss else 1
+        if self.n != 1:
+            torch.set_num_threads(1)
+        if self.nf != 1:
+            self.faiss.omp_set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.n != 1:
+            torch.set_num_threads(self.n)
+        if self.nf != 1:
+            self.faiss.omp_set_num_threads(self.nf)
 
 
 def _rank(scores, ids, extra, k):
