@@ -68,7 +68,7 @@ class BenchConfig(TrainConfig):
     knn_scale_compare: list[str] = field(default_factory=lambda: ["faiss-fp16", "faiss-sq8", "faiss-ivf", "faiss-hnsw"])
     knn_scale_dtype: str = "float16"
     knn_scale_disk_from: int = 2000000  # memories of this many entries are built on disk, not in RAM
-    knn_scale_dir: str = "bench_knn_scale_mem"
+    knn_scale_dir: str = ""  # '' : a new folder in the system's temp folder
     knn_scale_nlist: int = 0  # IVF lists (0: knn.default_nlist)
     knn_scale_repeats: int = 3  # memory-on / memory-off generation pairs per row; the median ratio is reported
     knn_scale_build_tokens: int = 255  # tokens added per incremental build step (one window)
@@ -374,6 +374,9 @@ def bench_knn_scale(model, cfg, device, dtype) -> dict:
         return median(speeds), median(ratios)
 
     rows, runs = [], []
+    if not cfg.knn_scale_dir:
+        import tempfile
+        cfg = replace(cfg, knn_scale_dir=tempfile.mkdtemp(prefix="knn_scale_"))
 
     def report(size, label, mem, stats, extra=None):
         info = mem.index_info.get(L, {})

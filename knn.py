@@ -821,6 +821,9 @@ class KNNMemory:
         else:  # stable ids -> positions; ids no longer stored (HNSW tombstones) and faiss's -1 drop out
             p = torch.searchsorted(self.entry_ids, labels).clamp(max=n - 1)
             p = torch.where((labels >= 0) & (self.entry_ids[p] == labels), p, torch.full_like(p, -1))
+        if getattr(index, "exact", False) and self.shard is None and kc == k:
+            # exact, unsharded: the index's own order is the answer; scores are needed only to merge shards
+            return None, self.entry_ids[p], p
         cand = self._keys[layer].buf[p.clamp(min=0), heads[:, None]].float()  # (M, kc, d)
         if self.settings.knn_metric == "l2":
             sc = -((cand - vecs[:, None]) ** 2).sum(-1)
@@ -839,7 +842,8 @@ class KNNMemory:
         memory's device. Exact or approximate per the backend; approximate ones fetch k * knn_refine
         candidates and re-rank them with the stored keys. A sharded memory is searched by every rank
         (all ranks call search with the same probes, as ranks generating in lockstep do): each takes
-        its shard's top k and the global top k is merged from all_gather of scores, ids, keys, values.
+        its shard's top k and the global top k is merged from all_gather of scores, ids, keys, values
+        (an exact search re-scores its candidates with the stored keys only then).
         Runs on one CPU thread: its operations are small, and with two threads every one of them waits for
         both (140 ms instead of 0.35 ms per call, measured on a 2-core machine shared with other jobs)."""
         with one_thread():
