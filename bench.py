@@ -320,14 +320,14 @@ def bench_knn_scale(model, cfg, device, dtype) -> dict:
     windows = torch.tensor([[198] + build_tokens[i:i + step] for i in range(0, len(build_tokens), step)], device=device)
     median = lambda xs: sorted(xs)[len(xs) // 2]
 
-    spent = [0.0]  # seconds inside memory.search during the timed generation
+    spent = [0.0, 0.0]  # seconds inside memory.search, and inside the whole hook, during the timed generation
 
     def gen_seconds(use_cache=True):
         gens = [torch.Generator(device=device).manual_seed(0)]
         with autocast_context(device, dtype):
             model.generate(prompt, 4, generators=gens, use_cache=use_cache)  # warm-up
             sync(device)
-            spent[0] = 0.0
+            spent[0] = spent[1] = 0.0
             t0 = time.perf_counter()
             model.generate(prompt, n, generators=gens, use_cache=use_cache)
             sync(device)
@@ -346,16 +346,29 @@ def bench_knn_scale(model, cfg, device, dtype) -> dict:
             return out
 
         mem.search = timed_search  # the hook calls memory.search
+        hooked = []
         for _ in range(cfg.knn_scale_repeats):
             KNNMemory.detach(model)
             offs.append(gen_seconds())
             mem.attach(model)
+            hook = model.attentions[L].memory
+
+            def timed_hook(*a, **kw):  # the whole hook: search, mixing and its own attention call
+                t0 = time.perf_counter()
+                out = hook(*a, **kw)
+                spent[1] += time.perf_counter() - t0
+                return out
+
+            timed_hook.recompute = hook.recompute
+            model.attentions[L].memory = timed_hook
             ons.append(gen_seconds())
             inside.append(spent[0])
+            hooked.append(spent[1])
         KNNMemory.detach(model)
         del mem.search
         return (n / median(ons), n / median(offs), median([a / b for a, b in zip(ons, offs)]),
-                median([t / (t - s) for t, s in zip(ons, inside)]), median(inside) / n * 1e3)
+                median([t / (t - s) for t, s in zip(ons, inside)]), median(inside) / n * 1e3,
+                median([t / (t - s) for t, s in zip(ons, hooked)]), median(hooked) / n * 1e3)
 
     def build_speed(mem):
         """Median over pairs of (plain forward time / add_tokens time) for the same windows, and tok/s."""
@@ -384,7 +397,8 @@ def bench_knn_scale(model, cfg, device, dtype) -> dict:
         item = STORAGE_ITEMSIZE[mem.dtype]
         run = {"size": size, "variant": label, "backend": mem.backend, "mode": "reference" if mem.settings.knn_recompute
                else "causal", "tokens_per_s": stats[0], "off_tokens_per_s": stats[1], "slowdown": stats[2],
-               "search_ratio": stats[3], "search_ms_per_token": stats[4], "recall_at_5": info.get("recall_at_k", 1.0), "exact": getattr(index, "exact", False),
+               "search_ratio": stats[3], "search_ms_per_token": stats[4],
+               "hook_ratio": stats[5] if len(stats) > 5 else None, "hook_ms_per_token": stats[6] if len(stats) > 5 else None, "recall_at_5": info.get("recall_at_k", 1.0), "exact": getattr(index, "exact", False),
                "nlist": info.get("nlist"), "nprobe": info.get("nprobe"), "ef_search": info.get("ef_search"),
                "refine": info.get("refine"), "index_bytes_per_entry_head": index.bytes_per_entry(),
                "kv_bytes_per_entry_head": (mem.head_size + mem.value_size) * item, "dtype": mem.dtype,
@@ -394,7 +408,8 @@ def bench_knn_scale(model, cfg, device, dtype) -> dict:
         build = f"{run['build_tok_s']:,.0f} tok/s ({run['build_ratio']:.2f}x fwd)" if "build_tok_s" in run else "-"
         opened = f"{run['open_s']:.2f} s" if "open_s" in run else "-"
         row = (f"{size:>10,}", f"{label[:22]:<22}", f"{run['mode']:<9}", f"{stats[0]:6.1f}", f"{stats[2]:5.2f}x",
-               f"{stats[4]:6.2f} ms {stats[3]:5.2f}x", f"{recall:>6}",
+               f"{stats[4]:6.2f} ms {stats[3]:5.2f}x" + (f" | hook {stats[6]:6.2f} ms {stats[5]:5.2f}x" if len(stats) > 5
+                                                          else " | -"), f"{recall:>6}",
                f"{run['index_bytes_per_entry_head']:6.1f} + {run['kv_bytes_per_entry_head']}",
                f"{(info.get('build_s') or 0):6.1f} s", build, opened)
         print(" | ".join(row), flush=True)
@@ -429,8 +444,11 @@ def bench_knn_scale(model, cfg, device, dtype) -> dict:
             speeds.append(len(build_tokens) / (t_fwd + t_mem))
         extra["build_tok_s"], extra["build_ratio"] = median(speeds), median(ratios)
         mem.save(folder)
+        # load checks the model's heads: a stand-in with this memory's heads (force: its weights are not the model's)
+        shape = dict(asdict(model.config), n_head=mh, n_embd=mh * d, block_size=8, vocab_size=16)
+        stand_in = GPT(GPTConfig(**shape))
         t0 = time.perf_counter()
-        mem = KNNMemory.load(folder, model, KNNSettings(**base), force=True)
+        mem = KNNMemory.load(folder, stand_in, KNNSettings(**base), force=True)
         extra["open_s"] = time.perf_counter() - t0
         extra["folder_bytes"] = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
         heads = torch.arange(H) % mh
@@ -451,7 +469,7 @@ def bench_knn_scale(model, cfg, device, dtype) -> dict:
         del mem
         shutil.rmtree(folder, ignore_errors=True)
 
-    header = ("entries", "backend", "mode", "tok/s", "vs off", "search/token, implied", "rec@5", "B/entry/head idx+kv", "index", "build (incremental)",
+    header = ("entries", "backend", "mode", "tok/s", "vs off", "search/token, implied | whole hook/token, implied", "rec@5", "B/entry/head idx+kv", "index", "build (incremental)",
               "open")
     print(" | ".join(header), flush=True)
     for size in cfg.knn_scale_sizes:

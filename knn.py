@@ -344,6 +344,12 @@ class FaissIndex:
         """New entries: keys (H, m, d), their stable ids (m,); read chunk by chunk of entries, all heads at
         once (keys are stored entry-major: one pass over a memory-mapped file)."""
         self._writable()
+        if keys.size(1) < 4096:  # a few new entries: threads only wait for each other (see KNNMemory.search)
+            with one_thread():
+                return self._add_chunks(keys, ids, chunk)
+        self._add_chunks(keys, ids, chunk)
+
+    def _add_chunks(self, keys, ids, chunk):
         for s in range(0, keys.size(1), chunk):
             part = keys[:, s:s + chunk].float().contiguous()
             ids_np = ids[s:s + chunk].numpy().astype("int64")

@@ -341,7 +341,7 @@ def test_knn_scale_bench_suite(tmp_path, capsys, monkeypatch):
                       gen_tokens=4, prompt_len=4, device="cpu", dtype="float32", suite=["knn_scale"], knn_layer=1,
                       knn_scale_sizes=[200, 3000], knn_scale_compare_at=200, knn_scale_compare=["faiss-sq8"],
                       knn_scale_disk_from=3000, knn_scale_exact_max=200, knn_scale_dir=str(tmp_path / "mem"), knn_scale_repeats=1,
-                      knn_scale_build_tokens=20, bench_json=str(out))
+                      knn_scale_build_tokens=20, knn_scale_nlist=32, bench_json=str(out))
     bench.main(cfg)
     assert "auto (faiss-ivfsq8)" in capsys.readouterr().out
     runs = json.loads(out.read_text())["knn_scale"]["runs"]
@@ -352,3 +352,20 @@ def test_knn_scale_bench_suite(tmp_path, capsys, monkeypatch):
     assert big["recall_at_5"] >= 0.95 and big["open_s"] > 0 and big["build_tok_s"] > 0 and big["dtype"] == "float16"
     assert big["kv_bytes_per_entry_head"] == 2 * 8 * 2 and 8 <= big["index_bytes_per_entry_head"] < 40
     assert not (tmp_path / "mem" / "m3000").exists()  # the on-disk memory is removed after its rows
+
+
+def test_knn_scale_bench_times_a_head_subset(tmp_path, monkeypatch):
+    """A memory of one head standing in for all the model's heads (sizes too large to build whole)."""
+    import bench
+    from configurator import load_config
+    monkeypatch.setattr(knn, "AUTO_IVF_FROM", 2000)
+    out = tmp_path / "bench.json"
+    cfg = load_config(bench.BenchConfig, [], n_layer=2, n_head=2, n_embd=16, block_size=64, vocab_size=256,
+                      gen_tokens=4, prompt_len=4, device="cpu", dtype="float32", suite=["knn_scale"], knn_layer=1,
+                      knn_scale_sizes=[3000], knn_scale_heads=1, knn_scale_disk_from=3000, knn_scale_repeats=1,
+                      knn_scale_dir=str(tmp_path / "mem"), knn_scale_build_tokens=20, knn_scale_nlist=32,
+                      bench_json=str(out))
+    bench.main(cfg)
+    run = json.loads(out.read_text())["knn_scale"]["runs"][0]
+    assert run["variant"] == "auto (faiss-ivfsq8) 1/2 heads" and run["heads_built"] == 1
+    assert run["search_ms_per_token"] > 0 and run["open_s"] > 0 and run["recall_at_5"] >= 0.95
