@@ -118,7 +118,7 @@ class KNNSettings:
         for name, value, allowed in (("knn_query", self.knn_query, ("key", "query")),
                                      ("knn_metric", self.knn_metric, ("l2", "ip")),
                                      ("knn_backend", self.knn_backend, BACKENDS),
-                                     ("knn_dtype", self.knn_dtype, tuple(STORAGE_DTYPES))):
+                                     ("knn_dtype", self.knn_dtype, KEY_DTYPES)):
             if value not in allowed:
                 raise KNNMemoryError(f"{name}={value!r}; choose one of {', '.join(allowed)}")
 
@@ -428,7 +428,9 @@ def file_checksum(path: str) -> str:
 # storage: the rows (N, H, d) of one array, growable, in RAM or in a .npy file mapped into memory
 
 STORAGE_DTYPES = {"float32": (torch.float32, "<f4"), "float16": (torch.float16, "<f2"),
-                  "bfloat16": (torch.bfloat16, "<u2")}  # numpy has no bfloat16: its bits are kept as uint16
+                  "bfloat16": (torch.bfloat16, "<u2"),  # numpy has no bfloat16: its bits are kept as uint16
+                  "int64": (torch.int64, "<i8")}  # entry and document ids
+KEY_DTYPES = ("float32", "float16", "bfloat16")  # knn_dtype: the storage of keys and values
 NPY_HEADER = 128  # bytes: a fixed-size .npy header, so that a file on disk can grow and be re-headed in place
 
 
@@ -575,8 +577,8 @@ class KNNMemory:
         where = lambda name: os.path.join(self.storage_dir, name) if self.storage_dir else None
         self._keys = {L: Column((n_head, head_size), self.dtype, where(f"keys.{L}.npy")) for L in self.layers}
         self._values = {L: Column((n_head, self.value_size), self.dtype, where(f"values.{L}.npy")) for L in self.layers}
-        self.doc_ids = torch.zeros(0, dtype=torch.long)  # (N,) the document of every entry
-        self.entry_ids = torch.zeros(0, dtype=torch.long)  # (N,) stable, increasing ids
+        self._doc = Column((), "int64")  # (N,) the document of every entry (doc_ids)
+        self._eid = Column((), "int64")  # (N,) stable, increasing ids (entry_ids)
         self.next_id = 0  # the id of the next entry added (all ranks count every entry)
         self.total = 0  # entries in the whole memory (all shards)
         self.documents: list[dict] = []  # {"id", "source", "text", "n_tokens"}
@@ -591,6 +593,22 @@ class KNNMemory:
     @property
     def local_count(self) -> int:
         return self.entry_ids.numel()
+
+    @property
+    def doc_ids(self):
+        return self._doc.view()
+
+    @doc_ids.setter
+    def doc_ids(self, t):
+        self._doc = Column((), "int64", data=t.long(), n=t.numel())
+
+    @property
+    def entry_ids(self):
+        return self._eid.view()
+
+    @entry_ids.setter
+    def entry_ids(self, t):
+        self._eid = Column((), "int64", data=t.long(), n=t.numel())
 
     @property
     def keys(self) -> dict:
@@ -676,8 +694,8 @@ class KNNMemory:
                 k, v = k[:, sel], v[:, sel]
             self._keys[L].append(k.transpose(0, 1))
             self._values[L].append(v.transpose(0, 1))
-        self.entry_ids = torch.cat([self.entry_ids, ids[mine]])
-        self.doc_ids = torch.cat([self.doc_ids, torch.full((int(mine.sum()),), doc_id, dtype=torch.long)])
+        self._eid.append(ids[mine])
+        self._doc.append(torch.full((int(mine.sum()),), doc_id, dtype=torch.long))
         self.next_id += n
         self.total += n
         self.documents.append({"id": doc_id, "source": source, "text": text, "n_tokens": n})
@@ -692,9 +710,8 @@ class KNNMemory:
 
     def reserve(self, n: int):
         """Room for n entries in every column (growing a large memory then copies nothing)."""
-        for L in self.layers:
-            self._keys[L].reserve(n)
-            self._values[L].reserve(n)
+        for c in [self._doc, self._eid] + list(self._keys.values()) + list(self._values.values()):
+            c.reserve(n)
 
     def add_text(self, model, tokenizer, text: str, source: str = "") -> int:
         return self.add_tokens(model, tokenizer.encode(text), source=source, text=text)
@@ -709,7 +726,8 @@ class KNNMemory:
         for L in self.layers:
             self._keys[L].keep(keep)
             self._values[L].keep(keep)
-        self.doc_ids, self.entry_ids = self.doc_ids[keep], self.entry_ids[keep]
+        self._doc.keep(keep)
+        self._eid.keep(keep)
         self.total -= next(d["n_tokens"] for d in self.documents if d["id"] == doc_id)
         self.documents = [d for d in self.documents if d["id"] != doc_id]
         for L in list(self._indexes):
@@ -1160,7 +1178,7 @@ MANIFEST_FIELDS = {  # name -> (check, what it must be); format 2 adds the secon
 }
 MANIFEST_FIELDS_V2 = {
     "value_size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "dtype": (lambda v: v in STORAGE_DTYPES, f"one of {', '.join(STORAGE_DTYPES)}"),
+    "dtype": (lambda v: v in KEY_DTYPES, f"one of {', '.join(KEY_DTYPES)}"),
     "total": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "next_id": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "indexes": (lambda v: isinstance(v, dict) and all(isinstance(i, dict) and isinstance(i.get("files"), dict)
