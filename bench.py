@@ -33,12 +33,12 @@ from torch.nn import functional as F
 
 from configurator import ConfigError, above, at_least, format_config, load_config, need, one_of, within
 from common import autocast_context, cli, resolve_device, write_json
-from knn import KNNMemory, KNNSettings, FaissIndex, TorchIndex
+from knn import BACKENDS, KEY_DTYPES, KNNMemory, KNNSettings, FaissIndex, TorchIndex, default_nlist
 from model import GPT, GPTConfig
 from runs import check_shape_and_device
 from tasks import ALGORITHMIC, check_dnc
 
-SUITES = ("train", "generate", "knn", "memorizing")
+SUITES = ("train", "generate", "knn", "knn_scale", "memorizing")
 
 
 @dataclass
@@ -94,6 +94,22 @@ class BenchConfig:
     dnc_slots: list[int] = field(default_factory=list)
     dnc_seq_len: int = 20
     dnc_reference: bool = True
+    # suite 'knn_scale' (config/bench_knn_scale.py): the kNN memory from 1k to 10M entries of synthetic clustered
+    # keys, knn_backend 'auto' at every size, exact search up to knn_scale_exact_max, the other backends at
+    # knn_scale_compare_at; large memories are built on disk in knn_scale_dir (mapped, knn_dtype storage)
+    knn_scale_sizes: list[int] = field(default_factory=lambda: [1000, 10000, 100000, 1000000])
+    knn_scale_exact_max: int = 100000
+    knn_scale_compare_at: int = 100000
+    knn_scale_compare: list[str] = field(default_factory=lambda: ["faiss-fp16", "faiss-sq8", "faiss-ivf", "faiss-hnsw"])
+    knn_scale_dtype: str = "float16"
+    knn_scale_disk_from: int = 2000000  # memories of this many entries are built on disk, not in RAM
+    knn_scale_dir: str = ""  # '' : a new folder in the system's temp folder
+    knn_scale_nlist: int = 0  # IVF lists (0: knn.default_nlist)
+    knn_scale_repeats: int = 3  # memory-on / memory-off generation pairs per row; the median ratio is reported
+    knn_scale_build_tokens: int = 255  # tokens added per incremental build step (one window)
+    knn_scale_heads: int = 0  # >0: the memory holds only this many heads and rows time the searches of all the
+    # model's heads against it (one probe per model head per token), scaled to a full memory: for sizes whose
+    # every head would not fit the machine's time (each head's index is independent: cost is per head)
 
     def validate(self):
         check_shape_and_device(self)
@@ -106,9 +122,14 @@ class BenchConfig:
         one_of(self, "dtype", ("auto", "float32", "bfloat16", "float16"))
         one_of(self, "suite", SUITES)
         one_of(self, "task", ("lm",) + ALGORITHMIC)
-        if {"knn", "memorizing"} & set(self.suite) and self.task == "lm":
+        at_least(self, 1, "knn_scale_sizes", "knn_scale_exact_max", "knn_scale_compare_at", "knn_scale_repeats",
+                 "knn_scale_build_tokens")
+        at_least(self, 0, "knn_scale_nlist", "knn_scale_heads", "knn_scale_disk_from")
+        one_of(self, "knn_scale_dtype", KEY_DTYPES)
+        one_of(self, "knn_scale_compare", BACKENDS)
+        if {"knn", "knn_scale", "memorizing"} & set(self.suite) and self.task == "lm":
             need(0 <= self.knn_layer < self.n_layer, f"knn_layer={self.knn_layer} is out of range: suites 'knn' "
-                 f"and 'memorizing' need 0 <= knn_layer < n_layer={self.n_layer}")
+                 f"'knn_scale' and 'memorizing' need 0 <= knn_layer < n_layer={self.n_layer}")
         check_dnc(self)
 
 
@@ -330,6 +351,244 @@ def bench_knn(model, cfg, device, dtype) -> tuple[dict, list]:
     return res, rows
 
 
+def synthetic_entries(n: int, H: int, d: int, seed: int, chunk: int = 1 << 17, centres: int = 4096):
+    """Memory entries (keys, values), each (H, m, d), chunk by chunk: keys shaped like attention keys
+    (per head `centres` cluster centres with log-normal per-dimension scales and a shared offset, each key a
+    centre plus noise of half its scale); values a fixed transform of the keys (a search's cost does not
+    depend on them). Chunks keep a 10M-entry memory from ever being whole in RAM."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.exp(0.6 * torch.randn(H, 1, d, generator=g))
+    centre = torch.randn(H, centres, d, generator=g) * scale + 2 * torch.randn(H, 1, d, generator=g)
+    for s in range(0, n, chunk):
+        m = min(chunk, n - s)
+        which = torch.randint(0, centres, (H, m, 1), generator=g).expand(H, m, d)
+        keys = centre.gather(1, which) + 0.5 * scale * torch.randn(H, m, d, generator=g)
+        yield keys, 0.5 * keys.flip(-1)
+
+
+def bench_knn_scale(model, cfg, device, dtype) -> dict:
+    """Suite 'knn_scale': causal mode (KV cache), every head searching at every token, memory sizes
+    knn_scale_sizes of synthetic clustered keys. Per size and backend: generation tok/s and its time
+    against memory off (median of knn_scale_repeats interleaved pairs), recall@5 against exact search
+    (measured at build, leave-one-out), bytes per entry and head (index; keys + values storage), index
+    build time, incremental build throughput against a plain forward pass, and the time to open the
+    saved folder (memory-mapped)."""
+    import shutil
+    H, d = model.config.n_head, model.config.n_embd // model.config.n_head
+    L, n = cfg.knn_layer, cfg.gen_tokens
+    knn = [0] * model.config.n_layer
+    knn[L] = 5
+    base = dict(knn=knn, bookkeeping_frac=0.0, mem_frac=0.0, knn_softmax_influence=1.0, knn_recompute=False,
+                knn_dtype=cfg.knn_scale_dtype, knn_nlist=cfg.knn_scale_nlist, knn_hnsw_m=16)
+    g = torch.Generator().manual_seed(cfg.seed)
+    prompt = torch.randint(0, model.config.vocab_size, (1, cfg.prompt_len), generator=g).to(device)
+    step = model.config.block_size - 1
+    build_tokens = torch.randint(0, model.config.vocab_size, (cfg.knn_scale_build_tokens,), generator=g).tolist()
+    windows = torch.tensor([[198] + build_tokens[i:i + step] for i in range(0, len(build_tokens), step)], device=device)
+    median = lambda xs: sorted(xs)[len(xs) // 2]
+
+    spent = [0.0, 0.0]  # seconds inside memory.search, and inside the whole hook, during the timed generation
+
+    def gen_seconds(use_cache=True):
+        gens = [torch.Generator(device=device).manual_seed(0)]
+        with autocast_context(device, dtype):
+            model.generate(prompt, 4, generators=gens, use_cache=use_cache)  # warm-up
+            sync(device)
+            spent[0] = spent[1] = 0.0
+            t0 = time.perf_counter()
+            model.generate(prompt, n, generators=gens, use_cache=use_cache)
+            sync(device)
+        return time.perf_counter() - t0
+
+    def on_off(mem):
+        """(tok/s on, tok/s off, median time ratio on / off of interleaved pairs, median of the ratio implied by
+        the time inside memory.search: total / (total - search), immune to load changing between the pair)."""
+        ons, offs, inside = [], [], []
+        search = mem.search
+
+        def timed_search(*a, **kw):
+            t0 = time.perf_counter()
+            out = search(*a, **kw)
+            spent[0] += time.perf_counter() - t0
+            return out
+
+        mem.search = timed_search  # the hook calls memory.search
+        hooked = []
+        for _ in range(cfg.knn_scale_repeats):
+            KNNMemory.detach(model)
+            offs.append(gen_seconds())
+            mem.attach(model)
+            hook = model.attentions[L].memory
+
+            def timed_hook(*a, **kw):  # the whole hook: search, mixing and its own attention call
+                t0 = time.perf_counter()
+                out = hook(*a, **kw)
+                spent[1] += time.perf_counter() - t0
+                return out
+
+            timed_hook.recompute = hook.recompute
+            model.attentions[L].memory = timed_hook
+            ons.append(gen_seconds())
+            inside.append(spent[0])
+            hooked.append(spent[1])
+        KNNMemory.detach(model)
+        del mem.search
+        return (n / median(ons), n / median(offs), median([a / b for a, b in zip(ons, offs)]),
+                median([t / (t - s) for t, s in zip(ons, inside)]), median(inside) / n * 1e3,
+                median([t / (t - s) for t, s in zip(ons, hooked)]), median(hooked) / n * 1e3)
+
+    def build_speed(mem):
+        """Median over pairs of (plain forward time / add_tokens time) for the same windows, and tok/s."""
+        ratios, speeds = [], []
+        for _ in range(cfg.knn_scale_repeats):
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                model(windows)
+                t_fwd = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            mem.add_tokens(model, build_tokens)
+            mem.index(L)  # an exact torch index is rebuilt after a change: count it
+            t_build = time.perf_counter() - t0
+            ratios.append(t_fwd / t_build)
+            speeds.append(len(build_tokens) / t_build)
+        return median(speeds), median(ratios)
+
+    rows, runs = [], []
+    if not cfg.knn_scale_dir:
+        import tempfile
+        cfg = replace(cfg, knn_scale_dir=tempfile.mkdtemp(prefix="knn_scale_"))
+
+    def report(size, label, mem, stats, extra=None):
+        info = mem.index_info.get(L, {})
+        index = mem.index(L)
+        item = STORAGE_ITEMSIZE[mem.dtype]
+        run = {"size": size, "variant": label, "backend": mem.backend, "mode": "reference" if mem.settings.knn_recompute
+               else "causal", "tokens_per_s": stats[0], "off_tokens_per_s": stats[1], "slowdown": stats[2],
+               "search_ratio": stats[3], "search_ms_per_token": stats[4],
+               "hook_ratio": stats[5] if len(stats) > 5 else None, "hook_ms_per_token": stats[6] if len(stats) > 5 else None, "recall_at_5": info.get("recall_at_k", 1.0), "exact": getattr(index, "exact", False),
+               "nlist": info.get("nlist"), "nprobe": info.get("nprobe"), "ef_search": info.get("ef_search"),
+               "refine": info.get("refine"), "index_bytes_per_entry_head": index.bytes_per_entry(),
+               "kv_bytes_per_entry_head": (mem.head_size + mem.value_size) * item, "dtype": mem.dtype,
+               "index_build_s": info.get("build_s"), **(extra or {})}
+        runs.append(run)
+        recall = "exact" if run["exact"] else f"{run['recall_at_5']:.3f}"
+        build = f"{run['build_tok_s']:,.0f} tok/s ({run['build_ratio']:.2f}x fwd)" if "build_tok_s" in run else "-"
+        opened = f"{run['open_s']:.2f} s" if "open_s" in run else "-"
+        row = (f"{size:>10,}", f"{label[:22]:<22}", f"{run['mode']:<9}", f"{stats[0]:6.1f}", f"{stats[2]:5.2f}x",
+               f"{stats[4]:6.2f} ms {stats[3]:5.2f}x" + (f" | hook {stats[6]:6.2f} ms {stats[5]:5.2f}x" if len(stats) > 5
+                                                          else " | -"), f"{recall:>6}",
+               f"{run['index_bytes_per_entry_head']:6.1f} + {run['kv_bytes_per_entry_head']}",
+               f"{(info.get('build_s') or 0):6.1f} s", build, opened)
+        print(" | ".join(row), flush=True)
+        rows.append(row)
+
+    def scaled_rows(size):
+        """A memory of knn_scale_heads heads: its index, recall, bytes, open time measured; per token, one
+        probe per model head (spread over its heads) searched n times and timed; memory-side build time
+        scaled by H / heads. Ratios are implied: (plain decoding step + search) / plain decoding step."""
+        mh = cfg.knn_scale_heads
+        folder = os.path.join(cfg.knn_scale_dir, f"m{size}h{mh}")
+        shutil.rmtree(folder, ignore_errors=True)
+        mem = KNNMemory(KNNSettings(**base), [L], mh, d, "bench", {}, 198, device,
+                        storage_dir=folder if size >= cfg.knn_scale_disk_from else None)
+        t0 = time.perf_counter()
+        mem.reserve(size + len(build_tokens) * cfg.knn_scale_repeats)
+        for keys, values in synthetic_entries(size, mh, d, cfg.seed):
+            mem.add_entries({L: keys}, {L: values})
+        extra = {"fill_s": time.perf_counter() - t0, "heads_built": mh}
+        mem.index(L)
+        ratios, speeds = [], []
+        for keys, values in synthetic_entries(len(build_tokens) * cfg.knn_scale_repeats, mh, d, cfg.seed + 1,
+                                              chunk=len(build_tokens)):
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                model(windows[:, :len(build_tokens) + 1])
+                t_fwd = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            mem.add_entries({L: keys}, {L: values})
+            t_mem = (time.perf_counter() - t0) * H / mh
+            ratios.append(t_fwd / (t_fwd + t_mem))
+            speeds.append(len(build_tokens) / (t_fwd + t_mem))
+        extra["build_tok_s"], extra["build_ratio"] = median(speeds), median(ratios)
+        mem.save(folder)
+        # load checks the model's heads: a stand-in with this memory's heads (force: its weights are not the model's)
+        shape = dict(asdict(model.config), n_head=mh, n_embd=mh * d, block_size=8, vocab_size=16)
+        stand_in = GPT(GPTConfig(**shape))
+        t0 = time.perf_counter()
+        mem = KNNMemory.load(folder, stand_in, KNNSettings(**base), force=True)
+        extra["open_s"] = time.perf_counter() - t0
+        extra["folder_bytes"] = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+        heads = torch.arange(H) % mh
+        rows_ = torch.randint(0, len(mem), (n, H), generator=g)
+        probes = mem.keys[L][heads, rows_].float() + 0.1 * torch.randn(n, H, d, generator=g)  # (n, H, d)
+        mem.search(L, heads, probes[0], 5)  # warm-up
+        searches, offs = [], []
+        for _ in range(cfg.knn_scale_repeats):
+            offs.append(gen_seconds())
+            t0 = time.perf_counter()
+            for t in range(n):
+                mem.search(L, heads, probes[t], 5)
+            searches.append(time.perf_counter() - t0)
+        t_off, t_s = median(offs), median(searches)
+        implied = (t_off + t_s) / t_off
+        report(size, f"auto ({mem.backend}) {mh}/{H} heads", mem,
+               (n / (t_off + t_s), n / t_off, implied, implied, t_s / n * 1e3), extra)
+        del mem
+        shutil.rmtree(folder, ignore_errors=True)
+
+    header = ("entries", "backend", "mode", "tok/s", "vs off", "search/token, implied | whole hook/token, implied", "rec@5", "B/entry/head idx+kv", "index", "build (incremental)",
+              "open")
+    print(" | ".join(header), flush=True)
+    for size in cfg.knn_scale_sizes:
+        if 0 < cfg.knn_scale_heads < H:
+            scaled_rows(size)
+            continue
+        on_disk = size >= cfg.knn_scale_disk_from
+        folder = os.path.join(cfg.knn_scale_dir, f"m{size}")
+        shutil.rmtree(folder, ignore_errors=True)
+        settings = KNNSettings(**base)
+        mem = KNNMemory(settings, [L], H, d, "bench", {}, 198, device, storage_dir=folder if on_disk else None)
+        t0 = time.perf_counter()
+        mem.reserve(size + 3 * len(build_tokens) * cfg.knn_scale_repeats)
+        for keys, values in synthetic_entries(size, H, d, cfg.seed):
+            mem.add_entries({L: keys}, {L: values})
+        fill_s = time.perf_counter() - t0
+        mem.index(L)
+        variants = [("auto", {})]
+        if size <= cfg.knn_scale_exact_max and getattr(mem.index(L), "exact", False) is False:
+            variants.append(("faiss-flat", {"knn_backend": "faiss-flat"}))
+        if size == cfg.knn_scale_compare_at:
+            variants += [(b, {"knn_backend": b}) for b in cfg.knn_scale_compare]
+        if size in (cfg.knn_scale_sizes[0], cfg.knn_scale_compare_at):
+            variants.append(("auto", {"knn_recompute": True}))
+        # the 'auto' memory: incremental build speed, then save + open (memory-mapped) timed
+        extra = {"fill_s": fill_s}
+        extra["build_tok_s"], extra["build_ratio"] = build_speed(mem)
+        mem.save(folder)
+        t0 = time.perf_counter()
+        opened = KNNMemory.load(folder, model, KNNSettings(**base), force=True)
+        extra["open_s"] = time.perf_counter() - t0
+        extra["folder_bytes"] = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+        mem = opened if on_disk else mem  # beyond RAM: generate from the mapped folder
+        for label, change in variants:
+            if label == "auto" and not change:
+                m = mem
+            else:
+                m = KNNMemory.__new__(KNNMemory)
+                m.__dict__.update(mem.__dict__)  # the same storage, another backend or mode
+                m.settings, m._indexes, m.index_info, m._dead = KNNSettings(**{**base, **change}), {}, {}, {}
+                m.index(L)
+            report(size, f"{label} ({m.backend})" if label == "auto" else label, m, on_off(m),
+                   extra if m is mem else None)
+        del mem, opened
+        shutil.rmtree(folder, ignore_errors=True)
+    print_table([(" | ".join(r[:2]), r[3], " | ".join(r[2:3] + r[4:])) for r in rows], "tok/s")
+    return {"runs": runs, "columns": header, "gen_tokens": n, "layer": L, "heads": H, "head_size": d}
+
+
+STORAGE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
 def bench_memorizing(cfg, device, dtype, vocab_size) -> tuple[dict, list]:
     """Training with a memorizing layer (memory full: every step searches knn_memory_size entries per row
     and head, then appends its window) vs without; kNN-LM scoring vs plain scoring."""
@@ -516,9 +775,6 @@ def main(cfg: BenchConfig) -> dict:
                           n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)).to(device)
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters on {device} ({dtype}), "
           f"{torch.get_num_threads()} CPU threads")
-    unknown = set(cfg.suite) - {"train", "generate", "knn", "memorizing"}
-    if unknown:
-        raise ConfigError(f"unknown suite {sorted(unknown)}; choose from 'train', 'generate', 'knn', 'memorizing'")
     rows = []
     result = {"settings": asdict(cfg), "device": device, "dtype": dtype, "torch": torch.__version__,
               "threads": torch.get_num_threads()}
@@ -547,7 +803,10 @@ def main(cfg: BenchConfig) -> dict:
     if "memorizing" in cfg.suite:
         result["memorizing"], mem_rows = bench_memorizing(cfg, device, dtype, vocab_size)
         rows += mem_rows
-    print_table(rows, "throughput")
+    if "knn_scale" in cfg.suite:
+        result["knn_scale"] = bench_knn_scale(model, cfg, device, dtype)
+    if rows:
+        print_table(rows, "throughput")
     write_result(result, cfg.bench_json)
     return result
 

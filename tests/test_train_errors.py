@@ -28,7 +28,8 @@ from tasks import TaskConfig
 from train import DialogConfig, TrainConfig
 
 CLASSES = (TrainConfig, DialogConfig, TaskConfig, bench.BenchConfig)
-FREE_TEXT = {"out_dir", "data_dir", "dataset", "datasets", "wandb_project", "wandb_run_name", "bench_json"}
+FREE_TEXT = {"out_dir", "data_dir", "dataset", "datasets", "wandb_project", "wandb_run_name", "bench_json",
+             "knn_scale_dir"}
 
 
 def settings_of(kinds):
