@@ -25,37 +25,72 @@ never asserted in timed tests.
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch.nn import functional as F
 
-from configurator import ConfigError, format_config, load_config
-from common import autocast_context, resolve_device, write_json
-from knn import KNNMemory, KNNSettings, FaissIndex, TorchIndex, default_nlist
+from configurator import ConfigError, above, at_least, format_config, load_config, need, one_of, within
+from common import autocast_context, cli, resolve_device, write_json
+from knn import BACKENDS, KEY_DTYPES, KNNMemory, KNNSettings, FaissIndex, TorchIndex
 from model import GPT, GPTConfig
-from train import TrainConfig
+from runs import check_shape_and_device
+from tasks import ALGORITHMIC, check_dnc
+
+SUITES = ("train", "generate", "knn", "memorizing", "knn_scale")
 
 
 @dataclass
-class BenchConfig(TrainConfig):
+class BenchConfig:
+    # the model: random weights of this shape
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    block_size: int = 256
+    bias: bool = True
     vocab_size: int | None = None  # None: the prepared dataset's (data_dir/dataset), else GPT-2's 50257
+    dataset: str = "facts"
+    data_dir: str = "data"
+    # the training step timed: batch_size rows, AdamW
+    batch_size: int = 12
+    learning_rate: float = 6e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    # system
+    device: str = "auto"  # 'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', 'mps'
+    dtype: str = "auto"  # 'auto', 'float32', 'bfloat16', 'float16'
+    compile: bool = False
+    seed: int = 1337
+    # what to time
+    suite: list[str] = field(default_factory=lambda: ["train", "generate"])  # and/or 'knn', 'memorizing'
     bench_iters: int = 10  # timed training steps (after 2 untimed warm-up steps)
     gen_tokens: int = 128  # tokens generated per timed generation
     prompt_len: int = 16
     gen_batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
     bench_json: str = "bench.json"
-    suite: list[str] = field(default_factory=lambda: ["train", "generate"])  # and/or 'knn'
+    # suite 'knn': the persistent kNN memory
     knn_sizes: list[int] = field(default_factory=lambda: [1000, 10000, 100000, 1000000])  # entries per layer
-    knn_layer: int = 9  # the memory layer (the reference's recall layer)
+    knn_layer: int = 9  # the memory layer (the reference's recall layer); suite 'memorizing': the memorizing layer
     knn_ivf_from: int = 1000000  # memories this large use faiss IVF instead of exact search
     knn_context: int = 640  # tokens of the text compared in context vs in memory
-    knnlm_size: int = 100000  # suite 'memorizing': kNN-LM datastore entries (random keys, exact torch search)
-    # with task 'copy', 'repeat_copy' or 'assoc_recall': the DNC of that config, forward + backward of
-    # batch_size sequences of dnc_seq_len steps, with dense links, sparse ones (sparse_links > 0) and
-    # the step-serial reference (dnc_reference), for each memory size in dnc_slots (empty: memory_slots)
+    # suite 'memorizing': a Memorizing Transformer layer (memory.MemoryConfig) and kNN-LM scoring
+    knn_topk: int = 32
+    knn_memory_size: int = 16384  # entries per batch row and head
+    knnlm_size: int = 100000  # kNN-LM datastore entries (random keys, exact torch search)
+    # with task 'copy', 'repeat_copy' or 'assoc_recall': the DNC of that task (tasks.TaskConfig's DNC settings),
+    # forward + backward of batch_size sequences of dnc_seq_len steps, with dense links, sparse ones
+    # (sparse_links > 0) and the step-serial reference (dnc_reference), for each memory size in dnc_slots
+    # (empty: memory_slots)
+    task: str = "lm"
+    bits: int = 8
+    memory_slots: int = 16
+    word_size: int = 16
+    read_heads: int = 4
+    controller: str = "lstm"
+    hidden_size: int = 64
+    sparse_links: int = 0
     dnc_slots: list[int] = field(default_factory=list)
     dnc_seq_len: int = 20
     dnc_reference: bool = True
@@ -75,6 +110,38 @@ class BenchConfig(TrainConfig):
     knn_scale_heads: int = 0  # >0: the memory holds only this many heads and rows time the searches of all the
     # model's heads against it (one probe per model head per token), scaled to a full memory: for sizes whose
     # every head would not fit the machine's time (each head's index is independent: cost is per head)
+
+    def validate(self):
+        check_shape_and_device(self)
+        at_least(self, 1, "vocab_size", "batch_size", "bench_iters", "gen_tokens", "prompt_len", "gen_batch_sizes",
+                 "knn_sizes", "knn_ivf_from", "knn_context", "knn_topk", "knn_memory_size", "knnlm_size", "dnc_slots",
+                 "dnc_seq_len")
+        at_least(self, 0, "weight_decay", "seed", "knn_layer")
+        above(self, 0, "learning_rate")
+        within(self, 0, 1, "beta1", "beta2")
+        one_of(self, "dtype", ("auto", "float32", "bfloat16", "float16"))
+        one_of(self, "suite", SUITES)
+        one_of(self, "task", ("lm",) + ALGORITHMIC)
+        if {"knn", "memorizing", "knn_scale"} & set(self.suite) and self.task == "lm":
+            need(0 <= self.knn_layer < self.n_layer, f"knn_layer={self.knn_layer} is out of range: suites 'knn', "
+                 f"'memorizing' and 'knn_scale' need 0 <= knn_layer < n_layer={self.n_layer}")
+        at_least(self, 1, "knn_scale_sizes", "knn_scale_repeats", "knn_scale_build_tokens")
+        at_least(self, 0, "knn_scale_exact_max", "knn_scale_compare_at", "knn_scale_disk_from", "knn_scale_nlist",
+                 "knn_scale_heads")
+        one_of(self, "knn_scale_dtype", KEY_DTYPES)
+        one_of(self, "knn_scale_compare", BACKENDS)
+        check_dnc(self)
+
+
+# a training config (python bench.py config/train_facts.py) sets these too: bench.py reads past them
+TRAINING_ONLY = ("out_dir", "eval_interval", "log_interval", "eval_iters", "eval_only", "always_save_checkpoint",
+                 "init_from", "overwrite", "wandb_log", "wandb_project", "wandb_run_name", "gradient_accumulation_steps",
+                 "loader", "dropout", "max_iters", "grad_clip", "decay_lr", "warmup_iters", "lr_decay_iters", "min_lr",
+                 "knn_search_dtype", "mnm_layer", "mnm_heads", "mnm_key_size", "mnm_hidden", "mnm_write", "n_enc_layer",
+                 "memory", "mnm_read", "mnm_tbptt", "dialog_slots", "vocab_prune_every", "vocab_min_count",
+                 "vocab_capacity", "optimizer", "min_len", "max_len", "min_repeats", "max_repeats", "item_len",
+                 "baseline", "n_tasks", "datasets", "classifier", "methods", "replay_capacity", "replay_every",
+                 "replay_store", "replay_batch", "replay_policy", "ewc_lambda", "ewc_samples")
 
 
 def sync(device: str):
@@ -663,10 +730,7 @@ def time_forward_backward(forward, x, iters, device):
 
 def bench_dnc(cfg: BenchConfig, device: str) -> dict:
     from dnc import DNC
-    from tasks import ALGORITHMIC, dnc_config
-    if cfg.task not in ALGORITHMIC:
-        raise ConfigError(f"bench.py times the GPT (task='lm') or the DNC of task {', '.join(ALGORITHMIC)}; "
-                          f"not {cfg.task!r}")
+    from tasks import dnc_config
     B, T = cfg.batch_size, cfg.dnc_seq_len
     print(f"DNC forward + backward, batch {B} x {T} steps, on {device}, {torch.get_num_threads()} CPU threads")
     rows, runs = [], []
@@ -711,10 +775,9 @@ def main(cfg: BenchConfig) -> dict:
                           n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)).to(device)
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters on {device} ({dtype}), "
           f"{torch.get_num_threads()} CPU threads")
-    unknown = set(cfg.suite) - {"train", "generate", "knn", "memorizing", "knn_scale"}
+    unknown = set(cfg.suite) - set(SUITES)
     if unknown:
-        raise ConfigError(f"unknown suite {sorted(unknown)}; choose from 'train', 'generate', 'knn', 'memorizing', "
-                          "'knn_scale'")
+        raise ConfigError(f"unknown suite {sorted(unknown)}; choose from {', '.join(SUITES)}")
     rows = []
     result = {"settings": asdict(cfg), "device": device, "dtype": dtype, "torch": torch.__version__,
               "threads": torch.get_num_threads()}
@@ -765,7 +828,4 @@ def write_result(result, path):
 
 
 if __name__ == "__main__":
-    try:
-        main(load_config(BenchConfig))
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    cli(main, lambda: load_config(BenchConfig, ignore=TRAINING_ONLY), (ConfigError,))

@@ -12,9 +12,8 @@ Sampling, recall of facts and sentiment direction with the persistent kNN memory
 
 import math
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,16 +21,17 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from chat import Seq2Seq, eval_dialog
-from checkpoint import CheckpointError, load_model
-from common import pyplot, resolve_device, write_eval
-from configurator import ConfigError, format_config, load_config
-from knn import KNNLMDatastore, KNNMemoryError, KNNSettings, knn_probs, knnlm_mix, last_mlp_input
+from checkpoint import load_model
+from common import cli, pyplot, resolve_device, write_eval
+from configurator import ConfigError, at_least, format_config, load_config, need, within
+from knn import KNNLMDatastore, KNNSettings, knn_probs, knnlm_mix, last_mlp_input
 from memory import memorizing_layer
-from prepare import DataError, check_meta_compatible, load_doc_starts, load_meta, open_split
+from prepare import check_meta_compatible, load_doc_starts, load_meta, open_split
+from sample import USER_ERRORS, CheckedSettings, not_empty
 
 
 @dataclass
-class EvalConfig(KNNSettings):
+class EvalConfig(CheckedSettings):
     init_from: str = "resume"  # 'resume' (out_dir/ckpt.pt), or pretrained weights (see model.GPT.from_pretrained)
     out_dir: str = "out"
     eval: str = "ppl"  # 'ppl', 'knnlm' or 'dialog'
@@ -60,6 +60,18 @@ class EvalConfig(KNNSettings):
     eval_file: str | None = None  # default data/dialogs/dialogs_test.jsonl
     eval_items: int | None = None  # only the first N dialogues
     vocab_capacity: int | None = None  # at most this many words: those added while chatting go LRU first
+
+    def validate(self):
+        """Every setting in its allowed range, before any work."""
+        super().validate()
+        need(self.eval in ("ppl", "knnlm", "dialog"), f"eval={self.eval!r} is not allowed: eval must be 'ppl', "
+             "'knnlm' or 'dialog' (recall and sentiment are sample.py's)")
+        not_empty(self, "eval_dataset", "data_dir", "eval_baseline")
+        need(bool(self.eval_memory_sizes), "eval_memory_sizes=[] is empty: give the memory sizes to compare, "
+             "e.g. [1024, 4096]")
+        at_least(self, 1, "eval_memory_sizes")
+        at_least(self, 2, "eval_tokens", "knnlm_max_tokens")
+        within(self, 0, 1, "knnlm_lambdas")
 
 
 def split_documents(data_dir: str, split: str) -> list:
@@ -221,9 +233,7 @@ def knnlm_datastore(cfg, model, meta) -> KNNLMDatastore:
 
 def main(cfg: EvalConfig) -> dict:
     """Run the evaluation cfg.eval asks for; returns its result (also written as JSON and PNG)."""
-    if cfg.eval not in ("ppl", "knnlm", "dialog"):
-        raise ConfigError(f"eval={cfg.eval!r}; choose 'ppl', 'knnlm' or 'dialog' (recall and sentiment are "
-                          "sample.py's)")
+    cfg.validate()  # load_config ran it already; an EvalConfig built in code gets it here
     device, dtype = resolve_device(cfg.device, cfg.dtype)
     print(f"settings:\n{format_config(cfg)}")
     model, tokenizer, meta, source = load_model(cfg.init_from, cfg.out_dir, device)
@@ -238,7 +248,4 @@ def main(cfg: EvalConfig) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(load_config(EvalConfig))
-    except (ConfigError, DataError, CheckpointError, KNNMemoryError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    cli(main, lambda: load_config(EvalConfig), USER_ERRORS)

@@ -132,6 +132,12 @@ class KNNSettings:
         return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
 
+# the architecture fields a GPT-2 leaves at these values are left out of the hash, so memories built before the
+# Llama family joined GPTConfig keep their fingerprint
+GPT2_FAMILY = dict(n_kv_head=None, norm="layernorm", norm_eps=1e-5, pos="learned", rope_theta=10000.0, mlp="gelu",
+                   mlp_hidden=None, tie_embeddings=True)
+
+
 def model_fingerprint(model) -> str:
     """A short hash of the model's shape and weights: a memory only makes sense with the model
     whose keys and values it holds. Samples ~256 values of every tensor, which is enough to tell
@@ -140,7 +146,8 @@ def model_fingerprint(model) -> str:
     # the shape: the model's arguments plus the layers of any trainable memory attached to it (a GPT records
     # them in model.memory_args); topk, memory size and search dtype change no weight, and the dict is built so
     # that models saved before the two were kept apart hash as they did
-    shape = {k: v for k, v in asdict(model.config).items() if k != "dropout"}
+    shape = {k: v for k, v in asdict(model.config).items()
+             if k != "dropout" and not (k in GPT2_FAMILY and v == GPT2_FAMILY[k])}
     mem = dict(getattr(model, "memory_args", None) or {})
     if mem.get("knn_layer", -1) >= 0:
         shape["knn_layer"] = mem["knn_layer"]

@@ -5,6 +5,7 @@ plus OUT/meta.json, which says how to read them back (tokenizer, dtype, token co
     python prepare.py shakespeare_char                    # downloads Tiny Shakespeare
     python prepare.py shakespeare_char --input input.txt  # same, from a local copy
     python prepare.py text --input books/ --tokenizer char
+    python prepare.py shakespeare --tokenizer smollm2     # a pretrained model's own tokenizer (SmolLM2's)
     python prepare.py facts                               # built-in synthetic QA corpus
     python prepare.py dialogs                             # built-in dialogues for the seq2seq chatbot
 
@@ -24,6 +25,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from common import DataError, atomic_write, check_fields, cli, read_jsonl, remove_stale_temps
+from common import first_line as _first_line
+
 FORMAT_VERSION = 1
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSTORIES_HF = "roneneldan/TinyStories"
@@ -31,15 +35,6 @@ OPENWEBTEXT_HF = "Skylion007/openwebtext"  # the canonical name of the hub's "op
 NUM_PROC = max(1, (os.cpu_count() or 1) // 2)  # processes for Hugging Face download and tokenization
 CHUNK_CHARS = 1 << 18  # long texts are cut into pieces of about this size, so tokenization can be spread over threads
 BATCH_CHARS = 1 << 24  # text tokenized per batch: bounds memory however big the corpus is
-
-
-class DataError(Exception):
-    """A problem with the data that the user can fix; the message says how."""
-
-
-def _first_line(error):
-    # errors from downloads can span many lines; ours are one
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 # -----------------------------------------------------------------------------
@@ -93,6 +88,36 @@ class GPT2Tokenizer:
     def encode_batch(self, texts):
         # corpora are encoded as ordinary text: a literal "<|endoftext|>" in the data must not end a document
         return self.enc.encode_ordinary_batch(texts)
+
+
+class HFTokenizer:
+    """A pretrained model's own tokenizer, through transformers: `model_name` is any name
+    GPT.from_pretrained takes ('smollm2', a .gguf file, a Hugging Face folder or hub name)."""
+    name = "hf"
+
+    def __init__(self, model_name):
+        try:
+            from model import pretrained_tokenizer  # resolves short names, caches what a GGUF file holds
+            self.hf = pretrained_tokenizer(model_name)
+        except (OSError, ValueError) as e:
+            raise DataError(f"could not load the tokenizer of {model_name!r} ({_first_line(e)}); use char, "
+                            "gpt2, word, smollm2, a .gguf file or a Hugging Face model folder") from None
+        self.model_name = model_name
+        self.hf.model_max_length = sys.maxsize  # corpora are encoded in long chunks: no "too long" warnings
+        self.vocab_size = len(self.hf)
+        self.eot_token = self.hf.eos_token_id
+        self.separator = [self.eot_token] if self.eot_token is not None else self.encode("\n\n")
+
+    def encode(self, text):
+        # like GPT2Tokenizer.encode: special tokens written out (a chat template's) become those tokens
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def decode(self, ids):
+        return self.hf.decode([int(i) for i in ids])
+
+    def encode_batch(self, texts):
+        # corpora are ordinary text: a literal "<|im_end|>" in the data must not become the special token
+        return self.hf(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 
@@ -201,6 +226,17 @@ class WordVocab:
 
     @classmethod
     def from_dict(cls, d):
+        """The vocabulary to_dict() wrote; a damaged one (wrong types, lists of other lengths) is a DataError."""
+        problem = check_fields(d, {"words": list}) if isinstance(d, dict) else "not a JSON object"
+        if problem is None and not all(isinstance(w, str) for w in d["words"]):
+            problem = "its words are not all strings"
+        for key in ("counts", "last_seen"):
+            value = d.get(key) if problem is None else None
+            if value is not None and (not isinstance(value, list) or len(value) != len(d["words"])
+                                      or not all(isinstance(c, int) for c in value)):
+                problem = f'"{key}" is not a list of integers, one per word'
+        if problem:
+            raise DataError(f"the word vocabulary is damaged: {problem}")
         return cls(d["words"], d.get("counts"), d.get("last_seen"))
 
     @classmethod
@@ -225,7 +261,9 @@ def get_tokenizer(meta):
         return CharTokenizer(meta["chars"])
     if meta["tokenizer"] == "word":
         return WordVocab.from_dict(meta["vocab"])
-    raise DataError(f"unknown tokenizer {meta['tokenizer']!r} (expected 'char', 'gpt2' or 'word')")
+    if meta["tokenizer"] == "hf":
+        return HFTokenizer(meta["tokenizer_name"])
+    raise DataError(f"unknown tokenizer {meta['tokenizer']!r} (expected 'char', 'gpt2', 'word' or 'hf')")
 
 
 def token_dtype(vocab_size):
@@ -235,7 +273,7 @@ def token_dtype(vocab_size):
 
 def check_meta_compatible(a, b):
     """Raise DataError unless a and b were made with the same tokenizer (e.g. a checkpoint's and a dataset's)."""
-    for key in ("tokenizer", "vocab_size", "chars"):
+    for key in ("tokenizer", "tokenizer_name", "vocab_size", "chars"):
         # a bare {"tokenizer": "gpt2"} (pretrained GPT-2) has no vocab_size; the name alone pins it down
         if key in a and key in b and a[key] != b[key]:
             if key == "chars":
@@ -258,15 +296,33 @@ def _prepare_command(data_dir):
     return command
 
 
+# the fields of meta.json that readers rely on, and their types (plus those of its kind of tokenizer)
+META_FIELDS = {"tokenizer": str, "vocab_size": int, "dtype": str, "train_tokens": int, "val_tokens": int}
+TOKENIZER_FIELDS = {"char": {"chars": list}, "word": {"vocab": dict}, "hf": {"tokenizer_name": str}}
+
+
 def load_meta(data_dir):
     data_dir = Path(data_dir)
     path = data_dir / "meta.json"
+    rerun = f"re-run: {_prepare_command(data_dir)}"
     if not path.exists():
         raise DataError(f"no prepared dataset in {data_dir} (meta.json missing); run: {_prepare_command(data_dir)}")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is damaged (not JSON: {e}); {rerun}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} is damaged (a JSON {type(meta).__name__}, not an object); {rerun}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path} has format_version {meta.get('format_version')!r}, this code reads "
-                        f"{FORMAT_VERSION}; re-run: {_prepare_command(data_dir)}")
+                        f"{FORMAT_VERSION}; {rerun}")
+    problem = check_fields(meta, {**META_FIELDS, **TOKENIZER_FIELDS.get(meta.get("tokenizer"), {})})
+    if problem is None and meta["dtype"] not in ("uint16", "uint32"):
+        problem = f'"dtype" is {meta["dtype"]!r}, not uint16 or uint32'
+    if problem is None and min(meta["vocab_size"], meta["train_tokens"], meta["val_tokens"]) < 0:
+        problem = "a negative vocab_size or token count"
+    if problem:
+        raise DataError(f"{path} is damaged: {problem}; {rerun}")
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in ("train", "val"):
         bin_path = data_dir / f"{split}.bin"
@@ -274,8 +330,7 @@ def load_meta(data_dir):
         size = bin_path.stat().st_size if bin_path.exists() else None
         if size != expected:
             found = "is missing" if size is None else f"has {size} bytes"
-            raise DataError(f"{bin_path} {found} but meta.json says {expected} (truncated or mismatched); "
-                            f"re-run: {_prepare_command(data_dir)}")
+            raise DataError(f"{bin_path} {found} but meta.json says {expected} (truncated or mismatched); {rerun}")
     return meta
 
 
@@ -802,19 +857,15 @@ def dialog_train_names(n, rng):
 def read_dialog_turns(path):
     """A local JSONL of dialogue turns, one {"dialog": ID, "user": ..., "bot": ...} per line, turns of a
     dialogue in order (an optional "entities": [...] names the fact words of its dialogue)."""
+    rows = read_jsonl(path, {"dialog": (str, int), "user": str, "bot": str}, "dialogue turns",
+                      fix='one {"dialog": ID, "user": TEXT, "bot": TEXT} per line',
+                      validate=lambda row: None if isinstance(row.get("entities", []), list) else
+                      '"entities" is not a list of words')
     dialogs = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                d = dialogs.setdefault(row["dialog"], {"turns": [], "entities": []})
-                d["turns"].append({"user": str(row["user"]), "bot": str(row["bot"]), "kind": "chat"})
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(f"{path} line {n}: expected {{\"dialog\": ID, \"user\": TEXT, \"bot\": TEXT}} "
-                                f"({type(e).__name__}: {e})") from None
-            d["entities"] = sorted(set(d["entities"]) | set(row.get("entities", [])))
+    for row in rows:
+        d = dialogs.setdefault(row["dialog"], {"turns": [], "entities": []})
+        d["turns"].append({"user": row["user"], "bot": row["bot"], "kind": "chat"})
+        d["entities"] = sorted(set(d["entities"]) | set(row.get("entities", [])))
     if len(dialogs) < 3:
         raise DataError(f"{path} holds {len(dialogs)} dialogue(s); train, val and test need at least one each")
     return list(dialogs.values())
@@ -907,28 +958,35 @@ def prepare(name, input=None, tokenizer=None, out_dir=None, val_frac=0.1, seed=1
         tok = CharTokenizer(sorted(chars))
     elif tokenizer == "word":  # every word of both splits, like the char table
         tok = WordVocab.from_texts(doc for docs in (corpus.train, corpus.val) for doc in docs)
-    else:
+    elif tokenizer == "gpt2":
         tok = get_tokenizer({"tokenizer": tokenizer})
+    else:  # any other name is a pretrained model's own tokenizer (smollm2, a .gguf file, an HF folder)
+        tok = get_tokenizer({"tokenizer": "hf", "tokenizer_name": tokenizer})
     dtype = token_dtype(tok.vocab_size)
 
     out_dir = Path(out_dir or Path("data") / name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # every file is written to a temp file beside it and renamed into place at the end (os.replace is
-    # atomic), so a crash never leaves a half-written file; the pid keeps concurrent runs apart
+    freed = sum(size for _, size in remove_stale_temps(out_dir))
+    if freed:
+        print(f"note: removed {freed / 1e6:.1f} MB of temp files that a killed run left in {out_dir}")
+    # every file is written to a temp file beside it (common.atomic_write, replace=False) and renamed into
+    # place at the end (os.replace is atomic), so a crash never leaves a half-written file; the temp files
+    # carry the pid, which keeps concurrent runs apart and tells the next run which are a dead run's
     temps = {}  # final file name -> temp path
     try:
         counts = {}
         for split in ("train", "val"):
-            temps[f"{split}.bin"] = tmp = out_dir / f"{split}.bin.{os.getpid()}.tmp"
             starts = []
-            with open(tmp, "wb") as f:
+
+            def write_split(f):
                 counts[split] = write_tokens(f, getattr(corpus, split).pieces(tok, split), tok.separator, dtype,
                                              starts)
+            temps[f"{split}.bin"] = atomic_write(out_dir / f"{split}.bin", write_split, replace=False)
             if counts[split] == 0:
                 raise DataError(f"the {split} split of {name} came out empty; check --input and --val_frac")
-            temps[f"{split}_docs.npy"] = tmp = out_dir / f"{split}_docs.npy.{os.getpid()}.tmp"
-            with open(tmp, "wb") as f:  # document start offsets, for the document-contiguous loader
-                np.save(f, np.asarray(starts, dtype=np.int64))
+            # document start offsets, for the document-contiguous loader
+            temps[f"{split}_docs.npy"] = atomic_write(out_dir / f"{split}_docs.npy", lambda f: np.save(
+                f, np.asarray(starts, dtype=np.int64)), replace=False)
         meta = {"format_version": FORMAT_VERSION, "name": name, "tokenizer": tok.name, "vocab_size": tok.vocab_size,
                 "dtype": dtype.name, "train_tokens": counts["train"], "val_tokens": counts["val"],
                 "source": corpus.source}
@@ -936,10 +994,12 @@ def prepare(name, input=None, tokenizer=None, out_dir=None, val_frac=0.1, seed=1
             meta["chars"] = tok.chars
         if tok.name == "word":
             meta["vocab"] = tok.to_dict()
+        if tok.name == "hf":
+            meta["tokenizer_name"] = tok.model_name
         meta["eot_token"] = tok.eot_token
         for file_name, text in {**corpus.extra_files, "meta.json": json.dumps(meta, indent=2) + "\n"}.items():
-            temps[file_name] = tmp = out_dir / f"{file_name}.{os.getpid()}.tmp"
-            tmp.write_text(text, encoding="utf-8")
+            temps[file_name] = atomic_write(out_dir / file_name, lambda f: f.write(text.encode("utf-8")),
+                                            replace=False)
         # meta.json goes first and comes back last: if we die in between, load_meta finds no meta.json
         # rather than an old one describing new .bin files
         (out_dir / "meta.json").unlink(missing_ok=True)
@@ -947,7 +1007,7 @@ def prepare(name, input=None, tokenizer=None, out_dir=None, val_frac=0.1, seed=1
             os.replace(tmp, out_dir / file_name)
     finally:  # after a failure, no temp file is left behind; after success there are none left to remove
         for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
+            Path(tmp).unlink(missing_ok=True)
     print(f"wrote {out_dir}: train {counts['train']:,} tokens, val {counts['val']:,} tokens, "
           f"{tok.name} vocab {tok.vocab_size:,} ({dtype.name})")
     return meta
@@ -957,15 +1017,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=DATASETS)
     parser.add_argument("--input", help="local file or folder, instead of downloading")
-    parser.add_argument("--tokenizer", choices=("char", "gpt2", "word"), help="override the dataset's default tokenizer")
+    parser.add_argument("--tokenizer", help="override the dataset's default tokenizer: char, gpt2, word, or a pretrained "
+                        "model's own: smollm2, a .gguf file, a Hugging Face folder or hub name")
     parser.add_argument("--out_dir", help="default: data/NAME")
     parser.add_argument("--val_frac", type=float, default=0.1, help="fraction of the text held out for val")
     parser.add_argument("--seed", type=int, default=1337, help="for the facts corpus and the openwebtext split")
-    args = parser.parse_args(argv)
-    try:
-        prepare(**vars(args))
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    # a DataError or Ctrl-C ends it with one line (a killed run's temp files go in prepare's finally)
+    cli(lambda args: prepare(**vars(args)), lambda: parser.parse_args(argv), DataError)
 
 
 if __name__ == "__main__":

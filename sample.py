@@ -17,26 +17,53 @@ method's Types 1-3, the search backend; `memory_text` builds a memory (a string 
 Perplexity, kNN-LM and the chatbot's dialogue evaluation are evaluate.py's.
 """
 
-import json
 import os
 import re
-import sys
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
 from chat import Seq2Seq, run_chat
 from checkpoint import CheckpointError, load_model
-from common import autocast_context, pyplot, resolve_device, write_eval, write_json
-from configurator import ConfigError, format_config, load_config
+from common import autocast_context, cli, pyplot, read_jsonl, resolve_device, write_eval, write_json
+from configurator import ConfigError, above, at_least, format_config, load_config, need, one_of, within
 from knn import KNNLM, KNNLMDatastore, KNNMemory, KNNMemoryError, KNNSettings
 from memory import generate_any
-from prepare import DataError
+from prepare import SPECIALS, DataError
+
+# what sample.py and evaluate.py stop on with one line instead of a traceback
+USER_ERRORS = (ConfigError, DataError, CheckpointError, KNNMemoryError, OSError)
+
+
+def not_empty(cfg, *names):
+    """A path or text setting is something, or None (off): never the empty string a bare --key= gives."""
+    for name in names:
+        need(getattr(cfg, name) != "", f"{name}='' is empty: {name} must be a path or text (or unset)")
 
 
 @dataclass
-class SampleConfig(KNNSettings):
+class CheckedSettings(KNNSettings):
+    """What sample.py and evaluate.py share: the memory's settings (knn.KNNSettings) and the range checks
+    of the settings both have, in validate(), which load_config and main() run before any work."""
+
+    def validate(self):
+        """The model's source, the batches, the memory and the kNN-LM's neighbours: ConfigError naming the
+        setting and its allowed range; the memory's choices are KNNSettings.check's (KNNMemoryError)."""
+        not_empty(self, "init_from", "out_dir", "eval_file", "eval_out", "knnlm_dir")
+        need(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
+             f"device={self.device!r} is not allowed: device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        at_least(self, 0, "seed", "knn", "mem_frac", "remove_bookkeeping", "knn_nlist")
+        at_least(self, 1, "batch_size", "eval_items", "knn_nprobe", "knn_pq_m", "knnlm_k")
+        at_least(self, len(SPECIALS), "vocab_capacity")
+        above(self, 0, "knn_softmax_influence", "knnlm_temperature")
+        for name in ("bookkeeping_frac", "resid_frac"):
+            value = getattr(self, name)
+            need(0 <= value <= 1, f"{name}={value!r} is out of range: {name} must be in [0, 1]")
+        self.check(len(self.knn))
+
+
+@dataclass
+class SampleConfig(CheckedSettings):
     init_from: str = "resume"  # 'resume' (out_dir/ckpt.pt), or pretrained weights (see model.GPT.from_pretrained)
     out_dir: str = "out"
     start: str = "\n"  # the prompt, or FILE:path to read it from a file
@@ -76,15 +103,35 @@ class SampleConfig(KNNSettings):
     chat_save: str | None = None  # save the conversation here at the end
     vocab_capacity: int | None = None  # at most this many words: those added while chatting go LRU first
 
+    def validate(self):
+        """Every setting in its allowed range, before any work (temperature=-1 would sample the inverted
+        distribution, top_k=0 or batch_size=0 fail deep inside)."""
+        super().validate()
+        not_empty(self, "start", "stop", "output_json", "memory_text", "memory_dir", "memory_save", "chat_script",
+                  "chat_load", "chat_save")
+        at_least(self, 0, "temperature")
+        at_least(self, 1, "num_samples", "max_new_tokens", "top_k", "eval_seeds")
+        need(self.top_p is None or 0 < self.top_p <= 1,
+             f"top_p={self.top_p!r} is out of range: top_p must be in (0, 1] (or None: off)")
+        within(self, 0, 1, "knnlm_lambda")
+        one_of(self, "mode", ("sample", "chat"))
+        need(self.eval in (None, "recall", "sentiment"), f"eval={self.eval!r} is not allowed: eval must be None, "
+             "'recall' or 'sentiment' (perplexity, kNN-LM and dialogue evaluations are evaluate.py's)")
+
 
 def read_text(value: str) -> str:
-    """A setting that holds text or FILE:path."""
+    """A setting that holds text or FILE:path (a UTF-8 text file)."""
     if value.startswith("FILE:"):
         path = value[len("FILE:"):]
         if not os.path.isfile(path):
-            raise ConfigError(f"file {path} not found ({value!r})")
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+            problem = "is a folder, not a text file" if os.path.isdir(path) else "not found"
+            raise ConfigError(f"file {path} {problem} ({value!r}): give an existing text file after FILE:")
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"file {path} ({value!r}) is not UTF-8 text (binary? {e.reason} at byte {e.start}): "
+                              "give a text file after FILE:") from None
     return value
 
 
@@ -156,8 +203,10 @@ def eval_recall(cfg, model, tokenizer, memory, gen_kwargs) -> tuple[dict, object
         raise ConfigError("eval='recall' needs eval_file: a JSONL of {\"memory\", \"prompt\", \"answers\"}")
     if memory is None:
         raise ConfigError("eval='recall' needs a memory: set knn, one k per layer")
-    with open(cfg.eval_file) as f:
-        items = [json.loads(line) for line in f if line.strip()]
+    items = read_jsonl(cfg.eval_file, {"memory": str, "prompt": str, "answers": list}, "recall items",
+                       "a recall file is made by python prepare.py facts (data/facts/recall.jsonl)",
+                       lambda item: None if item["answers"] and all(isinstance(a, str) for a in item["answers"])
+                       else '"answers" is not a non-empty list of strings')
     items = items[:cfg.eval_items] if cfg.eval_items else items
     seeds = [cfg.seed + i for i in range(cfg.eval_seeds)]
     bk = "\n"  # every prompt starts with the bookkeeping token, as the memory's windows do
@@ -230,25 +279,24 @@ def eval_sentiment(cfg, model, tokenizer, memory, gen_kwargs) -> tuple[dict, obj
 
 
 def run_chat_mode(cfg, model, vocab, source):
-    """What sample.py does with a seq2seq chatbot: chat (mode='chat')."""
+    """What sample.py does with a seq2seq chatbot: chat (mode='chat'); the transcript is written to
+    output_json however the chat ends."""
     if cfg.mode != "chat" or cfg.eval:
         raise ConfigError(f"{source} is a seq2seq chatbot: use mode='chat' (its evaluation is evaluate.py "
                           "eval='dialog')")
-    transcript = run_chat(cfg, model, vocab)
-    if cfg.output_json:
-        write_json(cfg.output_json, {"settings": asdict(cfg), "model": source, "transcript": transcript})
-    return transcript
+    transcript = []
+    try:
+        return run_chat(cfg, model, vocab, source, transcript)
+    finally:
+        if cfg.output_json:
+            write_json(cfg.output_json, {"settings": asdict(cfg), "model": source, "transcript": transcript})
 
 
 def main(cfg: SampleConfig):
     """Plain sampling returns [{'seed', 'text', 'completion', 'tokens'}]; eval=... returns the
     evaluation's results (also written as JSON and a PNG to eval_out)."""
+    cfg.validate()  # load_config ran it already; a SampleConfig built in code gets it here
     device, dtype = resolve_device(cfg.device, cfg.dtype)
-    if cfg.eval not in (None, "recall", "sentiment"):
-        raise ConfigError(f"eval={cfg.eval!r}; choose 'recall' or 'sentiment' (or leave it None); perplexity, "
-                          "kNN-LM and dialogue evaluations are evaluate.py's")
-    if cfg.mode not in ("sample", "chat"):
-        raise ConfigError(f"mode={cfg.mode!r}; choose 'sample' or 'chat'")
     print(f"settings:\n{format_config(cfg)}")
     model, tokenizer, meta, source = load_model(cfg.init_from, cfg.out_dir, device)
     if isinstance(model, Seq2Seq):
@@ -288,7 +336,4 @@ def main(cfg: SampleConfig):
 
 
 if __name__ == "__main__":
-    try:
-        main(load_config(SampleConfig))
-    except (ConfigError, DataError, CheckpointError, KNNMemoryError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    cli(main, lambda: load_config(SampleConfig), USER_ERRORS)

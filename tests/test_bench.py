@@ -49,3 +49,11 @@ def test_dnc_bench_times_dense_sparse_and_the_reference(tmp_path, capsys):
     dense, sparse = runs[(128, "dense links")], runs[(128, "sparse links K=4")]
     assert sparse["saved_for_backward_mb"] < dense["saved_for_backward_mb"] / 2
     assert dense["saved_for_backward_mb"] > 10 * runs[(8, "dense links")]["saved_for_backward_mb"]
+
+
+def test_bench_does_not_import_the_trainer():
+    import subprocess
+    import sys
+    from conftest import ROOT
+    r = subprocess.run([sys.executable, "-c", "import sys, bench; assert 'train' not in sys.modules"], cwd=ROOT)
+    assert r.returncode == 0

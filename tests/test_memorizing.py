@@ -11,6 +11,7 @@ from conftest import tiny_train_config, torchrun_train
 from knn import KNNLM, KNNLMDatastore, KNNMemoryError, KNNSettings, knnlm_log_probs, last_mlp_input
 from memory import MemoryConfig, MemorizingMemory, attach_memories, generate_any, memorizing_layer, mnm_block
 from checkpoint import load_checkpoint
+from data import DocStream
 from model import GPT, GPTConfig
 
 
@@ -151,6 +152,7 @@ def plays_data(tmp_path_factory, shared_data):
     return data_dir
 
 
+@pytest.mark.needs_data("shakespeare/input.txt")
 def test_plays_are_documents(plays_data):
     d = plays_data / "shakespeare_plays"
     meta = json.loads((d / "meta.json").read_text())
@@ -162,6 +164,7 @@ def test_plays_are_documents(plays_data):
     assert text(starts[8], 18) == "Master:\nBoatswain!"
 
 
+@pytest.mark.needs_data("wikitext2")
 def test_wikitext_articles_are_documents(tmp_path, shared_data):
     from prepare import prepare
     meta = prepare("wikitext2_docs", input=str(shared_data / "wikitext2"), out_dir=str(tmp_path))
@@ -184,7 +187,7 @@ def test_docs_loader_without_boundaries_names_the_fix(short_docs, tmp_path):
 def test_doc_stream_reads_each_rows_documents_in_order():
     data = np.arange(100) % 50
     starts = np.array([0, 30, 37, 80])  # documents of 30, 7, 43 and 20 tokens
-    s = train.DocStream(data, starts, n_rows=3, block_size=8, seed=0, shuffle=False)
+    s = DocStream(data, starts, n_rows=3, block_size=8, seed=0, shuffle=False)
     got = {g: [] for g in range(3)}
     for it in range(12):
         x, y, last = s.batch(it, range(3), "cpu")
@@ -199,14 +202,14 @@ def test_doc_stream_reads_each_rows_documents_in_order():
     assert got[1][0][0][:6] == list(data[30:36]) and got[1][0][1][6:] == [-1, -1] and got[1][0][2]
     assert got[1][1] == got[1][0] and got[2][0][0][:8] == list(data[37:45])
     with pytest.raises(train.DataError, match="4 documents for 5 batch rows"):
-        train.DocStream(data, starts, n_rows=5, block_size=8, seed=0)
+        DocStream(data, starts, n_rows=5, block_size=8, seed=0)
 
 
 @pytest.fixture(scope="module")
-def short_docs(tmp_path_factory, shared_data):
-    """Documents of 150..1,400 characters (one file each), cut from Tiny Shakespeare."""
+def short_docs(tmp_path_factory, play_text):
+    """Documents of 150..1,400 characters (one file each), cut from the committed play text."""
     from prepare import prepare
-    text = (shared_data / "shakespeare" / "input.txt").read_text()
+    text = play_text.read_text()
     src = tmp_path_factory.mktemp("src")
     pos = 0
     for i, n in enumerate([400, 1400, 150, 900, 600, 1200]):
@@ -220,7 +223,7 @@ def short_docs(tmp_path_factory, shared_data):
 def rows_windows(data, cfg, seen):
     """(iteration, what a row's memory held, the row's window in its document) for each row of each
     recorded training forward; cfg has 2 micro-steps of batch_size 2."""
-    stream = train.DocStream(np.memmap(data / "docs" / "train.bin", dtype=np.uint16, mode="r"),
+    stream = DocStream(np.memmap(data / "docs" / "train.bin", dtype=np.uint16, mode="r"),
                              np.load(data / "docs" / "train_docs.npy"), 4, cfg.block_size, cfg.seed)
     for i, held in enumerate(seen):
         it, micro = divmod(i, 2)
@@ -277,10 +280,10 @@ def test_gradient_accumulation_keeps_a_memory_per_micro_step_row(short_docs, tmp
     assert torch.equal(a["written"], b["written"]) and torch.allclose(a["values"], b["values"], atol=1e-5)
 
 
-def test_memory_layer_needs_the_docs_loader(plays_data, tmp_path):
+def test_memory_layer_needs_the_docs_loader(short_docs, tmp_path):
     from configurator import ConfigError
     with pytest.raises(ConfigError, match="loader='docs'"):
-        train.main(tiny_train_config(plays_data, tmp_path, dataset="shakespeare_plays", knn_layer=1))
+        train.main(tiny_train_config(short_docs, tmp_path, dataset="docs", knn_layer=1))
 
 
 @pytest.mark.slow
@@ -510,7 +513,7 @@ def test_resume_with_mnm_equals_uninterrupted(short_docs, tmp_path):
     assert resumed["val_loss"] == pytest.approx(full["val_loss"], rel=1e-6)
 
 
-def test_mnm_layer_needs_the_docs_loader(plays_data, tmp_path):
+def test_mnm_layer_needs_the_docs_loader(short_docs, tmp_path):
     from configurator import ConfigError
     with pytest.raises(ConfigError, match="MNM block .*loader='docs'"):
-        train.main(tiny_train_config(plays_data, tmp_path, dataset="shakespeare_plays", mnm_layer=1))
+        train.main(tiny_train_config(short_docs, tmp_path, dataset="docs", mnm_layer=1))

@@ -48,6 +48,7 @@ def test_char_round_trip_via_cli(text_file, tmp_path, capsys):
     assert meta["train_tokens"] == int(len(text) * 0.9)
 
 
+@pytest.mark.needs_data("gpt2/tiktoken_cache")
 def test_gpt2_tokenizer():
     tok = prepare.get_tokenizer({"tokenizer": "gpt2"})
     assert tok.encode("Hello world") == [15496, 995]
@@ -98,6 +99,7 @@ def test_check_meta_compatible():
 # -----------------------------------------------------------------------------
 # datasets
 
+@pytest.mark.needs_data("shakespeare/input.txt")
 def test_shakespeare_char(shared_data, tmp_path):
     path = shared_data / "shakespeare" / "input.txt"
     text = path.read_text(encoding="utf-8")
@@ -115,6 +117,7 @@ def test_shakespeare_char(shared_data, tmp_path):
         train[0] = 1
 
 
+@pytest.mark.needs_data("shakespeare/input.txt", "gpt2/tiktoken_cache")
 def test_shakespeare_gpt2_in_chunks(shared_data, tmp_path, monkeypatch):
     # small chunks and batches, so the text goes through many of both
     monkeypatch.setattr(prepare, "CHUNK_CHARS", 4096)
@@ -133,6 +136,7 @@ def test_shakespeare_gpt2_in_chunks(shared_data, tmp_path, monkeypatch):
     assert prepare.open_split(tmp_path, "val", meta).tolist() == tok.encode(text[cut:])
 
 
+@pytest.mark.needs_data("gpt2/tiktoken_cache")
 def test_documents_separated_by_eot(tmp_path):
     stories = ["Once upon a time there was a cat.", "The dog ran.\nIt was happy.", "A bird sang a song."]
     path = tmp_path / "stories.txt"
@@ -153,6 +157,7 @@ def test_char_documents_separated_by_blank_line(tmp_path):
     assert read_split(tmp_path / "out", "val") == "epsilon\n"
 
 
+@pytest.mark.needs_data("gpt2/tiktoken_cache")
 def test_tinystories_from_hub(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     hub = datasets.DatasetDict(train=datasets.Dataset.from_dict({"text": ["One day, Tom ran.", "Sue sang."]}),
@@ -225,6 +230,7 @@ def test_load_meta_truncated_and_unknown_version(text_file, tmp_path):
         prepare.load_meta(out_dir)
 
 
+@pytest.mark.needs_data("gpt2/tiktoken_cache")
 def test_failed_run_keeps_old_files(text_file, tmp_path, monkeypatch):
     path, _ = text_file
     out_dir = tmp_path / "out"

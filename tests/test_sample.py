@@ -62,6 +62,7 @@ def test_stop_token_ends_samples(trained):
         sample.main(sample_cfg(trained, stop="ab"))
 
 
+@pytest.mark.needs_data("gpt2/tiktoken_cache")
 def test_sample_from_local_gpt2_folder(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32)).save_pretrained(tmp_path)
@@ -137,6 +138,7 @@ def test_sentiment_eval_writes_json_and_plot(trained, tmp_path):
     assert (tmp_path / "ev" / "sentiment.png").stat().st_size > 1000
 
 
+@pytest.mark.needs_data("gpt2/tiktoken_cache")
 @pytest.mark.parametrize("method", [1, 2, 3])
 def test_gpt2_method_configs_run_end_to_end(method, tmp_path, monkeypatch):
     """The shipped GPT-2 configs, on a random-weight 12-layer stand-in for the real weights."""

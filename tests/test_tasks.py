@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 import tasks
 import train
-from configurator import ConfigError, load_config
+from configurator import ConfigError
 from checkpoint import load_checkpoint
 from dnc import DNC
 from tasks import ReplayBuffer
@@ -20,7 +20,7 @@ def task_config(tmp_path, **overrides):
     settings = dict(out_dir=str(tmp_path), device="cpu", seed=1234, log_interval=10, eval_interval=50,
                     eval_iters=4, batch_size=16, weight_decay=0.0, decay_lr=False)
     settings.update(overrides)
-    return load_config(train.TrainConfig, [], **settings)
+    return train.load_settings([], **settings)
 
 
 # -----------------------------------------------------------------------------
@@ -213,6 +213,7 @@ def test_ewc_penalty_is_the_sum_of_per_task_quadratics():
 # -----------------------------------------------------------------------------
 # permuted MNIST and the language-model sequence
 
+@pytest.mark.needs_data("mnist")
 def test_mnist_idx_files_read_offline(shared_data, tmp_path):
     images = tasks.read_idx(shared_data / "mnist" / "t10k-images-idx3-ubyte.gz")
     labels = tasks.read_idx(shared_data / "mnist" / "t10k-labels-idx1-ubyte.gz")
@@ -231,6 +232,7 @@ def test_mnist_idx_files_read_offline(shared_data, tmp_path):
         tasks.read_idx(bad)
 
 
+@pytest.mark.needs_data("mnist")
 def test_permuted_mnist_replay_remembers_what_finetuning_forgets(shared_data, tmp_path):
     """Three tasks, every method on the same batches: the matrix, the running average, the JSON
     and the plot; replay keeps the first task better than plain fine-tuning."""
@@ -273,6 +275,7 @@ def test_language_model_sequence_with_and_without_replay(tmp_path):
     assert json.loads((tmp_path / "out" / "results.json").read_text())["score"] == "val loss"
 
 
+@pytest.mark.needs_data("mnist")
 def test_diverging_continual_training_stops_with_a_clear_error(shared_data, tmp_path):
     # SGD on a penalty this stiff overshoots further every step: lr * lambda * Fisher >> 2
     cfg = task_config(tmp_path, task="pmnist", data_dir=str(shared_data), n_tasks=2, optimizer="sgd",

@@ -97,6 +97,7 @@ def test_cli_rejects_unknown_key_before_any_work(tmp_path):
     assert "settings:" not in r.stdout  # failed before printing or doing anything
 
 
+@pytest.mark.needs_data("gpt2/tiktoken_cache")
 def test_finetune_from_local_gpt2_folder(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
     from prepare import prepare
