@@ -33,12 +33,12 @@ from torch.nn import functional as F
 
 from configurator import ConfigError, above, at_least, format_config, load_config, need, one_of, within
 from common import autocast_context, cli, resolve_device, write_json
-from knn import BACKENDS, KEY_DTYPES, KNNMemory, KNNSettings, FaissIndex, TorchIndex, default_nlist
+from knn import BACKENDS, KEY_DTYPES, KNNMemory, KNNSettings, FaissIndex, TorchIndex
 from model import GPT, GPTConfig
 from runs import check_shape_and_device
 from tasks import ALGORITHMIC, check_dnc
 
-SUITES = ("train", "generate", "knn", "knn_scale", "memorizing")
+SUITES = ("train", "generate", "knn", "memorizing", "knn_scale")
 
 
 @dataclass
@@ -122,14 +122,14 @@ class BenchConfig:
         one_of(self, "dtype", ("auto", "float32", "bfloat16", "float16"))
         one_of(self, "suite", SUITES)
         one_of(self, "task", ("lm",) + ALGORITHMIC)
-        at_least(self, 1, "knn_scale_sizes", "knn_scale_exact_max", "knn_scale_compare_at", "knn_scale_repeats",
-                 "knn_scale_build_tokens")
-        at_least(self, 0, "knn_scale_nlist", "knn_scale_heads", "knn_scale_disk_from")
+        if {"knn", "memorizing", "knn_scale"} & set(self.suite) and self.task == "lm":
+            need(0 <= self.knn_layer < self.n_layer, f"knn_layer={self.knn_layer} is out of range: suites 'knn', "
+                 f"'memorizing' and 'knn_scale' need 0 <= knn_layer < n_layer={self.n_layer}")
+        at_least(self, 1, "knn_scale_sizes", "knn_scale_repeats", "knn_scale_build_tokens")
+        at_least(self, 0, "knn_scale_exact_max", "knn_scale_compare_at", "knn_scale_disk_from", "knn_scale_nlist",
+                 "knn_scale_heads")
         one_of(self, "knn_scale_dtype", KEY_DTYPES)
         one_of(self, "knn_scale_compare", BACKENDS)
-        if {"knn", "knn_scale", "memorizing"} & set(self.suite) and self.task == "lm":
-            need(0 <= self.knn_layer < self.n_layer, f"knn_layer={self.knn_layer} is out of range: suites 'knn' "
-                 f"'knn_scale' and 'memorizing' need 0 <= knn_layer < n_layer={self.n_layer}")
         check_dnc(self)
 
 
@@ -775,6 +775,9 @@ def main(cfg: BenchConfig) -> dict:
                           n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)).to(device)
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters on {device} ({dtype}), "
           f"{torch.get_num_threads()} CPU threads")
+    unknown = set(cfg.suite) - set(SUITES)
+    if unknown:
+        raise ConfigError(f"unknown suite {sorted(unknown)}; choose from {', '.join(SUITES)}")
     rows = []
     result = {"settings": asdict(cfg), "device": device, "dtype": dtype, "torch": torch.__version__,
               "threads": torch.get_num_threads()}

@@ -540,6 +540,20 @@ class Column:
         return cls(row, dtype, data=data, n=n, source=path if mmap else None)
 
 
+class IdColumn:
+    """A (N,) int64 attribute of a KNNMemory kept in a growable Column (attribute _<name>): reading gives
+    its rows, assigning a tensor replaces them."""
+
+    def __set_name__(self, owner, name):
+        self.column = "_" + name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else getattr(obj, self.column).view()
+
+    def __set__(self, obj, t):
+        setattr(obj, self.column, Column((), "int64", data=t.long().clone(), n=t.numel()))
+
+
 def _from_numpy(arr, torch_dtype):
     import warnings
     with warnings.catch_warnings():  # a read-only map: torch warns that it is not writable; nothing writes to it
@@ -564,6 +578,8 @@ class KNNMemory:
     an index. A sharded memory (shard=(rank, world)) keeps only the entries whose id falls in its
     blocks of knn_shard_block ids; search() then merges every rank's top k (torch.distributed)."""
     KIND = "knn-attention-memory"  # the manifest's kind; KNNLMDatastore keeps the same folder format
+    doc_ids = IdColumn()  # (N,) the document of every entry
+    entry_ids = IdColumn()  # (N,) stable, increasing ids
 
     def __init__(self, settings: KNNSettings, layers: list[int], n_head: int, head_size: int, fingerprint: str,
                  tokenizer: dict, bookkeeping_token: int, device="cpu", value_size: int | None = None,
@@ -584,8 +600,7 @@ class KNNMemory:
         where = lambda name: os.path.join(self.storage_dir, name) if self.storage_dir else None
         self._keys = {L: Column((n_head, head_size), self.dtype, where(f"keys.{L}.npy")) for L in self.layers}
         self._values = {L: Column((n_head, self.value_size), self.dtype, where(f"values.{L}.npy")) for L in self.layers}
-        self._doc = Column((), "int64")  # (N,) the document of every entry (doc_ids)
-        self._eid = Column((), "int64")  # (N,) stable, increasing ids (entry_ids)
+        self.doc_ids = self.entry_ids = torch.zeros(0, dtype=torch.long)
         self.next_id = 0  # the id of the next entry added (all ranks count every entry)
         self.total = 0  # entries in the whole memory (all shards)
         self.documents: list[dict] = []  # {"id", "source", "text", "n_tokens"}
@@ -600,22 +615,6 @@ class KNNMemory:
     @property
     def local_count(self) -> int:
         return self.entry_ids.numel()
-
-    @property
-    def doc_ids(self):
-        return self._doc.view()
-
-    @doc_ids.setter
-    def doc_ids(self, t):
-        self._doc = Column((), "int64", data=t.long(), n=t.numel())
-
-    @property
-    def entry_ids(self):
-        return self._eid.view()
-
-    @entry_ids.setter
-    def entry_ids(self, t):
-        self._eid = Column((), "int64", data=t.long(), n=t.numel())
 
     @property
     def keys(self) -> dict:
@@ -701,8 +700,8 @@ class KNNMemory:
                 k, v = k[:, sel], v[:, sel]
             self._keys[L].append(k.transpose(0, 1))
             self._values[L].append(v.transpose(0, 1))
-        self._eid.append(ids[mine])
-        self._doc.append(torch.full((int(mine.sum()),), doc_id, dtype=torch.long))
+        self._entry_ids.append(ids[mine])
+        self._doc_ids.append(torch.full((int(mine.sum()),), doc_id, dtype=torch.long))
         self.next_id += n
         self.total += n
         self.documents.append({"id": doc_id, "source": source, "text": text, "n_tokens": n})
@@ -717,7 +716,7 @@ class KNNMemory:
 
     def reserve(self, n: int):
         """Room for n entries in every column (growing a large memory then copies nothing)."""
-        for c in [self._doc, self._eid] + list(self._keys.values()) + list(self._values.values()):
+        for c in [self._doc_ids, self._entry_ids] + list(self._keys.values()) + list(self._values.values()):
             c.reserve(n)
 
     def add_text(self, model, tokenizer, text: str, source: str = "") -> int:
@@ -733,8 +732,8 @@ class KNNMemory:
         for L in self.layers:
             self._keys[L].keep(keep)
             self._values[L].keep(keep)
-        self._doc.keep(keep)
-        self._eid.keep(keep)
+        self._doc_ids.keep(keep)
+        self._entry_ids.keep(keep)
         self.total -= next(d["n_tokens"] for d in self.documents if d["id"] == doc_id)
         self.documents = [d for d in self.documents if d["id"] != doc_id]
         for L in list(self._indexes):
