@@ -13,7 +13,7 @@ import torch
 
 from chat import Seq2Seq, Seq2SeqConfig
 from memory import MemoryConfig, attach_memories
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, pretrained_tokenizer_meta
 from prepare import WordVocab, get_tokenizer
 
 MEMORY_KEYS = tuple(f.name for f in fields(MemoryConfig))
@@ -81,7 +81,8 @@ def load_model(init_from: str, out_dir: str, device: str):
             return model, WordVocab.from_dict(ckpt["vocab"]), meta, source
     else:
         model = GPT.from_pretrained(init_from)
-        meta, source = {"tokenizer": "gpt2"}, init_from
+        # GPT-2's BPE for a GPT-2, the model's own tokenizer (transformers) for the Llama family
+        meta, source = pretrained_tokenizer_meta(init_from, model), init_from
     model.eval().to(device)
     return model, get_tokenizer(meta), meta, source
 
