@@ -15,7 +15,7 @@ from chat import Seq2Seq, Seq2SeqConfig
 from common import first_line
 from memory import MemoryConfig, attach_memories
 from configurator import ConfigError
-from model import GPT, PACKAGED_GGUF, GPTConfig
+from model import GPT, PACKAGED_GGUF, GPTConfig, pretrained_tokenizer_meta
 from prepare import DataError, WordVocab, get_tokenizer
 from runs import check_init_from as check_run_init_from
 
@@ -116,7 +116,8 @@ def load_model(init_from: str, out_dir: str, device: str):
         except (OSError, ValueError) as e:
             raise CheckpointError(f"could not load pretrained weights init_from={init_from!r} ({first_line(e)}); "
                                   "offline, pass a local folder written by save_pretrained") from None
-        meta, source = {"tokenizer": "gpt2"}, init_from
+        # GPT-2's BPE for a GPT-2, the model's own tokenizer (transformers) for the Llama family
+        meta, source = pretrained_tokenizer_meta(init_from, model), init_from
     model.eval().to(device)
     try:
         return model, get_tokenizer(meta), meta, source

@@ -587,6 +587,7 @@ class KNNMemory:
         self.settings = settings
         self.value_size = value_size or head_size  # values are head vectors, or a datastore's next token (1)
         self.layers = list(layers)
+        # n_head: the heads stored, the model's key/value heads (n_kv_head; = n_head without grouped-query attention)
         self.n_head, self.head_size = n_head, head_size
         self.fingerprint = fingerprint
         self.tokenizer = tokenizer  # the dataset meta of the model's tokenizer
@@ -634,8 +635,10 @@ class KNNMemory:
         if len(bk) != 1:
             raise KNNMemoryError("the tokenizer has no single-token '\\n' to use as the bookkeeping token")
         cfg = model.config
-        return cls(settings, settings.layers, cfg.n_head, cfg.n_embd // cfg.n_head, model_fingerprint(model),
-                   tokenizer_meta, bk[0], device=next(model.parameters()).device, storage_dir=storage_dir)
+        # one store per key/value head (grouped-query attention: n_kv_head < n_head), shared by its query heads
+        return cls(settings, settings.layers, cfg.n_kv_head or cfg.n_head, cfg.n_embd // cfg.n_head,
+                   model_fingerprint(model), tokenizer_meta, bk[0], device=next(model.parameters()).device,
+                   storage_dir=storage_dir)
 
     # -- grow, forget --------------------------------------------------------
 
@@ -651,7 +654,10 @@ class KNNMemory:
         captured = {L: [] for L in self.layers}
 
         def capture(attn, q, k, v, attend):  # a clean pass: record, never retrieve
-            captured[attn.layer_idx].append((k[:, :, self.remove_bookkeeping:], v[:, :, self.remove_bookkeeping:]))
+            kept = k
+            if attn.rotary is not None:  # keys are stored before the rotary embedding: key j of a window sat at j
+                kept = attn.rotary.rotate(k, -torch.arange(k.size(2), device=k.device))
+            captured[attn.layer_idx].append((kept[:, :, self.remove_bookkeeping:], v[:, :, self.remove_bookkeeping:]))
             return attend(q, k, v)
 
         saved = {L: model.attentions[L].memory for L in self.layers}
@@ -923,10 +929,11 @@ class KNNMemory:
 
     def _check_model(self, model):
         cfg = model.config
-        if (cfg.n_head, cfg.n_embd // cfg.n_head) != (self.n_head, self.head_size) or max(self.layers) >= cfg.n_layer:
-            raise KNNMemoryError(f"this memory was built by a model with {self.n_head} heads of size {self.head_size} "
-                               f"at layers {self.layers}; the model has {cfg.n_layer} layers of {cfg.n_head} heads "
-                               f"of size {cfg.n_embd // cfg.n_head}")
+        kv_heads = cfg.n_kv_head or cfg.n_head
+        if (kv_heads, cfg.n_embd // cfg.n_head) != (self.n_head, self.head_size) or max(self.layers) >= cfg.n_layer:
+            raise KNNMemoryError(f"this memory was built by a model with {self.n_head} key/value heads of size "
+                               f"{self.head_size} at layers {self.layers}; the model has {cfg.n_layer} layers of "
+                               f"{kv_heads} key/value heads of size {cfg.n_embd // cfg.n_head}")
 
     # -- save, load ------------------------------------------------------------
 
@@ -1298,6 +1305,16 @@ class KNNAttention:
     change with each new token and decoding recomputes the layers from here up (model.KVCache).
     Causal mode: every query row chooses and mixes for itself (with its own query), and its
     output is what the replaced values add to plain attention; earlier rows never change.
+
+    Rotary embeddings and grouped-query attention (the Llama family). The store holds keys
+    *before* the rotary embedding, one store per key/value head. The positions that use the memory
+    are chosen from the model's real attention rows (rotated q and k), one row per *query* head;
+    search and mixing then work on unrotated vectors, so a retrieved key is scored as if it sat at
+    relative distance 0 from the query: the probe is the chosen position's unrotated key (key
+    search; kv head h // g's store, g = n_head // n_kv_head) or the query head's own unrotated query
+    (query search), and the mix weights use the unrotated mixing query. The replaced value belongs
+    to the query head that chose it: values are expanded to n_head heads before replacing. Without
+    rotary embeddings and with n_kv_head == n_head (GPT-2) every step is the plain one.
     """
 
     def __init__(self, memory: KNNMemory, layer: int, k: int):
@@ -1307,9 +1324,11 @@ class KNNAttention:
     def __call__(self, attn, q, k, v, attend):
         s = self.memory.settings
         B, H, T, d = q.shape
-        Tk = k.size(2)
+        Hkv, Tk = k.size(1), k.size(2)
         if len(self.memory) == 0:
             return attend(q, k, v)
+        g = H // Hkv  # query heads per key/value head
+        rot = getattr(attn, "rotary", None)
         scale = 1.0 / math.sqrt(d)
         if self.recompute:
             assert T == Tk, "reference mode needs every position's query: generate recomputes (see KVCache)"
@@ -1317,9 +1336,12 @@ class KNNAttention:
         else:
             rows = q
         # 1-2. attention rows (B, H, R, Tk) decide which positions use the memory; query row r sits at
-        # position Tk - R + r and sees the first Tk - R + r + 1 keys
+        # position Tk - R + r and sees the first Tk - R + r + 1 keys. Rotated q and k: the model's own pattern
         R = rows.size(2)
-        att = (rows @ k.transpose(-2, -1)).float() * scale
+        if g == 1:
+            att = (rows @ k.transpose(-2, -1)).float() * scale
+        else:  # query head h reads key head h // g: group the rows by key head instead of repeating k
+            att = (rows.reshape(B, Hkv, g * R, d) @ k.transpose(-2, -1)).view(B, H, R, Tk).float() * scale
         seen = torch.arange(Tk, device=q.device)[None, :] <= torch.arange(Tk - R, Tk, device=q.device)[:, None]
         att = F.softmax(att.masked_fill(~seen, float("-inf")), dim=-1)  # (B, H, R, Tk)
         chosen = torch.zeros_like(att, dtype=torch.bool)
@@ -1327,17 +1349,26 @@ class KNNAttention:
         if s.mem_frac > 0:
             context = torch.arange(Tk - R + 1, Tk + 1, device=q.device, dtype=att.dtype)[:, None]  # (R, 1)
             chosen[..., 1:] = (att[..., 1:] >= 1.0 / (s.mem_frac * context)) & seen[:, 1:]
-        b, h, r, j = chosen.nonzero(as_tuple=True)  # (M,) each
+        b, h, r, j = chosen.nonzero(as_tuple=True)  # (M,) each; h is the query head
         if b.numel() == 0:
             return attend(q, k, v)
-        k_j, v_j = k[b, h, j].float(), v[b, h, j].float()  # (M, d)
+        kh = h // g if g > 1 else h  # its key/value head
+        k_j, v_j = k[b, kh, j].float(), v[b, kh, j].float()  # (M, d)
         q_r = rows[b, h, r].float()  # (M, d) the deciding row's query
         # the reference mixes with the chosen position's own query; the causal mode has only the row's
-        mix_q = q[b, h, j].float() if s.knn_query == "key" and self.recompute else q_r
-        mixed = self.mix(h, k_j, v_j, k_j if s.knn_query == "key" else q_r, mix_q)  # (M, d)
+        own_query = s.knn_query == "key" and self.recompute
+        mix_q = q[b, h, j].float() if own_query else q_r
+        if rot is not None:  # undo the rotary embedding: the store holds unrotated keys (relative distance 0)
+            k_j = rot.rotate(k_j, -j)
+            q_r = rot.rotate(q_r, -(Tk - R + r))
+            mix_q = rot.rotate(mix_q, -j) if own_query else q_r
+        mixed = self.mix(kh, k_j, v_j, k_j if s.knn_query == "key" else q_r, mix_q)  # (M, d)
         if self.recompute:
-            # 7. the unchanged attention pattern applied to the new values
-            v = v.clone()
+            # 7. the unchanged attention pattern applied to the new values (per query head)
+            if g == 1:
+                v = v.clone()
+            else:
+                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
             v[b, h, j] = mixed.to(v.dtype)
             return attend(q, k, v)
         # causal: row r reads att[r, j] * (v'_j - v_j) more than plain attention
@@ -1346,7 +1377,8 @@ class KNNAttention:
         return y.index_put((b, h, r), delta.to(y.dtype), accumulate=True)
 
     def mix(self, h, k_j, v_j, probe, mix_q):
-        """Steps 3-6 for M chosen pairs of heads h: search, candidates, softmax mix, residual."""
+        """Steps 3-6 for M chosen pairs of stored (key/value) heads h: search, candidates, softmax mix,
+        residual."""
         mem, s = self.memory, self.memory.settings
         kk = min(self.k, len(mem))
         cand_k, cand_v, _ = mem.search(self.layer, h, probe, kk)  # (M, kk, d) each
