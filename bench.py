@@ -33,10 +33,13 @@ from torch.nn import functional as F
 
 from configurator import ConfigError, above, at_least, format_config, load_config, need, one_of, within
 from common import autocast_context, cli, resolve_device, write_json
-from knn import BACKENDS, KEY_DTYPES, KNNMemory, KNNSettings, FaissIndex, TorchIndex
+from dnc import DNC, DNC_EPS
+from knn import (BACKENDS, KEY_DTYPES, KNNLMDatastore, KNNMemory, KNNSettings, FaissIndex, TorchIndex,
+                 knnlm_log_probs, last_mlp_input)
+from memory import MemoryConfig, attach_memories, memorizing_layer
 from model import GPT, GPTConfig
 from runs import check_shape_and_device
-from tasks import ALGORITHMIC, check_dnc
+from tasks import ALGORITHMIC, check_dnc, dnc_config
 
 SUITES = ("train", "generate", "knn", "memorizing", "knn_scale")
 
@@ -592,8 +595,6 @@ STORAGE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 def bench_memorizing(cfg, device, dtype, vocab_size) -> tuple[dict, list]:
     """Training with a memorizing layer (memory full: every step searches knn_memory_size entries per row
     and head, then appends its window) vs without; kNN-LM scoring vs plain scoring."""
-    from knn import KNNLMDatastore, knnlm_log_probs, last_mlp_input
-    from memory import MemoryConfig, attach_memories, memorizing_layer
     rows, res = Rows(), {}
     shape = dict(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                  n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)
@@ -651,7 +652,6 @@ def naive_dnc_forward(dnc, x):
     """The DNC's documented equations written out one sample and one read head at a time, the
     way a straightforward port does it: the speed baseline for memory.DNC, and an independent
     check of its numbers in the tests. Shares dnc's controller and layers; dense links only."""
-    from dnc import DNC_EPS
     c = dnc.cfg
     B, T, _ = x.shape
     N, W, R = c.memory_slots, c.word_size, c.read_heads
@@ -729,8 +729,6 @@ def time_forward_backward(forward, x, iters, device):
 
 
 def bench_dnc(cfg: BenchConfig, device: str) -> dict:
-    from dnc import DNC
-    from tasks import dnc_config
     B, T = cfg.batch_size, cfg.dnc_seq_len
     print(f"DNC forward + backward, batch {B} x {T} steps, on {device}, {torch.get_num_threads()} CPU threads")
     rows, runs = [], []

@@ -21,13 +21,16 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from chat import Seq2Seq, eval_dialog
-from checkpoint import load_model
+from checkpoint import CheckpointError, load_model
 from common import cli, pyplot, resolve_device, write_eval
 from configurator import ConfigError, at_least, format_config, load_config, need, within
-from knn import KNNLMDatastore, KNNSettings, knn_probs, knnlm_mix, last_mlp_input
+from knn import KNNLMDatastore, KNNMemoryError, KNNSettings, knn_probs, knnlm_mix, last_mlp_input
 from memory import memorizing_layer
-from prepare import check_meta_compatible, load_doc_starts, load_meta, open_split
-from sample import USER_ERRORS, CheckedSettings, not_empty
+from prepare import DataError, check_meta_compatible, load_doc_starts, load_meta, open_split
+from runs import CheckedSettings, not_empty
+
+# what evaluate.py stops on with one line instead of a traceback
+USER_ERRORS = (ConfigError, DataError, CheckpointError, KNNMemoryError, OSError)
 
 
 @dataclass

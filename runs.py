@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import model
 from common import atomic_write, remove_stale_temps
 from configurator import ConfigError, above, at_least, need, within
+from knn import KNNSettings
+from prepare import SPECIALS
 
 # names from_pretrained takes from the Hugging Face hub (or its cache), by prefix
 HUB_PREFIXES = ("gpt2", "openai-community/gpt2", "HuggingFaceTB/")
@@ -168,3 +170,33 @@ class MetricsLog:
             os.fsync(f.fileno())
         if self.also is not None:
             self.also(record)
+
+
+# -----------------------------------------------------------------------------
+# sample.py's and evaluate.py's shared settings
+
+def not_empty(cfg, *names):
+    """A path or text setting is something, or None (off): never the empty string a bare --key= gives."""
+    for name in names:
+        need(getattr(cfg, name) != "", f"{name}='' is empty: {name} must be a path or text (or unset)")
+
+
+@dataclass
+class CheckedSettings(KNNSettings):
+    """What sample.py and evaluate.py share: the memory's settings (knn.KNNSettings) and the range checks
+    of the settings both have, in validate(), which load_config and main() run before any work."""
+
+    def validate(self):
+        """The model's source, the batches, the memory and the kNN-LM's neighbours: ConfigError naming the
+        setting and its allowed range; the memory's choices are KNNSettings.check's (KNNMemoryError)."""
+        not_empty(self, "init_from", "out_dir", "eval_file", "eval_out", "knnlm_dir")
+        need(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
+             f"device={self.device!r} is not allowed: device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+        at_least(self, 0, "seed", "knn", "mem_frac", "remove_bookkeeping", "knn_nlist", "knn_nprobe")
+        at_least(self, 1, "batch_size", "eval_items", "knn_pq_m", "knnlm_k")
+        at_least(self, len(SPECIALS), "vocab_capacity")
+        above(self, 0, "knn_softmax_influence", "knnlm_temperature")
+        for name in ("bookkeeping_frac", "resid_frac"):
+            value = getattr(self, name)
+            need(0 <= value <= 1, f"{name}={value!r} is out of range: {name} must be in [0, 1]")
+        self.check(len(self.knn))

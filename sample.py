@@ -28,41 +28,15 @@ import torch
 from chat import Seq2Seq, run_chat
 from checkpoint import CheckpointError, load_model
 from common import autocast_context, cli, pyplot, read_jsonl, resolve_device, write_eval, write_json
-from configurator import ConfigError, above, at_least, format_config, load_config, need, one_of, within
+from configurator import ConfigError, at_least, format_config, load_config, need, one_of, within
 from knn import KNNLM, KNNLMDatastore, KNNMemory, KNNMemoryError, KNNSettings
 from memory import generate_any
 from model import chat_prompt
-from prepare import SPECIALS, DataError
+from prepare import DataError
+from runs import CheckedSettings, not_empty
 
-# what sample.py and evaluate.py stop on with one line instead of a traceback
+# what sample.py stops on with one line instead of a traceback
 USER_ERRORS = (ConfigError, DataError, CheckpointError, KNNMemoryError, OSError)
-
-
-def not_empty(cfg, *names):
-    """A path or text setting is something, or None (off): never the empty string a bare --key= gives."""
-    for name in names:
-        need(getattr(cfg, name) != "", f"{name}='' is empty: {name} must be a path or text (or unset)")
-
-
-@dataclass
-class CheckedSettings(KNNSettings):
-    """What sample.py and evaluate.py share: the memory's settings (knn.KNNSettings) and the range checks
-    of the settings both have, in validate(), which load_config and main() run before any work."""
-
-    def validate(self):
-        """The model's source, the batches, the memory and the kNN-LM's neighbours: ConfigError naming the
-        setting and its allowed range; the memory's choices are KNNSettings.check's (KNNMemoryError)."""
-        not_empty(self, "init_from", "out_dir", "eval_file", "eval_out", "knnlm_dir")
-        need(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
-             f"device={self.device!r} is not allowed: device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-        at_least(self, 0, "seed", "knn", "mem_frac", "remove_bookkeeping", "knn_nlist", "knn_nprobe")
-        at_least(self, 1, "batch_size", "eval_items", "knn_pq_m", "knnlm_k")
-        at_least(self, len(SPECIALS), "vocab_capacity")
-        above(self, 0, "knn_softmax_influence", "knnlm_temperature")
-        for name in ("bookkeeping_frac", "resid_frac"):
-            value = getattr(self, name)
-            need(0 <= value <= 1, f"{name}={value!r} is out of range: {name} must be in [0, 1]")
-        self.check(len(self.knn))
 
 
 @dataclass
