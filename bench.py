@@ -382,7 +382,7 @@ def bench_knn_scale(model, cfg, device, dtype) -> dict:
     knn = [0] * model.config.n_layer
     knn[L] = 5
     base = dict(knn=knn, bookkeeping_frac=0.0, mem_frac=0.0, knn_softmax_influence=1.0, knn_recompute=False,
-                knn_dtype=cfg.knn_scale_dtype, knn_nlist=cfg.knn_scale_nlist, knn_hnsw_m=16)
+                knn_dtype=cfg.knn_scale_dtype, knn_nlist=cfg.knn_scale_nlist, knn_hnsw_m=16, knn_tune="always")
     g = torch.Generator().manual_seed(cfg.seed)
     prompt = torch.randint(0, model.config.vocab_size, (1, cfg.prompt_len), generator=g).to(device)
     step = model.config.block_size - 1

@@ -97,7 +97,7 @@ class KNNSettings:
     # decoding recomputes the layers from the first memory layer up); False: causal, each token applies the
     # memory to its own attention only, mixing with its own query, so the ordinary KV cache applies
     knn_nlist: int = 0  # IVF lists; 0: about 4 * sqrt(entries), at most 1024 (default_nlist)
-    knn_nprobe: int = 0  # IVF lists searched per query; 0: the fewest reaching knn_recall_target, measured at build
+    knn_nprobe: int = 16  # IVF lists searched per query (where not tuned, see knn_tune)
     knn_pq_m: int = 8  # IVF-PQ sub-quantizers (must divide the head size)
     knn_dtype: str = "float32"  # storage of keys and values: 'float32', 'float16', 'bfloat16'
     knn_refine: int = 4  # approximate backends fetch k * knn_refine candidates and re-rank them with the stored keys
@@ -105,7 +105,9 @@ class KNNSettings:
     knn_recall_k: int = 5
     knn_recall_queries: int = 240  # stored keys searched (leave-one-out) to measure recall at build; 0: do not
     knn_hnsw_m: int = 32  # HNSW graph links per entry
-    knn_ef_search: int = 0  # HNSW search breadth; 0: the smallest reaching knn_recall_target
+    knn_ef_search: int = 64  # HNSW search breadth (where not tuned)
+    knn_tune: str = "auto"  # 'auto': with knn_backend='auto', nprobe / efSearch (and the re-ranked candidates) are
+    # tuned at build to the fewest reaching knn_recall_target; 'always': for any approximate backend; 'never': as set
     knn_mmap: bool = True  # load maps keys and values from the folder (read on first touch) instead of reading them
     knn_shard_block: int = 65536  # a sharded memory gives rank r the entries whose id // block % world == r
 
@@ -118,7 +120,8 @@ class KNNSettings:
         for name, value, allowed in (("knn_query", self.knn_query, ("key", "query")),
                                      ("knn_metric", self.knn_metric, ("l2", "ip")),
                                      ("knn_backend", self.knn_backend, BACKENDS),
-                                     ("knn_dtype", self.knn_dtype, KEY_DTYPES)):
+                                     ("knn_dtype", self.knn_dtype, KEY_DTYPES),
+                                     ("knn_tune", self.knn_tune, ("auto", "always", "never"))):
             if value not in allowed:
                 raise KNNMemoryError(f"{name}={value!r}; choose one of {', '.join(allowed)}")
 
@@ -792,8 +795,8 @@ class KNNMemory:
             else:
                 t0 = time.perf_counter()
                 self._indexes[layer] = FaissIndex(self.keys[layer], s.knn_metric, backend, s.knn_nlist,
-                                                  s.knn_nprobe or 1, s.knn_pq_m, ids=self.entry_ids,
-                                                  hnsw_m=s.knn_hnsw_m, ef_search=s.knn_ef_search or 16)
+                                                  max(1, s.knn_nprobe), s.knn_pq_m, ids=self.entry_ids,
+                                                  hnsw_m=s.knn_hnsw_m, ef_search=max(1, s.knn_ef_search))
                 self._indexes[layer].refine = max(1, s.knn_refine)
                 self.index_info[layer] = {"backend": backend, "count": self.local_count,
                                           "build_s": time.perf_counter() - t0}
@@ -802,8 +805,8 @@ class KNNMemory:
 
     def measure(self, layer: int, k: int | None = None, queries: int | None = None, seed: int = 0) -> dict:
         """Recall@k of the layer's approximate index against exact search, on `queries` stored keys
-        (leave-one-out: each query's own entry is dropped from both answers), and with knn_nprobe=0 /
-        knn_ef_search=0 the smallest nprobe / efSearch (1, 2, 4, ...) whose recall reaches knn_recall_target.
+        (leave-one-out: each query's own entry is dropped from both answers), and where tuned (knn_tune) the
+        smallest nprobe / efSearch (1, 2, 4, ... / 16, 32, ...) whose recall reaches knn_recall_target.
         Where even that falls short (coarse PQ codes) the re-ranked candidates (knn_refine) double until it
         reaches it or 64x. Kept in index_info (and the manifest)."""
         s = self.settings
@@ -824,16 +827,17 @@ class KNNMemory:
             got = _drop_own(self._local_search(layer, heads, vecs, k + 1)[1], own, k)
             return recall_at_k(got, truth)
 
-        nprobe, ef = s.knn_nprobe, s.knn_ef_search
-        if index.kind == "faiss-hnsw" and not ef:
+        nprobe, ef = max(1, s.knn_nprobe), max(1, s.knn_ef_search)
+        tune = s.knn_tune == "always" or (s.knn_tune == "auto" and s.knn_backend == "auto")
+        if tune and index.kind == "faiss-hnsw":
             ef = _tune(lambda e: recall(0, e), [16, 32, 64, 128, 256, 512], s.knn_recall_target)
-        elif index.nlist and not nprobe:
+        elif tune and index.nlist:
             nprobe = _tune(lambda p: recall(p, 0), [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
                                                     if p < index.nlist] + [index.nlist], s.knn_recall_target)
-        r = recall(nprobe or 1, ef or 16)
-        while r < s.knn_recall_target and index.refine < 64 and not (s.knn_nprobe or s.knn_ef_search):
+        r = recall(nprobe, ef)
+        while tune and r < s.knn_recall_target and index.refine < 64:
             index.refine *= 2  # the codes rank too coarsely (PQ): re-rank more candidates with the stored keys
-            r = recall(nprobe or 1, ef or 16)
+            r = recall(nprobe, ef)
         info.update({"nlist": index.nlist, "nprobe": index.nprobe, "ef_search": index.ef_search if
                      index.kind == "faiss-hnsw" else None, "refine": index.refine, "recall_at_k": r, "recall_k": k,
                      "recall_queries": queries, "recall_seed": seed, "count": self.local_count})

@@ -42,7 +42,7 @@ def brute(keys, q, k, metric="l2", exclude=None):
 
 @pytest.mark.parametrize("backend", ["faiss-ivfsq8", "faiss-ivfpqfs", "faiss-hnsw", "faiss-sq8"])
 def test_reported_recall_equals_a_recomputation(backend):
-    model, mem = filled(3000, knn_backend=backend, knn_nlist=32)
+    model, mem = filled(3000, knn_backend=backend, knn_nlist=32, knn_tune="always")
     mem.index(1)
     info = mem.index_info[1]
     k, q = info["recall_k"], info["recall_queries"]
