@@ -192,8 +192,8 @@ class CheckedSettings(KNNSettings):
         not_empty(self, "init_from", "out_dir", "eval_file", "eval_out", "knnlm_dir")
         need(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
              f"device={self.device!r} is not allowed: device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-        at_least(self, 0, "seed", "knn", "mem_frac", "remove_bookkeeping", "knn_nlist", "knn_nprobe")
-        at_least(self, 1, "batch_size", "eval_items", "knn_pq_m", "knnlm_k")
+        at_least(self, 0, "seed", "knn", "mem_frac", "remove_bookkeeping", "knn_nlist")
+        at_least(self, 1, "batch_size", "eval_items", "knn_pq_m", "knnlm_k", "knn_nprobe")
         at_least(self, len(SPECIALS), "vocab_capacity")
         above(self, 0, "knn_softmax_influence", "knnlm_temperature")
         for name in ("bookkeeping_frac", "resid_frac"):

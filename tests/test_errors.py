@@ -76,7 +76,7 @@ SAMPLE_BAD = [  # (setting, value, what the message says after "setting=value")
     ("num_samples", 0, ">= 1"), ("max_new_tokens", 0, ">= 1"), ("eval_seeds", 0, ">= 1"), ("eval_items", 0, ">= 1"),
     ("knnlm_lambda", 1.0, r"in \[0, 1\)"), ("knnlm_lambda", -0.5, r"in \[0, 1\)"), ("knnlm_k", 0, ">= 1"),
     ("knnlm_temperature", 0.0, "> 0"), ("seed", -1, ">= 0"), ("vocab_capacity", 3, ">= 6"), ("knn", [0, -2], ">= 0"),
-    ("bookkeeping_frac", 1.5, r"in \[0, 1\]"), ("resid_frac", -0.1, r"in \[0, 1\]"), ("knn_nprobe", -1, ">= 0"),
+    ("bookkeeping_frac", 1.5, r"in \[0, 1\]"), ("resid_frac", -0.1, r"in \[0, 1\]"), ("knn_nprobe", 0, ">= 1"),
     ("knn_pq_m", 0, ">= 1"), ("knn_softmax_influence", 0.0, "> 0"),
     ("mode", "chatt", "is not allowed: mode must be 'sample' or 'chat'"),
     ("eval", "ppl", "is not allowed: eval must be None, 'recall' or 'sentiment' \\(.*evaluate.py's\\)"),
