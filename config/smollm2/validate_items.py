@@ -33,8 +33,9 @@ for name in ("recall_test", "recall_tune"):
         memory, prompt, answers = item["memory"], item["prompt"], item["answers"]
         if item["attribute"] not in ATTRIBUTES:
             errors.append(f"{where}: attribute {item['attribute']!r}")
-        if not prompt.startswith("Question: ") or not prompt.endswith("?\nAnswer:"):
-            errors.append(f"{where}: prompt is not 'Question: ...?\\nAnswer:'")
+        # the question, then the start of the answer, so that the asked value is the very next word
+        if not re.fullmatch(r"Question: [^\n]+\?\nAnswer: [^\n]*\S", prompt):
+            errors.append(f"{where}: prompt is not 'Question: ...?\\nAnswer: <start of the answer>'")
         words = len(memory.split())
         sentences = len(re.findall(r"[.!?](?:\s|$)", memory))
         if not 20 <= words <= 60 or not 1 <= sentences <= 3:
