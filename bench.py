@@ -10,6 +10,9 @@ Speed benchmarks for a model shaped by a training config, with random weights an
 - suite 'memorizing' (config/bench_memorizing.py): training tokens/s with a Memorizing Transformer
   layer (knn_layer, its memory full at knn_memory_size entries per row and head) against the same
   model without it, and kNN-LM scoring tokens/s (a datastore of knnlm_size entries) against plain scoring.
+- suite 'smollm2' (config/bench_smollm2.py): a real pretrained model (SmolLM2-135M-Instruct, offline),
+  greedy generation with the KV cache: transformers' own generate on the same weights, ours with the
+  memory off, and ours with a kNN memory of each size in knn_sizes (the settings of knn_config).
 - a DNC task's config (task 'copy', ...): the DNC's forward + backward time and memory, dense and
   sparse links, against a step-serial reference implementation.
 
@@ -17,6 +20,7 @@ Speed benchmarks for a model shaped by a training config, with random weights an
     python bench.py config/bench_knn.py
     python bench.py --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --device=cuda --compile=True
     python bench.py config/bench_dnc.py
+    python bench.py config/bench_smollm2.py
 
 Prints a table and writes JSON (bench_json). Numbers, not pass/fail: targets are read from here,
 never asserted in timed tests.
@@ -26,22 +30,25 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 
 import torch
 from torch.nn import functional as F
 
-from configurator import ConfigError, above, at_least, format_config, load_config, need, one_of, within
+from configurator import (ConfigError, above, at_least, format_config, load_config, need, one_of, read_config_file,
+                          within)
 from common import autocast_context, cli, resolve_device, write_json
 from dnc import DNC, DNC_EPS
 from knn import (BACKENDS, KEY_DTYPES, KNNLMDatastore, KNNMemory, KNNSettings, FaissIndex, TorchIndex,
                  knnlm_log_probs, last_mlp_input)
 from memory import MemoryConfig, attach_memories, memorizing_layer
-from model import GPT, GPTConfig
-from runs import check_shape_and_device
+from model import PACKAGED_GGUF, GPT, GPTConfig, gguf_folder, pretrained_tokenizer_meta
+from prepare import get_tokenizer
+from runs import check_init_from, check_shape_and_device
 from tasks import ALGORITHMIC, check_dnc, dnc_config
 
-SUITES = ("train", "generate", "knn", "memorizing", "knn_scale")
+SUITES = ("train", "generate", "knn", "memorizing", "knn_scale", "smollm2")
 
 
 @dataclass
@@ -113,6 +120,10 @@ class BenchConfig:
     knn_scale_heads: int = 0  # >0: the memory holds only this many heads and rows time the searches of all the
     # model's heads against it (one probe per model head per token), scaled to a full memory: for sizes whose
     # every head would not fit the machine's time (each head's index is independent: cost is per head)
+    # suite 'smollm2': pretrained weights (model.GPT.from_pretrained, a Llama-family model) and the sample config
+    # whose kNN memory settings are timed (its knn, gates and mixing)
+    pretrained: str = "smollm2"
+    knn_config: str = "config/smollm2_memory.py"
 
     def validate(self):
         check_shape_and_device(self)
@@ -124,6 +135,14 @@ class BenchConfig:
         within(self, 0, 1, "beta1", "beta2")
         one_of(self, "dtype", ("auto", "float32", "bfloat16", "float16"))
         one_of(self, "suite", SUITES)
+        need(self.pretrained not in ("scratch", "resume"), f"pretrained={self.pretrained!r} is not pretrained weights: "
+             "pretrained must be a name or path model.GPT.from_pretrained loads (e.g. 'smollm2')")
+        check_init_from(self.pretrained, name="pretrained")
+        if "smollm2" in self.suite:
+            need(os.path.isfile(self.knn_config), f"knn_config={self.knn_config!r} is not a file: suite 'smollm2' "
+                 "reads its memory settings from a sample config (e.g. config/smollm2_memory.py)")
+        need("smollm2" not in self.suite or self.suite == ["smollm2"], f"suite={self.suite}: suite 'smollm2' times a "
+             "pretrained model, the other suites a random one of the config's shape; run it alone (suite=['smollm2'])")
         one_of(self, "task", ("lm",) + ALGORITHMIC)
         if {"knn", "memorizing", "knn_scale"} & set(self.suite) and self.task == "lm":
             need(0 <= self.knn_layer < self.n_layer, f"knn_layer={self.knn_layer} is out of range: suites 'knn', "
@@ -645,6 +664,85 @@ def bench_memorizing(cfg, device, dtype, vocab_size) -> tuple[dict, list]:
     return res, rows
 
 
+def bench_smollm2(cfg, device, dtype) -> tuple[dict, list]:
+    """Suite 'smollm2': greedy generation of gen_tokens tokens after a random prompt of prompt_len tokens
+    (KV cache, batch sizes gen_batch_sizes) by the pretrained model cfg.pretrained: transformers' own
+    LlamaForCausalLM.generate on the same weights (what a user would otherwise run), ours with the memory
+    off, and ours with a kNN memory of each size in knn_sizes (entries per layer and key/value head, the
+    settings of knn_config). The smallest memory holds the model's own keys and values of random tokens;
+    larger ones tile them with a little noise (search cost depends on the size, not the content). Each time
+    is the best of bench_iters runs, the variants interleaved, so CPU time taken by other jobs shows as
+    noise rather than as a bias against one variant."""
+    from transformers import LlamaForCausalLM
+    model = GPT.from_pretrained(cfg.pretrained).to(device).eval()
+    folder = gguf_folder(cfg.pretrained) if cfg.pretrained in PACKAGED_GGUF or cfg.pretrained.endswith(".gguf") \
+        else cfg.pretrained
+    hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    names = {f.name for f in fields(KNNSettings)}
+    settings = KNNSettings(**{k: v for k, v in read_config_file(cfg.knn_config).items() if k in names})
+    settings = replace(settings, knn_recompute=False)  # causal mode: the KV cache stays valid
+    meta = pretrained_tokenizer_meta(cfg.pretrained, model)
+    tokenizer = get_tokenizer(meta)
+    g = torch.Generator().manual_seed(cfg.seed)
+    V, n = model.config.vocab_size, cfg.gen_tokens
+    base = KNNMemory.create(model, settings, meta, tokenizer)
+    base.add_tokens(model, torch.randint(0, V, (min(cfg.knn_sizes),), generator=g).tolist())
+    memories = {}
+    for size in cfg.knn_sizes:
+        mem = KNNMemory.create(model, settings, meta, tokenizer)
+        reps = -(-size // len(base))
+
+        def tile(x):  # (H, len(base), d) -> (H, size, d)
+            return x if size <= len(base) else \
+                x.repeat(1, reps, 1)[:, :size] + 0.05 * x.std() * torch.randn(x.size(0), size, x.size(2), generator=g)
+        mem.add_entries({L: tile(base.keys[L][:, :size]) for L in mem.layers},
+                        {L: tile(base.values[L][:, :size]) for L in mem.layers})
+        for L in mem.layers:
+            mem.index(L)  # built before timing: the build is what suite 'knn_scale' measures
+        memories[size] = mem
+    res = {"model": cfg.pretrained, "layers": settings.layers, "settings": asdict(settings), "runs": []}
+    rows = Rows()
+    for batch in cfg.gen_batch_sizes:
+        prompt = torch.randint(0, V, (batch, cfg.prompt_len), generator=g).to(device)
+
+        def ours(mem=None):
+            KNNMemory.detach(model)
+            if mem is not None:
+                mem.attach(model)
+            try:
+                return model.generate(prompt, n, temperature=0.0)
+            finally:
+                KNNMemory.detach(model)
+
+        def theirs():
+            return hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
+                               pad_token_id=0)
+
+        variants = {"transformers": theirs, "off": ours, **{size: partial(ours, m) for size, m in memories.items()}}
+        with torch.no_grad(), autocast_context(device, dtype):
+            same = torch.equal(ours(), theirs())  # a warm-up, and a check that both run the same model
+            best = {k: float("inf") for k in variants}
+            for _ in range(cfg.bench_iters):
+                for k, fn in variants.items():
+                    sync(device)
+                    t0 = time.perf_counter()
+                    fn()
+                    sync(device)
+                    best[k] = min(best[k], time.perf_counter() - t0)
+        tok_s = {k: batch * n / t for k, t in best.items()}
+        run = {"batch": batch, "greedy_tokens_equal": same, "tokens_per_s": {str(k): v for k, v in tok_s.items()},
+               "ours_vs_transformers_speed": best["transformers"] / best["off"],
+               "memory_time_ratio": {str(s): best[s] / best["off"] for s in memories}}
+        res["runs"].append(run)
+        rows.append((f"batch {batch}: transformers generate", f"{tok_s['transformers']:,.1f} tok/s", "greedy, KV cache"))
+        rows.append((f"batch {batch}: ours, memory off", f"{tok_s['off']:,.1f} tok/s",
+                     f"{run['ours_vs_transformers_speed']:.2f}x transformers' speed; same tokens: {same}"))
+        for s, m in memories.items():
+            rows.append((f"batch {batch}: ours, memory {s:,} entries ({m.backend})", f"{tok_s[s]:,.1f} tok/s",
+                         f"{best[s] / best['off']:.2f}x the time of memory off"))
+    return res, rows
+
+
 # -----------------------------------------------------------------------------
 # DNC: memory.DNC against a step-serial reference of the same size
 
@@ -765,6 +863,14 @@ def main(cfg: BenchConfig) -> dict:
     if cfg.task != "lm":
         return bench_dnc(cfg, device)
     torch.manual_seed(cfg.seed)
+    if cfg.suite == ["smollm2"]:  # a pretrained model, not a random one of the config's shape
+        print(f"{torch.get_num_threads()} CPU threads")
+        res, rows = bench_smollm2(cfg, device, dtype)
+        print_table(rows, "throughput")
+        result = {"settings": asdict(cfg), "device": device, "dtype": dtype, "torch": torch.__version__,
+                  "threads": torch.get_num_threads(), "smollm2": res}
+        write_result(result, cfg.bench_json)
+        return result
     vocab_size = cfg.vocab_size
     if vocab_size is None:
         meta_path = os.path.join(cfg.data_dir, cfg.dataset, "meta.json")

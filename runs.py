@@ -84,10 +84,10 @@ class OutDirError(RuntimeError):
     """out_dir holds something a run cannot use as asked; the message says what to do."""
 
 
-def check_init_from(init_from: str, allowed=None):
+def check_init_from(init_from: str, allowed=None, name: str = "init_from"):
     """init_from must be 'scratch', 'resume', a hub name (HUB_PREFIXES), a registered short name
     (model.PACKAGED_GGUF, where the model has them), a local folder or a .gguf file; `allowed`
-    narrows it to those names (a program that cannot start from pretrained weights)."""
+    narrows it to those names (a program that cannot start from pretrained weights); name: the setting's."""
     short = tuple(getattr(model, "PACKAGED_GGUF", {}))
     names = ("scratch", "resume") + short
     if allowed is not None:
@@ -101,7 +101,7 @@ def check_init_from(init_from: str, allowed=None):
     if not ok:
         close = difflib.get_close_matches(init_from, allowed or names, n=1, cutoff=0.6)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"init_from={init_from!r} is not {choices}{hint}")
+        raise ConfigError(f"{name}={init_from!r} is not {choices}{hint}")
 
 
 def prepare_out_dir(out_dir: str, new_run: bool, overwrite: bool, master: bool = True):
@@ -190,6 +190,10 @@ class CheckedSettings(KNNSettings):
         """The model's source, the batches, the memory and the kNN-LM's neighbours: ConfigError naming the
         setting and its allowed range; the memory's choices are KNNSettings.check's (KNNMemoryError)."""
         not_empty(self, "init_from", "out_dir", "eval_file", "eval_out", "knnlm_dir")
+        for name in ("out_dir", "eval_out"):  # found before the evaluation runs, not when its results are written
+            path = getattr(self, name)
+            need(not (path and os.path.exists(path) and not os.path.isdir(path)),
+                 f"{name}={path!r} is a file: {name} names a folder (for the JSON and the plot); choose another path")
         need(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
              f"device={self.device!r} is not allowed: device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
         at_least(self, 0, "seed", "knn", "mem_frac", "remove_bookkeeping", "knn_nlist")

@@ -188,6 +188,14 @@ def generate(model, prompt_ids: list[int], seeds: list[int], cfg: SampleConfig, 
     return out
 
 
+def one_line(text: str, width: int = 80) -> str:
+    """A sample as one printed line (its repr: newlines show as \\n), cut at width characters."""
+    return repr(text if len(text) <= width else text[:width - 3] + "...")
+
+
+SHOWN_ITEMS = 3  # recall: items printed with what each arm answered
+
+
 def contains_word(text: str, answer: str) -> bool:
     return re.search(r"(?<!\w)" + re.escape(answer) + r"(?!\w)", text, flags=re.IGNORECASE) is not None
 
@@ -240,6 +248,9 @@ def eval_recall(cfg, model, tokenizer, memory, gen_kwargs) -> tuple[dict, object
             hits = [any(contains_word(t, a) for a in item["answers"]) for t in texts]
             row[arm] = sum(hits) / len(hits)
             row[f"{arm}_samples"] = texts
+        if len(results) < SHOWN_ITEMS:  # a few items side by side, so the numbers have faces
+            tqdm.write(f"{item['prompt']!r} -> {item['answers'][0]}\n" + "".join(
+                f"  {arm:>8}: {one_line(row[f'{arm}_samples'][0])}\n" for arm in arms))
         results.append(row)
     summary = {arm: sum(r[arm] for r in results) / len(results) for arm in arms}
     summary["memory_over_context"] = summary["memory"] / summary["context"] if summary["context"] else None
@@ -350,7 +361,8 @@ def eval_sentiment(cfg, model, tokenizer, memory, gen_kwargs) -> tuple[dict, obj
                 row["tests"][arm] = {"U": float(u.statistic), "p": float(u.pvalue), "alternative": alternative}
             st = row["arms"][arm]
             pv = f", p {row['tests'][arm]['p']:.2g}" if arm in row["tests"] else ""
-            print(f"prompt {p} {arm:>16}: median {st['median']:+.3f}, IQR {st['iqr']:.3f}, mean {st['mean']:+.3f}{pv}")
+            print(f"prompt {p} {arm:>16}: median {st['median']:+.3f}, IQR {st['iqr']:.3f}, mean {st['mean']:+.3f}{pv}"
+                  f"   e.g. {one_line(samples[0])}")
         KNNMemory.detach(model)
         results.append(row)
     summary = {arm: {"median_of_medians": float(np.median([r["arms"][arm]["median"] for r in results])),

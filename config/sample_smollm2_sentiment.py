@@ -7,6 +7,7 @@ out_dir = "out-smollm2"
 eval = "sentiment"
 sentiment_prompts = "config/smollm2/sentiment_prompts.json"
 eval_split = "test"
+eval_out = "out-smollm2/sentiment_test"
 memory_positive = "FILE:config/smollm2/memory_positive.txt"
 memory_negative = "FILE:config/smollm2/memory_negative.txt"
 eval_seeds = 30
@@ -14,16 +15,9 @@ max_new_tokens = 48
 temperature = 1.0
 top_k = 50
 batch_size = 30
-device = "cpu"
 
-# the question-dependent variant in causal mode at layers 15-24 of 30: each query searches its kv head's
-# store with its own (unrotated) query and every position it reads is replaced by the mix of what it finds
-knn = [0] * 15 + [32] * 10 + [0] * 5
-knn_query = "query"
-knn_metric = "l2"
-knn_recompute = False
-bookkeeping_frac = 0.0
-mem_frac = 0.0
-knn_softmax_influence = 1.0
-resid_only = True
-resid_frac = 0.0
+# The memory settings (config/smollm2_memory.py, shared with the recall evaluation) were chosen on the tune
+# prompts and recall items (docs/RESULTS.md#smollm2-135m).
+from pathlib import Path
+
+exec((Path(__file__).parent / "smollm2_memory.py").read_text())

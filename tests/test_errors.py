@@ -125,6 +125,17 @@ def test_memory_choices_are_checked_too(tmp_path, cfg):
         cfg(tmp_path, knn_backend="fais")
 
 
+@pytest.mark.parametrize("cfg", [sample_cfg, eval_cfg])
+@pytest.mark.parametrize("name", ["eval_out", "out_dir"])
+def test_output_folder_that_is_a_file_is_refused_before_any_work(tmp_path, cfg, name):
+    file = tmp_path / "f"
+    file.write_text("kept")
+    folders = {"out_dir": tmp_path / "out", name: file}
+    with pytest.raises(ConfigError, match=f"{name}=.* is a file: {name} names a folder"):
+        cfg(folders["out_dir"], eval_out=str(folders.get("eval_out", tmp_path / "ev")))
+    assert file.read_text() == "kept"
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "config").glob("sample_*.py")) + sorted((ROOT / "config").glob("eval_*.py")),
                          ids=lambda p: p.name)
 def test_shipped_configs_pass_the_checks(path, monkeypatch):

@@ -29,7 +29,7 @@ from train import DialogConfig, TrainConfig
 
 CLASSES = (TrainConfig, DialogConfig, TaskConfig, bench.BenchConfig)
 FREE_TEXT = {"out_dir", "data_dir", "dataset", "datasets", "wandb_project", "wandb_run_name", "bench_json",
-             "knn_scale_dir"}
+             "knn_scale_dir", "knn_config"}
 
 
 def settings_of(kinds):
@@ -105,6 +105,9 @@ def test_every_choice_setting_is_checked(cls, name):
     (TaskConfig, dict(min_len=4, max_len=3), "min_len <= max_len"),
     (bench.BenchConfig, dict(suite=["knn"], knn_layer=6), "0 <= knn_layer < n_layer=6"),
     (bench.BenchConfig, dict(gen_batch_sizes=[1, 0]), "gen_batch_sizes[1]=0 is out of range"),
+    (bench.BenchConfig, dict(suite=["smollm2"], knn_config="nope.py"), "knn_config='nope.py' is not a file"),
+    (bench.BenchConfig, dict(suite=["knn", "smollm2"]), "suite 'smollm2' times a pretrained model"),
+    (bench.BenchConfig, dict(pretrained="resume"), "pretrained='resume' is not pretrained weights"),
 ])
 def test_limits_are_named_with_the_allowed_range(cls, settings, needle):
     assert needle in refused(cls, **settings)
