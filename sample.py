@@ -19,6 +19,7 @@ Perplexity, kNN-LM and the chatbot's dialogue evaluation are evaluate.py's.
 
 import json
 import os
+import random
 import re
 from dataclasses import asdict, dataclass
 
@@ -66,6 +67,7 @@ class SampleConfig(CheckedSettings):
     eval: str | None = None  # 'recall' or 'sentiment'
     eval_file: str | None = None  # recall: JSONL of {"memory", "prompt", "answers"}
     eval_items: int | None = None  # recall: only the first N items
+    recall_distractors: int = 0  # recall: the memory and the context also hold N other items' texts (shuffled)
     eval_seeds: int = 20  # seeds per item (recall) or per arm (sentiment): seed, seed + 1, ...
     eval_out: str | None = None  # folder for the JSON and the plot; default out_dir/eval_<eval>
     # sentiment: prompts and the two memory texts; arms plain, memory (+/-) and the text in the context (+/-)
@@ -97,6 +99,7 @@ class SampleConfig(CheckedSettings):
                   "chat_load", "chat_save")
         at_least(self, 0, "temperature")
         at_least(self, 1, "num_samples", "max_new_tokens", "top_k", "eval_seeds")
+        at_least(self, 0, "recall_distractors")
         need(self.top_p is None or 0 < self.top_p <= 1,
              f"top_p={self.top_p!r} is out of range: top_p must be in (0, 1] (or None: off)")
         within(self, 0, 1, "knnlm_lambda")
@@ -213,10 +216,20 @@ def model_prompt(cfg, tokenizer, text: str) -> str:
     return BOOKKEEPING + text
 
 
+def recall_texts(items: list[dict], i: int, distractors: int, seed: int) -> list[str]:
+    """Item i's memory text among `distractors` other items' texts, all in a random order (fixed by seed and i)."""
+    rng = random.Random(seed * 100_003 + i)
+    others = rng.sample([it["memory"] for j, it in enumerate(items) if j != i], distractors)
+    others.insert(rng.randrange(distractors + 1), items[i]["memory"])
+    return others
+
+
 def eval_recall(cfg, model, tokenizer, memory, gen_kwargs) -> tuple[dict, object]:
     """Three arms per item, the same seeds in each: the question alone, the memory text placed
     in the context before it, and the question with the memory holding the text. Items may carry
-    an "attribute" (what is asked: city, pet, ...): hit rates are also given per attribute."""
+    an "attribute" (what is asked: city, pet, ...): hit rates are also given per attribute. With
+    recall_distractors, the context and the memory hold other items' texts too (other people's facts),
+    so the answer must be found, not just copied from the only text there is."""
     if not cfg.eval_file:
         raise ConfigError("eval='recall' needs eval_file: a JSONL of {\"memory\", \"prompt\", \"answers\"}")
     if memory is None:
@@ -226,20 +239,25 @@ def eval_recall(cfg, model, tokenizer, memory, gen_kwargs) -> tuple[dict, object
                        lambda item: None if item["answers"] and all(isinstance(a, str) for a in item["answers"])
                        else '"answers" is not a non-empty list of strings')
     items = items[:cfg.eval_items] if cfg.eval_items else items
+    if cfg.recall_distractors > len(items) - 1:
+        raise ConfigError(f"recall_distractors={cfg.recall_distractors} needs that many other items, but "
+                          f"{cfg.eval_file} has {len(items)} items (eval_items={cfg.eval_items}): lower it")
     seeds = [cfg.seed + i for i in range(cfg.eval_seeds)]
     arms = ("none", "context", "memory")
     results = []
     from tqdm import tqdm
-    for item in tqdm(items, desc="recall", disable=None):
+    for i, item in enumerate(tqdm(items, desc="recall", disable=None)):
+        facts = recall_texts(items, i, cfg.recall_distractors, cfg.seed)
         question = model_prompt(cfg, tokenizer, item["prompt"])
-        prompts = {"none": question, "context": model_prompt(cfg, tokenizer, item["memory"] + "\n" + item["prompt"]),
+        prompts = {"none": question, "context": model_prompt(cfg, tokenizer, "\n".join(facts) + "\n" + item["prompt"]),
                    "memory": question}
         row = {"prompt": item["prompt"], "answers": item["answers"], "memory": item["memory"],
-               "attribute": item.get("attribute")}
+               "attribute": item.get("attribute"), "distractors": len(facts) - 1}
         for arm in arms:
             if arm == "memory":
                 memory.clear()
-                memory.add_text(model, tokenizer, item["memory"], source="eval item")
+                for text in facts:  # one document each, as if remembered one at a time
+                    memory.add_text(model, tokenizer, text, source="eval item")
                 memory.attach(model)
             else:
                 KNNMemory.detach(model)
@@ -279,7 +297,8 @@ def eval_recall(cfg, model, tokenizer, memory, gen_kwargs) -> tuple[dict, object
                                        for g in groups])
     ax.set_ylim(0, 1)
     ax.set_ylabel(f"hit rate (answer in first {cfg.max_new_tokens} tokens)")
-    ax.set_title(f"recall: {len(results)} items x {len(seeds)} seeds")
+    ax.set_title(f"recall: {len(results)} items x {len(seeds)} seeds"
+                 + (f", {cfg.recall_distractors} distractor texts" if cfg.recall_distractors else ""))
     ax.legend(fontsize=8)
     return {"summary": summary, "by_attribute": by_attribute, "seeds": seeds, "items": results}, fig
 

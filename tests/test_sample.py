@@ -118,6 +118,31 @@ def test_recall_eval_writes_json_and_plot(trained, tmp_path):
     assert sample.main(cfg)["summary"] == result["summary"]  # reproducible
 
 
+def test_recall_distractors_fill_the_memory_and_the_context_alike(trained, tmp_path, monkeypatch):
+    facts = [f"ROMEO: the {w} is Juliet." for w in ("sun", "moon", "star", "sky")]
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"memory": f, "prompt": "ROMEO: the", "answers": ["Juliet"]}) + "\n"
+                             for f in facts))
+    seen = {"context": [], "memory": []}
+    real_generate, real_add = sample.generate, sample.KNNMemory.add_text
+    monkeypatch.setattr(sample, "generate", lambda model, ids, *a, **k: seen["context"].append(ids)
+                        or real_generate(model, ids, *a, **k))
+    monkeypatch.setattr(sample.KNNMemory, "add_text", lambda self, model, tok, text, **k: seen["memory"].append(text)
+                        or real_add(self, model, tok, text, **k))
+    cfg = sample_cfg(trained, eval="recall", eval_file=str(items), eval_seeds=1, max_new_tokens=2,
+                     eval_out=str(tmp_path / "ev"), knn=[0, 5], recall_distractors=2)
+    result = sample.main(cfg)
+    assert [r["distractors"] for r in result["items"]] == [2] * 4
+    _, tok, _, _ = sample.load_model("resume", str(trained), "cpu")
+    for i, fact in enumerate(facts):
+        remembered = seen["memory"][3 * i:3 * i + 3]  # the item's own text among 2 others, in the memory...
+        assert fact in remembered and len(set(remembered)) == 3 and set(remembered) <= set(facts)
+        context = tok.decode(seen["context"][3 * i + 1])  # ...and in the same order in the context arm
+        assert context == "\n" + "\n".join(remembered) + "\nROMEO: the"
+    with pytest.raises(ConfigError, match="recall_distractors=4 needs that many other items"):
+        sample.main(sample_cfg(trained, eval="recall", eval_file=str(items), knn=[0, 5], recall_distractors=4))
+
+
 def test_contains_word():
     assert sample.contains_word("A: Oslo\nQ:", "oslo")
     assert not sample.contains_word("A: Oslofjord", "Oslo")
