@@ -130,6 +130,8 @@ class MemorizingMemory(nn.Module):
         self.rows = None  # slice of memory rows used by the next forward pass
         self.n_rows = None
         self.mem = None  # {"keys": (R, H, C, d) unit keys, "norms": (R, H, C), "values": (R, H, C, d), "written": (R,)}
+        self.probe = None  # probe(ids, weights): called by retrieve with the retrieved slots and their attention
+        # weights, both (B * H, T, topk), for diagnostics (evaluate.py memorizing_diagnostics)
 
     def reset(self, n_rows: int | None = None):
         """Forget everything; the next forward pass allocates n_rows rows (None: its batch size)."""
@@ -200,6 +202,8 @@ class MemorizingMemory(nn.Module):
         # entries beyond a row's count are empty slots; a row with none keeps finite zeros (gated out)
         empty = (ids >= count.repeat_interleave(H)[:, None, None]) & (count.repeat_interleave(H) > 0)[:, None, None]
         p = F.softmax(logits.float().masked_fill(empty, float("-inf")), dim=-1).to(q.dtype)
+        if self.probe is not None:
+            self.probe(ids, p.detach())
         return (p.unsqueeze(-2) @ v_ret).squeeze(-2).view(B, H, T, d)
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ on-disk format is defined in one place.
 """
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -888,6 +889,125 @@ def load_dialogs(input, val_frac, seed):
                   TextDocs(lambda: texts["val"], len(texts["val"])), files)
 
 
+# -----------------------------------------------------------------------------
+# long-range recall: documents whose answer sits many context windows after the text it copies
+#
+# Each document is read by the docs loader (train.py loader='docs') window after window of block_size
+# from its start, so a model sees the question's window and, of the earlier windows, only what its
+# memory kept. longrange_{train,val}.jsonl holds one line per document (same order as the .bin
+# files): {"queries": [{"answer", "answer_start", "source_start", "distance", "windows"}], ...}. Offsets
+# are characters of the document's text (tokens with the default char tokenizer): answer_start is the
+# answer's first character, source_start the first character of the value it copies, distance their
+# difference and windows the nominal distance in windows of the generator's block_size (the bucket the
+# evaluation reports; passkey's distance is exactly round(windows * block_size) beyond the shortest).
+# generator.json records the generator's settings.
+
+LONGRANGE_BLOCK = 128  # the window the distances are counted in (the recipes' block_size)
+LONGRANGE_EVAL_WINDOWS = (0.5, 1, 2, 4, 8, 16)  # val: the same number of documents at each distance
+PASSKEY_FILLER = [  # no digits, no "pass key": the key is the only number in a document
+    "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.",
+    "The river runs to the sea.", "A bird sings in the tree.", "The wind is cold today.", "The road is long.",
+    "We walk on and on.", "The hills are quiet.", "Clouds drift over the town.",
+]
+PASSKEY_STATEMENT = "The pass key is {key}. Remember it. "
+PASSKEY_QUESTION = "What is the pass key? The pass key is "
+PASSKEY_TRAIN_DOCS = 10000
+PASSKEY_VAL_PER_DISTANCE = 50
+
+
+def longrange_options(options, **defaults):
+    """The generator's settings: defaults updated by options (prepare.py --option KEY=VALUE), checked."""
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise DataError(f"unknown generator option(s) {sorted(unknown)}; this dataset takes {sorted(defaults)}")
+    out = {**defaults, **options}
+    lo, hi = out["windows"]
+    if not (0 <= lo <= hi) or out["block_size"] < 8:
+        raise DataError(f"windows must be (low, high) with 0 <= low <= high, block_size >= 8; got {out}")
+    return out
+
+
+def filler_text(rng, n, sentences=PASSKEY_FILLER, corpus=None):
+    """Exactly n characters of filler ending in a space ('' for n = 0): random sentences, or a random
+    slice of corpus (a text without digits) when one is given."""
+    if n <= 0:
+        return ""
+    if corpus is not None:
+        a = rng.randrange(max(1, len(corpus) - n))
+        text = (corpus[a:a + n] * (n // max(1, len(corpus)) + 1))[:n]
+    else:
+        out, size = [], 0
+        while size < n:
+            s = rng.choice(sentences) + " "
+            out.append(s)
+            size += len(s)
+        text = "".join(out)[:n]
+    return text[:-1] + " "
+
+
+def passkey_document(rng, key: str, windows: float, block_size: int, corpus=None) -> tuple[str, dict]:
+    """A random lead of filler (so the key falls anywhere in its window), the key stated once, filler,
+    the question and the answer. The answer's first digit is round(windows * block_size) characters
+    after the key's first (or the shortest distance the sentences allow, 58 characters)."""
+    lead = filler_text(rng, rng.randrange(block_size), corpus=corpus)
+    statement = PASSKEY_STATEMENT.format(key=key)
+    source_start = len(lead) + PASSKEY_STATEMENT.index("{key}")
+    fixed = len(statement) - PASSKEY_STATEMENT.index("{key}") + len(PASSKEY_QUESTION)
+    gap = max(0, round(windows * block_size) - fixed)
+    text = lead + statement + filler_text(rng, gap, corpus=corpus) + PASSKEY_QUESTION + key + "."
+    answer_start = len(text) - len(key) - 1
+    query = {"answer": key, "answer_start": answer_start, "source_start": source_start,
+             "distance": answer_start - source_start, "windows": windows}
+    # the windows the key is read in and the answer's first digit is predicted in (from the token before it)
+    return text, {"queries": [query], "key_window": source_start // block_size,
+                  "answer_window": (answer_start - 1) // block_size}
+
+
+def log_uniform(rng, lo, hi):
+    return lo if lo == hi else math.exp(rng.uniform(math.log(lo), math.log(hi)))
+
+
+def passkey_corpus_filler(input, val_frac):
+    """(train, val) filler texts from a local text file: digits dropped, whitespace made single spaces;
+    val filler comes from the file's last val_frac."""
+    text = re.sub(r"\s+", " ", re.sub(r"[0-9]", "", read_text(text_files(input)[0])))
+    cut = int(len(text) * (1 - val_frac))
+    if cut < 200 or len(text) - cut < 200:
+        raise DataError(f"--input {input}: too little text for filler ({len(text)} characters)")
+    return text[:cut], text[cut:]
+
+
+def load_passkey(input, val_frac, seed, **options):
+    """The pass-key retrieval task: a random 5-digit key stated once, filler, then the question and the
+    key. Training distances are log-uniform in `windows` (in windows of block_size); val has
+    n_val documents at each of eval_windows. Keys are held out: val keys never occur in training.
+    --input: a text file to draw filler from instead of the built-in sentences."""
+    o = longrange_options(options, block_size=LONGRANGE_BLOCK, windows=(0.5, 16.0), eval_windows=LONGRANGE_EVAL_WINDOWS,
+                         n_train=PASSKEY_TRAIN_DOCS, n_val=PASSKEY_VAL_PER_DISTANCE)
+    rng = random.Random(seed)
+    keys = [str(k) for k in range(10000, 100000)]
+    rng.shuffle(keys)
+    held = len(keys) // 10  # val keys: a tenth of all 5-digit numbers, never used in training
+    pools = {"val": keys[:held], "train": keys[held:]}
+    fillers = passkey_corpus_filler(input, val_frac) if input else (None, None)
+    docs = {"train": [], "val": []}
+    for i in range(o["n_train"]):
+        w = round(log_uniform(rng, *o["windows"]), 3)
+        docs["train"].append(passkey_document(rng, rng.choice(pools["train"]), w, o["block_size"], fillers[0]))
+    for i in range(o["n_val"] * len(o["eval_windows"])):  # distances interleaved: any prefix covers them all
+        w = float(o["eval_windows"][i % len(o["eval_windows"])])
+        docs["val"].append(passkey_document(rng, rng.choice(pools["val"]), w, o["block_size"], fillers[1]))
+    return longrange_corpus("built-in" if not input else str(input), docs, {"task": "passkey", "seed": seed, **o})
+
+
+def longrange_corpus(source, docs, settings):
+    files = {f"longrange_{s}.jsonl": "".join(json.dumps(r) + "\n" for _, r in docs[s]) for s in ("train", "val")}
+    files["generator.json"] = json.dumps(settings, indent=1) + "\n"
+    texts = {s: [t for t, _ in docs[s]] for s in ("train", "val")}
+    return Corpus(source, TextDocs(lambda: texts["train"], len(texts["train"])),
+                  TextDocs(lambda: texts["val"], len(texts["val"])), files)
+
+
 # name -> (default tokenizer, loader(input, val_frac, seed) -> Corpus)
 DATASETS = {
     "shakespeare_char": ("char", load_shakespeare),
@@ -899,6 +1019,7 @@ DATASETS = {
     "dialogs": ("word", load_dialogs),
     "shakespeare_plays": ("char", load_shakespeare_plays),
     "wikitext2_docs": ("char", load_wikitext2_docs),
+    "passkey": ("char", load_passkey),
 }
 
 
@@ -923,14 +1044,16 @@ def write_tokens(f, pieces, separator, dtype, starts=None):
     return count
 
 
-def prepare(name, input=None, tokenizer=None, out_dir=None, val_frac=0.1, seed=1337):
+def prepare(name, input=None, tokenizer=None, out_dir=None, val_frac=0.1, seed=1337, options=None):
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if not 0 < val_frac < 1:
         raise DataError(f"val_frac must be between 0 and 1, got {val_frac}")
     default_tokenizer, load = DATASETS[name]
     tokenizer = tokenizer or default_tokenizer
-    corpus = load(input, val_frac, seed)
+    if options and name not in GENERATOR_OPTIONS:
+        raise DataError(f"{name} takes no generator options; {', '.join(sorted(GENERATOR_OPTIONS))} do")
+    corpus = load(input, val_frac, seed, **options) if options else load(input, val_frac, seed)
 
     if tokenizer == "char":
         chars = {"\n"}  # always encodable, as it makes the blank line between documents
@@ -990,6 +1113,24 @@ def prepare(name, input=None, tokenizer=None, out_dir=None, val_frac=0.1, seed=1
     return meta
 
 
+GENERATOR_OPTIONS = {"passkey"}  # datasets whose loader takes generator settings (prepare.py --option)
+
+
+def parse_options(items) -> dict:
+    """["block_size=256", "windows=(1, 4)"] -> {"block_size": 256, "windows": (1, 4)} (values are Python literals)."""
+    import ast
+    options = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise DataError(f"--option {item!r} needs the form KEY=VALUE")
+        try:
+            options[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            raise DataError(f"--option {item!r}: {raw!r} is not a Python literal (a number, a tuple...)") from None
+    return options
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=DATASETS)
@@ -999,8 +1140,13 @@ def main(argv=None):
     parser.add_argument("--out_dir", help="default: data/NAME")
     parser.add_argument("--val_frac", type=float, default=0.1, help="fraction of the text held out for val")
     parser.add_argument("--seed", type=int, default=1337, help="for the facts corpus and the openwebtext split")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a generator setting of passkey, facts_long (e.g. --option block_size=256 "
+                        "--option windows=(0.5,4)); repeatable")
     args = parser.parse_args(argv)
     try:
+        args.options = parse_options(args.option)
+        del args.option
         prepare(**vars(args))
     except DataError as e:
         sys.exit(f"error: {e}")

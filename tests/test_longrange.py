@@ -1,0 +1,199 @@
+"""Long-range recall: the passkey / facts_long generators, the docs loader feeding them, and
+evaluate.py eval='longrange' (tiny settings: a few seconds)."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import prepare
+import train
+from conftest import tiny_train_config
+from data import DocStream
+from memory import MemorizingMemory
+
+TINY = dict(block_size=32, windows=(2.0, 4.0), eval_windows=(2, 4), n_train=40, n_val=3)
+
+
+def records(corpus, split):
+    return [json.loads(line) for line in corpus.extra_files[f"longrange_{split}.jsonl"].splitlines()]
+
+
+def texts(corpus, split):
+    return list(getattr(corpus, split))
+
+
+@pytest.fixture(scope="module")
+def passkey_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "passkey"
+    prepare.prepare("passkey", out_dir=str(out), options=TINY)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# generators
+
+def test_passkey_is_deterministic_and_holds_keys_out():
+    a, b = (prepare.load_passkey(None, 0.1, 7, **TINY) for _ in range(2))
+    assert texts(a, "train") == texts(b, "train") and texts(a, "val") == texts(b, "val")
+    assert records(a, "val") == records(b, "val")
+    other = prepare.load_passkey(None, 0.1, 8, **TINY)
+    assert texts(other, "train") != texts(a, "train")
+    big = prepare.load_passkey(None, 0.1, 7, **{**TINY, "n_train": 2000, "n_val": 100})
+    train_keys = {q["answer"] for r in records(big, "train") for q in r["queries"]}
+    val_keys = {q["answer"] for r in records(big, "val") for q in r["queries"]}
+    assert len(train_keys) > 1900 and len(val_keys) > 190
+    assert not train_keys & val_keys  # no val key is ever seen in training
+
+
+def test_passkey_distances_are_as_recorded():
+    corpus = prepare.load_passkey(None, 0.1, 3, **TINY)
+    T = TINY["block_size"]
+    for split in ("train", "val"):
+        for text, rec in zip(texts(corpus, split), records(corpus, split)):
+            (q,) = rec["queries"]
+            key = q["answer"]
+            assert re.fullmatch(r"\d{5}", key)
+            assert text[q["source_start"]:q["source_start"] + 5] == key == text[q["answer_start"]:q["answer_start"] + 5]
+            assert re.findall(r"\d+", text) == [key, key]  # the key is the only number: stated once, answered once
+            assert text.endswith(prepare.PASSKEY_QUESTION + key + ".")
+            assert q["distance"] == q["answer_start"] - q["source_start"] == max(round(q["windows"] * T), 58)
+            assert rec["key_window"] == q["source_start"] // T and rec["answer_window"] == (q["answer_start"] - 1) // T
+            lo, hi = TINY["windows"]
+            assert (lo <= q["windows"] <= hi) if split == "train" else q["windows"] in TINY["eval_windows"]
+    # val: the same number of documents at every distance, interleaved
+    assert [r["queries"][0]["windows"] for r in records(corpus, "val")] == [2, 4] * 3
+
+
+def test_passkey_filler_from_a_corpus(tmp_path):
+    src = tmp_path / "book.txt"
+    src.write_text("Chapter 1. It was 1999 and the sea was grey.\n" * 200)
+    corpus = prepare.load_passkey(str(src), 0.1, 1, **{**TINY, "eval_windows": (8,)})
+    for text, rec in zip(texts(corpus, "val"), records(corpus, "val")):
+        assert "sea was grey" in text and "The grass is green" not in text
+        assert re.findall(r"\d+", text) == [rec["queries"][0]["answer"]] * 2  # the corpus's digits are dropped
+
+
+def test_generator_options_are_checked(tmp_path):
+    assert prepare.parse_options(["block_size=256", "windows=(1, 4)"]) == {"block_size": 256, "windows": (1, 4)}
+    with pytest.raises(DataError := prepare.DataError, match="unknown generator option"):
+        prepare.load_passkey(None, 0.1, 1, size=3)
+    with pytest.raises(DataError, match="takes no generator options"):
+        prepare.prepare("facts", out_dir=str(tmp_path), options={"block_size": 64})
+    with pytest.raises(DataError, match="KEY=VALUE"):
+        prepare.parse_options(["block_size"])
+
+
+def test_prepared_passkey_matches_its_records(passkey_dir):
+    meta = prepare.load_meta(passkey_dir)
+    tok = prepare.get_tokenizer(meta)
+    docs = evaluate.split_documents(str(passkey_dir), "val")
+    recs = [json.loads(line) for line in open(passkey_dir / "longrange_val.jsonl")]
+    assert len(docs) == len(recs) == 6
+    for d, r in zip(docs, recs):
+        q = r["queries"][0]
+        assert tok.decode(d[q["answer_start"]:q["answer_start"] + 5]) == q["answer"]
+    gen = json.loads((passkey_dir / "generator.json").read_text())
+    assert gen["task"] == "passkey" and gen["block_size"] == 32
+
+
+# -----------------------------------------------------------------------------
+# the docs loader and the memory
+
+def test_loader_feeds_each_document_in_order_and_the_memory_is_cleared_between_them(passkey_dir, monkeypatch):
+    """Row by row, the windows DocStream hands out spell the row's documents from start to end, and in
+    training a memorizing layer's row holds exactly its document's earlier windows (empty at each start)."""
+    meta = prepare.load_meta(passkey_dir)
+    data = prepare.open_split(passkey_dir, "train", meta)
+    starts = prepare.load_doc_starts(passkey_dir, "train", len(data))
+    T, rows = 32, 4
+    s = DocStream(data, starts, rows, T, seed=5)
+    ends = np.r_[starts[1:], len(data)]
+    for g in range(rows):
+        read, docs = [], []
+        for it in range(60):
+            x, y, last = s.batch(it, [g], "cpu")
+            doc, w = s.locate(it, g)
+            if w == 0:
+                docs.append(doc)
+            read.extend(x[0][y[0] >= 0].tolist())
+            if last[0]:
+                a, b = starts[doc], ends[doc]
+                assert read == data[a:b - 1].tolist()  # the whole document, in order (its last token is a target)
+                read = []
+        assert len(docs) >= 2
+
+    seen = []
+    forward = MemorizingMemory.forward
+
+    def spy(self, attn, q, k, v, attend):
+        if self.training:
+            seen.append(self.mem["written"][self.rows].tolist() if self.mem is not None else [0] * q.size(0))
+        return forward(self, attn, q, k, v, attend)
+
+    monkeypatch.setattr(MemorizingMemory, "forward", spy)
+    cfg = tiny_train_config(passkey_dir.parent, passkey_dir.parent / "out", dataset="passkey", loader="docs",
+                            knn_layer=1, knn_topk=4, knn_memory_size=4096, max_iters=25, eval_interval=1000,
+                            block_size=T, batch_size=2)
+    train.main(cfg)
+    stream = DocStream(data, starts, 2, T, cfg.seed)
+    fresh = 0
+    for it, held in enumerate(seen):
+        for r, n in enumerate(held):
+            w = stream.locate(it, r)[1]
+            assert n == w * T  # the document's earlier windows and nothing else
+            fresh += w == 0 and it > 0
+    assert fresh > 0
+
+
+# -----------------------------------------------------------------------------
+# the evaluation
+
+@pytest.fixture(scope="module")
+def checkpoints(passkey_dir):
+    outs = {}
+    for name, extra in (("base", {}), ("knn", dict(knn_layer=1, knn_topk=4, knn_memory_size=4096))):
+        out = passkey_dir.parent / f"out-{name}"
+        train.main(tiny_train_config(passkey_dir.parent, out, dataset="passkey", loader="docs", block_size=32,
+                                     max_iters=4, eval_interval=4, eval_iters=1, batch_size=2, **extra))
+        outs[name] = str(out)
+    return outs
+
+
+def test_longrange_eval_writes_json_and_png_with_every_arm_on_the_same_documents(passkey_dir, checkpoints, tmp_path):
+    from configurator import load_config
+    cfg = load_config(evaluate.EvalConfig, [], eval="longrange", eval_dataset="passkey",
+                      data_dir=str(passkey_dir.parent), out_dirs=[checkpoints["base"], checkpoints["knn"]],
+                      eval_out=str(tmp_path / "ev"), device="cpu", dtype="float32", batch_size=4,
+                      knn=[0, 3], knn_query="query", knn_metric="ip", knn_recompute=False, bookkeeping_frac=0.0,
+                      mem_frac=1000.0, knnlm_lambdas=[0.5], knnlm_k=4)
+    result = evaluate.main(cfg)
+    saved = json.loads((tmp_path / "ev" / "longrange.json").read_text())
+    assert (tmp_path / "ev" / "longrange.png").stat().st_size > 1000
+    assert [r["arm"] for r in saved["rows"]] == [r["arm"] for r in result["rows"]]
+    assert len(saved["rows"]) == 4  # two checkpoints, the kNN memory, kNN-LM
+    assert {r["kind"] for r in saved["rows"]} == {"no memory", "memorizing layer 1", "knn memory", "knnlm"}
+    for r in saved["rows"]:  # every arm answered the same queries
+        assert [(b["windows"], b["queries"]) for b in r["by_distance"]] == [(2, 3), (4, 3)]
+        assert 0 <= r["exact"] <= 1
+    assert "retrieval" in saved["rows"][1] and len(saved["rows"][1]["retrieval"]["gates"]) == 2
+    assert len({len(v) for v in saved["per_document"].values()}) == 1
+
+
+def test_windowed_pass_equals_training_reads(passkey_dir, checkpoints):
+    """The evaluation's reading (windows from the document start, memory empty per document) gives the
+    same predictions one document at a time as in a batch of documents of different lengths."""
+    from checkpoint import load_model
+    model, tok, meta, _ = load_model("resume", checkpoints["knn"], "cpu")
+    docs = evaluate.split_documents(str(passkey_dir), "val")
+    batched = evaluate.windowed_pass(model, docs, 6, "cpu")
+    for d, p in zip(docs, batched):
+        assert np.array_equal(evaluate.windowed_pass(model, [d], 1, "cpu")[0], p)
+
+
+def test_score_queries_is_greedy_exactness():
+    doc = {"tokens": np.array([5, 1, 2, 3, 9]), "queries": [{"span": np.array([2, 3])}]}
+    assert evaluate.score_queries([doc], [np.array([0, 2, 3, 0])]) == [[(True, 1.0)]]
+    assert evaluate.score_queries([doc], [np.array([0, 2, 4, 0])]) == [[(False, 0.5)]]
