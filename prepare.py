@@ -20,6 +20,7 @@ import random
 import re
 import sys
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1000,6 +1001,141 @@ def load_passkey(input, val_frac, seed, **options):
     return longrange_corpus("built-in" if not input else str(input), docs, {"task": "passkey", "seed": seed, **o})
 
 
+# facts with open-set values: every attribute value is an invented word (or a number), drawn afresh for each
+# person, and the values of val (and of recall.jsonl) are never used in training, so answering means copying
+# the value from the facts, never recalling it from the weights
+FACTS_OPEN_SYLLABLES = {"city": (2, 3), "pet": (1, 2), "pet_name": (2, 2), "colour": (2, 2), "job": (2, 3)}
+FACTS_OPEN_CAPITALIZED = ("city", "pet_name")
+
+
+def value_is_heldout(value: str) -> bool:
+    """The split of the open value set: a fifth of all values (by a hash) belongs to val only."""
+    return zlib.crc32(value.encode()) % 5 == 0
+
+
+def open_value(rng, attribute: str, heldout: bool) -> str:
+    while True:
+        if attribute == "age":
+            value = str(rng.randint(10, 99))
+        else:
+            lo, hi = FACTS_OPEN_SYLLABLES[attribute]
+            value = "".join(rng.choice(NAME_ONSETS) + rng.choice(NAME_VOWELS) for _ in range(rng.randint(lo, hi)))
+            value += rng.choice(NAME_CODAS)
+            if attribute in FACTS_OPEN_CAPITALIZED:
+                value = value.capitalize()
+        if value_is_heldout(value) == heldout:
+            return value
+
+
+def facts_open_scene(names, rng, heldout: bool):
+    """facts_scene with open values: (the facts line, its questions), each question with "source_start",
+    the offset of its value in the line."""
+    sentences = []  # (sentence, [(attribute, value, person name)])
+    for name in names:
+        person = {attribute: open_value(rng, attribute, heldout) for attribute in FACTS_VALUES}
+        for topic in rng.sample(list(FACTS_TEMPLATES), rng.randint(*FACTS_TOPICS)):
+            attributes = ("pet", "pet_name") if topic == "pet" else (topic,)
+            sentences.append((rng.choice(FACTS_TEMPLATES[topic]).format(name=name, **person),
+                              [(a, person[a], name) for a in attributes]))
+    rng.shuffle(sentences)
+    qas, pos = [], 0
+    for sentence, facts in sentences:
+        for attribute, value, name in facts:
+            m = re.search(rf"\b{re.escape(value)}\b", sentence[len(name):])  # every template starts with the name
+            qas.append({"question": FACTS_QUESTIONS[attribute].format(name=name), "answer": value, "entity": name,
+                        "attribute": attribute, "source_start": pos + len(name) + m.start()})
+        pos += len(sentence) + 1
+    return " ".join(s for s, _ in sentences), qas
+
+
+def facts_open_document(rng, names, heldout: bool):
+    """A facts document (facts line, then 4-6 Q/A lines) with open values, and its longrange record."""
+    facts, qas = facts_open_scene(rng.sample(names, rng.randint(1, 3)), rng, heldout)
+    asked = rng.sample(qas, min(len(qas), rng.randint(*FACTS_QAS)))
+    return facts_with_questions(facts + "\n", asked, 0)
+
+
+def facts_with_questions(head: str, asked, windows):
+    """head, then a Q/A line per question; the record's offsets point into the result."""
+    text, queries = head, []
+    for i, qa in enumerate(asked):
+        line = facts_prompt(qa["question"]) + " "
+        start = len(text) + len(line)
+        queries.append({"answer": qa["answer"], "answer_start": start, "source_start": qa["source_start"],
+                        "distance": start - qa["source_start"], "windows": windows, "attribute": qa["attribute"],
+                        "entity": qa["entity"]})
+        text += line + qa["answer"] + ("\n" if i < len(asked) - 1 else "")
+    return text, {"queries": queries}
+
+
+def load_facts_open(input, val_frac, seed):
+    """The facts corpus with open-set values (invented words and numbers, val's never seen in training); the
+    same sizes as facts, so the quickstart's budget trains it. recall.jsonl / recall_tune.jsonl: the facts
+    recall items (sample.py eval='recall'), with held-out people and values."""
+    if input:
+        raise DataError("facts_open is generated, not read: drop --input (use --seed for a different corpus)")
+    rng = random.Random(seed)
+    train_names = facts_train_names(FACTS_TRAIN_PEOPLE, rng)
+    heldout_names = [f"{f} {l}" for f in FACTS_HELDOUT_NAMES for l in FACTS_LAST_NAMES]
+    n_val = max(1, round(FACTS_DOCS * val_frac))
+    docs = {"train": [facts_open_document(rng, train_names, False) for _ in range(FACTS_DOCS - n_val)],
+            "val": [facts_open_document(rng, heldout_names, True) for _ in range(n_val)]}
+    corpus = longrange_corpus("built-in", docs, {"task": "facts_open", "seed": seed})
+    for file in ("recall.jsonl", "recall_tune.jsonl"):
+        items = []
+        for _ in range(FACTS_RECALL_ITEMS):
+            memory, qas = facts_open_scene(rng.sample(heldout_names, rng.randint(1, 2)), rng, True)
+            qa = rng.choice(qas)
+            items.append({"memory": memory, "prompt": facts_prompt(qa["question"]), "answers": [qa["answer"]],
+                          "entity": qa["entity"], "attribute": qa["attribute"]})
+        corpus.extra_files[file] = "".join(json.dumps(item) + "\n" for item in items)
+    return corpus
+
+
+FACTS_LONG_TRAIN_DOCS = 10000
+FACTS_LONG_VAL_PER_DISTANCE = 50
+
+
+def facts_long_document(rng, names, windows: float, block_size: int, heldout: bool):
+    """Facts about 1-2 people, then round(windows * block_size) characters of other people's facts and
+    questions (whole facts documents, the last one cut), then 2-4 questions about the first people."""
+    targets = rng.sample(names, rng.randint(1, 2))
+    facts, qas = facts_open_scene(targets, rng, heldout)
+    asked = rng.sample(qas, min(len(qas), rng.randint(2, 4)))
+    gap = round(windows * block_size)
+    filler = ""
+    while len(filler) < gap:
+        others = [n for n in rng.sample(names, 4) if n not in targets][:rng.randint(1, 3)]
+        scene, other_qas = facts_open_scene(others, rng, heldout)
+        lines = [facts_prompt(q["question"]) + " " + q["answer"] for q in rng.sample(other_qas, min(len(other_qas), 3))]
+        filler += "\n".join([scene] + lines) + "\n"
+    filler = filler[:gap - 1] + "\n" if gap else ""
+    return facts_with_questions(facts + "\n" + filler, asked, windows)
+
+
+def load_facts_long(input, val_frac, seed, **options):
+    """Facts and their questions separated by 1-16 windows (of block_size) of other people's facts and
+    questions; open-set values, val's people and values never seen in training. A fraction `near` of the
+    training documents has no gap (the facts corpus's layout); the rest log-uniform in `windows`. val:
+    n_val documents at each of eval_windows (0: the questions follow the facts)."""
+    if input:
+        raise DataError("facts_long is generated, not read: drop --input (use --seed for a different corpus)")
+    o = longrange_options(options, block_size=LONGRANGE_BLOCK, windows=(1.0, 16.0), near=0.25,
+                         eval_windows=(0,) + LONGRANGE_EVAL_WINDOWS[1:], n_train=FACTS_LONG_TRAIN_DOCS,
+                         n_val=FACTS_LONG_VAL_PER_DISTANCE)
+    rng = random.Random(seed)
+    train_names = facts_train_names(FACTS_TRAIN_PEOPLE, rng)
+    heldout_names = [f"{f} {l}" for f in FACTS_HELDOUT_NAMES for l in FACTS_LAST_NAMES]
+    docs = {"train": [], "val": []}
+    for _ in range(o["n_train"]):
+        w = 0.0 if rng.random() < o["near"] else round(log_uniform(rng, *o["windows"]), 3)
+        docs["train"].append(facts_long_document(rng, train_names, w, o["block_size"], False))
+    for i in range(o["n_val"] * len(o["eval_windows"])):
+        w = float(o["eval_windows"][i % len(o["eval_windows"])])
+        docs["val"].append(facts_long_document(rng, heldout_names, w, o["block_size"], True))
+    return longrange_corpus("built-in", docs, {"task": "facts_long", "seed": seed, **o})
+
+
 def longrange_corpus(source, docs, settings):
     files = {f"longrange_{s}.jsonl": "".join(json.dumps(r) + "\n" for _, r in docs[s]) for s in ("train", "val")}
     files["generator.json"] = json.dumps(settings, indent=1) + "\n"
@@ -1020,6 +1156,8 @@ DATASETS = {
     "shakespeare_plays": ("char", load_shakespeare_plays),
     "wikitext2_docs": ("char", load_wikitext2_docs),
     "passkey": ("char", load_passkey),
+    "facts_open": ("char", load_facts_open),
+    "facts_long": ("char", load_facts_long),
 }
 
 
@@ -1113,7 +1251,7 @@ def prepare(name, input=None, tokenizer=None, out_dir=None, val_frac=0.1, seed=1
     return meta
 
 
-GENERATOR_OPTIONS = {"passkey"}  # datasets whose loader takes generator settings (prepare.py --option)
+GENERATOR_OPTIONS = {"passkey", "facts_long"}  # datasets whose loader takes generator settings (prepare.py --option)
 
 
 def parse_options(items) -> dict:

@@ -197,3 +197,55 @@ def test_score_queries_is_greedy_exactness():
     doc = {"tokens": np.array([5, 1, 2, 3, 9]), "queries": [{"span": np.array([2, 3])}]}
     assert evaluate.score_queries([doc], [np.array([0, 2, 3, 0])]) == [[(True, 1.0)]]
     assert evaluate.score_queries([doc], [np.array([0, 2, 4, 0])]) == [[(False, 0.5)]]
+
+
+# -----------------------------------------------------------------------------
+# facts with open values, facts_long
+
+FACTS_TINY = dict(block_size=32, windows=(1.0, 4.0), eval_windows=(0, 2, 4), n_train=60, n_val=4)
+
+
+def check_queries(text, rec):
+    for q in rec["queries"]:
+        a = q["answer"]
+        assert text[q["answer_start"]:q["answer_start"] + len(a)] == a == text[q["source_start"]:q["source_start"] + len(a)]
+        assert q["distance"] == q["answer_start"] - q["source_start"] > 0
+        assert text[q["answer_start"] - 3:q["answer_start"]] == "A: "
+
+
+def test_facts_long_is_deterministic_holds_out_and_records_distances():
+    a, b = (prepare.load_facts_long(None, 0.1, 5, **FACTS_TINY) for _ in range(2))
+    assert texts(a, "val") == texts(b, "val") and texts(a, "train") == texts(b, "train")
+    assert records(a, "train") == records(b, "train")
+    T = FACTS_TINY["block_size"]
+    values = {}
+    for split in ("train", "val"):
+        values[split] = set()
+        for text, rec in zip(texts(a, split), records(a, split)):
+            check_queries(text, rec)
+            w = rec["queries"][0]["windows"]
+            # between the facts line and the first question: exactly round(w * T) characters of other people's facts
+            facts_end = text.index("\n") + 1
+            first_q = text.rfind("Q: ", 0, rec["queries"][0]["answer_start"])
+            assert first_q - facts_end == round(w * T)
+            assert all(q["entity"] not in text[facts_end:first_q] for q in rec["queries"])  # distractors only
+            for q in rec["queries"]:
+                values[split].add(q["answer"])
+                assert prepare.value_is_heldout(q["answer"]) == (split == "val")
+                assert any(name in q["entity"] for name in prepare.FACTS_HELDOUT_NAMES) == (split == "val")
+    assert not values["train"] & values["val"]
+    assert [r["queries"][0]["windows"] for r in records(a, "val")] == [0, 2, 4] * 4
+    assert 0 < sum(r["queries"][0]["windows"] == 0 for r in records(a, "train")) < 60  # some without a gap
+
+
+def test_facts_open_values_are_copied_not_known(tmp_path):
+    rng = __import__("random").Random(0)
+    for heldout in (False, True):
+        for attribute in prepare.FACTS_VALUES:
+            v = prepare.open_value(rng, attribute, heldout)
+            assert prepare.value_is_heldout(v) == heldout and not re.search(r"\s", v)
+    facts, qas = prepare.facts_open_scene(["Ann Reed", "Bo Lamb"], rng, True)
+    for qa in qas:
+        assert facts[qa["source_start"]:qa["source_start"] + len(qa["answer"])] == qa["answer"]
+    text, rec = prepare.facts_open_document(rng, ["Ann Reed", "Bo Lamb", "Cy Moss"], True)
+    check_queries(text, rec)
