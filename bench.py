@@ -10,6 +10,8 @@ Speed benchmarks for a model shaped by a training config, with random weights an
 - suite 'memorizing' (config/bench_memorizing.py): training tokens/s with a Memorizing Transformer
   layer (knn_layer, its memory full at knn_memory_size entries per row and head) against the same
   model without it, and kNN-LM scoring tokens/s (a datastore of knnlm_size entries) against plain scoring.
+- suite 'recipes' (with a config/train_passkey_*.py): training tokens/s of the long-range recipes'
+  memories, a memorizing layer (memory full) and an MNM block, against the same model without one.
 - a DNC task's config (task 'copy', ...): the DNC's forward + backward time and memory, dense and
   sparse links, against a step-serial reference implementation.
 
@@ -323,6 +325,44 @@ def bench_memorizing(cfg, device, dtype, vocab_size) -> tuple[dict, list]:
     return res, rows
 
 
+def bench_recipes(cfg, device, dtype, vocab_size) -> tuple[dict, list]:
+    """Suite 'recipes': training tokens/s of the long-range recipes' memories (config/train_passkey_*.py)
+    against the same model without one: a memorizing layer at knn_layer (its memory full at
+    knn_memory_size entries per row and head, so every step searches all of them) and an MNM block at
+    mnm_layer (each -1: layer n_layer // 2), written every step like a document's next window."""
+    from memory import MemoryConfig, attach_memories, memorizing_layer, mnm_block
+    rows, speed = Rows(), {}
+    shape = dict(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                 n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)
+    mid = cfg.n_layer // 2
+    knn_layer = cfg.knn_layer if 0 <= cfg.knn_layer < cfg.n_layer else mid
+    mnm_layer = cfg.mnm_layer if 0 <= cfg.mnm_layer < cfg.n_layer else mid
+    arms = (("no memory", {}),
+            (f"memorizing layer {knn_layer}, {cfg.knn_memory_size:,} entries, top {cfg.knn_topk}",
+             dict(knn_layer=knn_layer, knn_topk=cfg.knn_topk, knn_memory_size=cfg.knn_memory_size)),
+            (f"MNM block {mnm_layer} ({cfg.mnm_write}, {cfg.mnm_heads} heads, hidden {cfg.mnm_hidden})",
+             dict(mnm_layer=mnm_layer, mnm_heads=cfg.mnm_heads, mnm_key_size=cfg.mnm_key_size,
+                  mnm_hidden=cfg.mnm_hidden, mnm_write=cfg.mnm_write)))
+    for label, extra in arms:
+        torch.manual_seed(cfg.seed)
+        model = attach_memories(GPT(GPTConfig(**shape)), MemoryConfig(**extra)).to(device)
+        mem = memorizing_layer(model)
+        if mem is not None:  # every row's memory full of random entries: the cost of a long document's end
+            mem.reset(cfg.batch_size)
+            mem._alloc(cfg.batch_size, torch.zeros(1, device=device))
+            k = torch.randn(cfg.batch_size, cfg.n_head, cfg.knn_memory_size, cfg.n_embd // cfg.n_head, device=device)
+            mem.append(torch.arange(cfg.batch_size, device=device), k, torch.randn_like(k))
+        if mnm_block(model) is not None:
+            mnm_block(model).reset(cfg.batch_size)
+        speed[label] = bench_training(model, cfg, device, dtype)
+        ratio = speed["no memory"]["tokens_per_s"] / speed[label]["tokens_per_s"]
+        speed[label]["slowdown"] = ratio
+        rows.append((f"train (batch {cfg.batch_size} x {cfg.block_size}), {label}",
+                     f"{speed[label]['tokens_per_s']:,.0f} tok/s",
+                     f"{speed[label]['ms_per_iter']:.1f} ms/iter" + (f", {ratio:.2f}x the time of no memory" if extra else "")))
+    return speed, rows
+
+
 # -----------------------------------------------------------------------------
 # DNC: memory.DNC against a step-serial reference of the same size
 
@@ -457,9 +497,10 @@ def main(cfg: BenchConfig) -> dict:
                           n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)).to(device)
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters on {device} ({dtype}), "
           f"{torch.get_num_threads()} CPU threads")
-    unknown = set(cfg.suite) - {"train", "generate", "knn", "memorizing"}
+    unknown = set(cfg.suite) - {"train", "generate", "knn", "memorizing", "recipes"}
     if unknown:
-        raise ConfigError(f"unknown suite {sorted(unknown)}; choose from 'train', 'generate', 'knn', 'memorizing'")
+        raise ConfigError(f"unknown suite {sorted(unknown)}; choose from 'train', 'generate', 'knn', 'memorizing', "
+                          "'recipes'")
     rows = []
     result = {"settings": asdict(cfg), "device": device, "dtype": dtype, "torch": torch.__version__,
               "threads": torch.get_num_threads()}
@@ -488,6 +529,9 @@ def main(cfg: BenchConfig) -> dict:
     if "memorizing" in cfg.suite:
         result["memorizing"], mem_rows = bench_memorizing(cfg, device, dtype, vocab_size)
         rows += mem_rows
+    if "recipes" in cfg.suite:
+        result["recipes"], recipe_rows = bench_recipes(cfg, device, dtype, vocab_size)
+        rows += recipe_rows
     print_table(rows, "throughput")
     write_result(result, cfg.bench_json)
     return result

@@ -1093,6 +1093,7 @@ def load_facts_open(input, val_frac, seed):
 
 
 FACTS_LONG_TRAIN_DOCS = 10000
+FACTS_LONG_BLOCK = 256  # a facts line is up to ~400 characters: windows of 256 keep most in one or two
 FACTS_LONG_VAL_PER_DISTANCE = 50
 
 
@@ -1120,7 +1121,7 @@ def load_facts_long(input, val_frac, seed, **options):
     n_val documents at each of eval_windows (0: the questions follow the facts)."""
     if input:
         raise DataError("facts_long is generated, not read: drop --input (use --seed for a different corpus)")
-    o = longrange_options(options, block_size=LONGRANGE_BLOCK, windows=(1.0, 16.0), near=0.25,
+    o = longrange_options(options, block_size=FACTS_LONG_BLOCK, windows=(1.0, 16.0), near=0.25,
                          eval_windows=(0,) + LONGRANGE_EVAL_WINDOWS[1:], n_train=FACTS_LONG_TRAIN_DOCS,
                          n_val=FACTS_LONG_VAL_PER_DISTANCE)
     rng = random.Random(seed)

@@ -2,7 +2,7 @@
 # window (loader='docs'), 128 characters at a time, and has to give the 5-digit key stated 0.5 to 16
 # windows earlier. With no memory, a key in an earlier window is out of reach: this is the floor
 # the memories are measured against (evaluate.py eval='longrange', config/eval_passkey.py).
-# Two stages, a curriculum: 1,000 iterations on keys 0.5-2 windows back (where the model can learn to
+# Two stages, a curriculum: 2,000 iterations on keys 0.5-2 windows back (where the model can learn to
 # copy a key at all: half of them are in the question's own window), then the rest of the schedule on
 # the full 0.5-16 windows:
 #   python prepare.py passkey && python prepare.py passkey --option "windows=(0.5,2)" --out_dir data/passkey_short
@@ -19,7 +19,7 @@ batch_size = 8
 dropout = 0.0
 learning_rate = 2e-3
 min_lr = 2e-4
-max_iters = 1000  # stage 1; config/train_passkey_stage2.py continues the same schedule to 3,000
+max_iters = 2000  # stage 1; config/train_passkey_stage2.py continues the same schedule to 3,000
 lr_decay_iters = 3000
 warmup_iters = 100
 beta2 = 0.99

@@ -249,3 +249,17 @@ def test_facts_open_values_are_copied_not_known(tmp_path):
         assert facts[qa["source_start"]:qa["source_start"] + len(qa["answer"])] == qa["answer"]
     text, rec = prepare.facts_open_document(rng, ["Ann Reed", "Bo Lamb", "Cy Moss"], True)
     check_queries(text, rec)
+
+
+def test_recipes_bench_suite(tmp_path, capsys):
+    import bench
+    from configurator import load_config
+    out = tmp_path / "bench.json"
+    cfg = load_config(bench.BenchConfig, [], n_layer=2, n_head=2, n_embd=16, block_size=32, vocab_size=64,
+                      batch_size=2, bench_iters=1, device="cpu", dtype="float32", suite=["recipes"], knn_layer=1,
+                      knn_memory_size=128, mnm_heads=2, mnm_key_size=8, mnm_hidden=8, bench_json=str(out))
+    bench.main(cfg)
+    res = json.loads(out.read_text())["recipes"]
+    assert list(res) == ["no memory", "memorizing layer 1, 128 entries, top 32", "MNM block 1 (local, 2 heads, hidden 8)"]
+    assert all(r["tokens_per_s"] > 0 for r in res.values())
+    assert "x the time of no memory" in capsys.readouterr().out
