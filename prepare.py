@@ -910,6 +910,9 @@ PASSKEY_FILLER = [  # no digits, no "pass key": the key is the only number in a 
     "The river runs to the sea.", "A bird sings in the tree.", "The wind is cold today.", "The road is long.",
     "We walk on and on.", "The hills are quiet.", "Clouds drift over the town.",
 ]
+# the filler of the original pass-key test (Mohtashami & Jaggi 2023): these five sentences over and over, from
+# a random one on; all but the key is then predictable, so the answer's digits are what is left to learn
+PASSKEY_CYCLE = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."]
 PASSKEY_STATEMENT = "The pass key is {key}. Remember it. "
 PASSKEY_QUESTION = "What is the pass key? The pass key is "
 PASSKEY_TRAIN_DOCS = 10000
@@ -928,14 +931,21 @@ def longrange_options(options, **defaults):
     return out
 
 
-def filler_text(rng, n, sentences=PASSKEY_FILLER, corpus=None):
-    """Exactly n characters of filler ending in a space ('' for n = 0): random sentences, or a random
-    slice of corpus (a text without digits) when one is given."""
+def filler_text(rng, n, sentences=PASSKEY_FILLER, corpus=None, cycle=False):
+    """Exactly n characters of filler ending in a space ('' for n = 0): random sentences, the sentences in
+    turn from a random one (cycle), or a random slice of corpus (a text without digits) when one is given."""
     if n <= 0:
         return ""
     if corpus is not None:
         a = rng.randrange(max(1, len(corpus) - n))
         text = (corpus[a:a + n] * (n // max(1, len(corpus)) + 1))[:n]
+    elif cycle:
+        i, out, size = rng.randrange(len(sentences)), [], 0
+        while size < n:
+            out.append(sentences[i % len(sentences)] + " ")
+            size += len(out[-1])
+            i += 1
+        text = "".join(out)[:n]
     else:
         out, size = [], 0
         while size < n:
@@ -946,16 +956,20 @@ def filler_text(rng, n, sentences=PASSKEY_FILLER, corpus=None):
     return text[:-1] + " "
 
 
-def passkey_document(rng, key: str, windows: float, block_size: int, corpus=None) -> tuple[str, dict]:
+def passkey_document(rng, key: str, windows: float, block_size: int, corpus=None, filler="cycle") -> tuple[str, dict]:
     """A random lead of filler (so the key falls anywhere in its window), the key stated once, filler,
     the question and the answer. The answer's first digit is round(windows * block_size) characters
-    after the key's first (or the shortest distance the sentences allow, 58 characters)."""
-    lead = filler_text(rng, rng.randrange(block_size), corpus=corpus)
+    after the key's first (or the shortest distance the sentences allow, 58 characters). filler: 'cycle'
+    (PASSKEY_CYCLE in turn), 'random' (PASSKEY_FILLER sentences drawn at random); corpus: a text instead."""
+    if filler not in ("cycle", "random"):
+        raise DataError(f"passkey filler={filler!r}; choose 'cycle' or 'random' (or --input a text file)")
+    sentences, cycle = (PASSKEY_CYCLE, True) if filler == "cycle" else (PASSKEY_FILLER, False)
+    lead = filler_text(rng, rng.randrange(block_size), sentences, corpus, cycle)
     statement = PASSKEY_STATEMENT.format(key=key)
     source_start = len(lead) + PASSKEY_STATEMENT.index("{key}")
     fixed = len(statement) - PASSKEY_STATEMENT.index("{key}") + len(PASSKEY_QUESTION)
     gap = max(0, round(windows * block_size) - fixed)
-    text = lead + statement + filler_text(rng, gap, corpus=corpus) + PASSKEY_QUESTION + key + "."
+    text = lead + statement + filler_text(rng, gap, sentences, corpus, cycle) + PASSKEY_QUESTION + key + "."
     answer_start = len(text) - len(key) - 1
     query = {"answer": key, "answer_start": answer_start, "source_start": source_start,
              "distance": answer_start - source_start, "windows": windows}
@@ -982,9 +996,10 @@ def load_passkey(input, val_frac, seed, **options):
     """The pass-key retrieval task: a random 5-digit key stated once, filler, then the question and the
     key. Training distances are log-uniform in `windows` (in windows of block_size); val has
     n_val documents at each of eval_windows. Keys are held out: val keys never occur in training.
-    --input: a text file to draw filler from instead of the built-in sentences."""
+    filler: 'cycle' (the original test's five sentences in turn) or 'random' (twelve sentences drawn at
+    random); --input: a text file to draw filler from instead."""
     o = longrange_options(options, block_size=LONGRANGE_BLOCK, windows=(0.5, 16.0), eval_windows=LONGRANGE_EVAL_WINDOWS,
-                         n_train=PASSKEY_TRAIN_DOCS, n_val=PASSKEY_VAL_PER_DISTANCE)
+                         n_train=PASSKEY_TRAIN_DOCS, n_val=PASSKEY_VAL_PER_DISTANCE, filler="cycle")
     rng = random.Random(seed)
     keys = [str(k) for k in range(10000, 100000)]
     rng.shuffle(keys)
@@ -994,10 +1009,11 @@ def load_passkey(input, val_frac, seed, **options):
     docs = {"train": [], "val": []}
     for i in range(o["n_train"]):
         w = round(log_uniform(rng, *o["windows"]), 3)
-        docs["train"].append(passkey_document(rng, rng.choice(pools["train"]), w, o["block_size"], fillers[0]))
+        docs["train"].append(passkey_document(rng, rng.choice(pools["train"]), w, o["block_size"], fillers[0],
+                                              o["filler"]))
     for i in range(o["n_val"] * len(o["eval_windows"])):  # distances interleaved: any prefix covers them all
         w = float(o["eval_windows"][i % len(o["eval_windows"])])
-        docs["val"].append(passkey_document(rng, rng.choice(pools["val"]), w, o["block_size"], fillers[1]))
+        docs["val"].append(passkey_document(rng, rng.choice(pools["val"]), w, o["block_size"], fillers[1], o["filler"]))
     return longrange_corpus("built-in" if not input else str(input), docs, {"task": "passkey", "seed": seed, **o})
 
 

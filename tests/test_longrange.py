@@ -48,8 +48,9 @@ def test_passkey_is_deterministic_and_holds_keys_out():
     assert not train_keys & val_keys  # no val key is ever seen in training
 
 
-def test_passkey_distances_are_as_recorded():
-    corpus = prepare.load_passkey(None, 0.1, 3, **TINY)
+@pytest.mark.parametrize("filler", ["cycle", "random"])
+def test_passkey_distances_are_as_recorded(filler):
+    corpus = prepare.load_passkey(None, 0.1, 3, **TINY, filler=filler)
     T = TINY["block_size"]
     for split in ("train", "val"):
         for text, rec in zip(texts(corpus, split), records(corpus, split)):
@@ -65,6 +66,13 @@ def test_passkey_distances_are_as_recorded():
             assert (lo <= q["windows"] <= hi) if split == "train" else q["windows"] in TINY["eval_windows"]
     # val: the same number of documents at every distance, interleaved
     assert [r["queries"][0]["windows"] for r in records(corpus, "val")] == [2, 4] * 3
+    sentences = prepare.PASSKEY_CYCLE if filler == "cycle" else prepare.PASSKEY_FILLER
+    words = {w for s in sentences for w in s.split()}
+    for text in texts(corpus, "train"):
+        for segment in re.split(r"The pass key is \d+\. Remember it\.|What is the pass key\? The pass key is \d+\.", text):
+            assert set(segment.split()[:-1]) <= words  # whole sentences, but for a cut last word
+    if filler == "cycle":  # the sentences in turn
+        assert "The grass is green. The sky is blue. The sun is yellow. Here we go." in texts(corpus, "val")[-1]
 
 
 def test_passkey_filler_from_a_corpus(tmp_path):
