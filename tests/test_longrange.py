@@ -71,8 +71,9 @@ def test_passkey_distances_are_as_recorded(filler):
     for text in texts(corpus, "train"):
         for segment in re.split(r"The pass key is \d+\. Remember it\.|What is the pass key\? The pass key is \d+\.", text):
             assert set(segment.split()[:-1]) <= words  # whole sentences, but for a cut last word
-    if filler == "cycle":  # the sentences in turn
-        assert "The grass is green. The sky is blue. The sun is yellow. Here we go." in texts(corpus, "val")[-1]
+            if filler == "cycle":  # the sentences in turn, from any of them
+                found = [s for s in re.findall(r"[A-Z][^.]*\.", segment) if s in sentences]
+                assert all(sentences.index(b) == (sentences.index(a) + 1) % 5 for a, b in zip(found, found[1:]))
 
 
 def test_passkey_filler_from_a_corpus(tmp_path):
