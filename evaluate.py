@@ -351,23 +351,25 @@ def knn_memory_predictions(model, docs: list, settings: KNNSettings, meta: dict,
     return preds
 
 
-def knnlm_predictions(docs: list, hs: list, logits: list, lam: float, k: int, temperature: float) -> list:
+def knnlm_predictions(docs: list, hs: list, logits: list, lam: float, k: int, temperature: float,
+                      window: int | None = None) -> list:
     """kNN-LM over the document's own past: at each answer position, p = lam p_kNN + (1 - lam) p_LM, p_kNN
-    over the k nearest of the (key, next token) pairs of every earlier position of the document whose next
-    token is already read (keys: the last block's MLP input as the model computed it window by window;
-    softmax of minus the squared distance / temperature). logits[i]: the model's at answer_positions(docs[i]).
-    Predictions elsewhere are -1."""
+    over the k nearest of the (key, next token) pairs of the document's earlier windows (window: their
+    length; None: of every earlier position whose next token is already read). Keys: the last block's MLP
+    input as the model computed it window by window; softmax of minus the squared distance / temperature.
+    logits[i]: the model's at answer_positions(docs[i]). Predictions elsewhere are -1."""
     preds = []
     for d, h, lg in zip(docs, hs, logits):
         tokens = torch.from_numpy(d["tokens"])
         p = np.full(len(tokens) - 1, -1)
         for j, pos in enumerate(answer_positions(d)):
             lp = F.log_softmax(lg[j].float(), -1)
-            if pos > 0:  # entries i < pos: position i's next token (i + 1 <= pos) has been read
-                dist = ((h[:pos] - h[pos]) ** 2).sum(-1)
-                top = dist.topk(min(k, pos), largest=False)
+            n = pos if window is None else pos // window * window  # entries i < n: next token i + 1 <= pos is read
+            if n > 0:
+                dist = ((h[:n] - h[pos]) ** 2).sum(-1)
+                top = dist.topk(min(k, n), largest=False)
                 w = F.softmax(-top.values / temperature, -1)
-                p_knn = torch.zeros(lp.size(-1)).scatter_add_(0, tokens[1:pos + 1][top.indices], w)
+                p_knn = torch.zeros(lp.size(-1)).scatter_add_(0, tokens[1:n + 1][top.indices], w)
                 lp = knnlm_mix(lg[j], p_knn, lam)
             p[pos] = int(lp.argmax(-1))
         preds.append(p)
@@ -502,8 +504,8 @@ def eval_longrange(cfg, device) -> tuple[dict, object]:
         seconds = time.perf_counter() - t0
         for lam in [l for l in cfg.knnlm_lambdas if l > 0]:
             t0 = time.perf_counter()
-            preds = knnlm_predictions(docs, hs, logits, lam, cfg.knnlm_k, cfg.knnlm_temperature)
-            add(f"kNN-LM over the document's past, lambda {lam} ({base_name})", "knnlm", base, preds,
+            preds = knnlm_predictions(docs, hs, logits, lam, cfg.knnlm_k, cfg.knnlm_temperature, model.config.block_size)
+            add(f"kNN-LM over the document's earlier windows, lambda {lam} ({base_name})", "knnlm", base, preds,
                 seconds + time.perf_counter() - t0)
     return longrange_report(cfg, docs, arms, generator)
 

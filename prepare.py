@@ -956,19 +956,22 @@ def filler_text(rng, n, sentences=PASSKEY_FILLER, corpus=None, cycle=False):
     return text[:-1] + " "
 
 
-def passkey_document(rng, key: str, windows: float, block_size: int, corpus=None, filler="cycle") -> tuple[str, dict]:
+def passkey_document(rng, key: str, windows: float, block_size: int, corpus=None, filler="cycle",
+                     fit: bool = False) -> tuple[str, dict]:
     """A random lead of filler (so the key falls anywhere in its window), the key stated once, filler,
     the question and the answer. The answer's first digit is round(windows * block_size) characters
     after the key's first (or the shortest distance the sentences allow, 58 characters). filler: 'cycle'
-    (PASSKEY_CYCLE in turn), 'random' (PASSKEY_FILLER sentences drawn at random); corpus: a text instead."""
+    (PASSKEY_CYCLE in turn), 'random' (PASSKEY_FILLER sentences drawn at random); corpus: a text instead.
+    fit: the lead is short enough for the whole document to fit in one window (where it can be)."""
     if filler not in ("cycle", "random"):
         raise DataError(f"passkey filler={filler!r}; choose 'cycle' or 'random' (or --input a text file)")
     sentences, cycle = (PASSKEY_CYCLE, True) if filler == "cycle" else (PASSKEY_FILLER, False)
-    lead = filler_text(rng, rng.randrange(block_size), sentences, corpus, cycle)
     statement = PASSKEY_STATEMENT.format(key=key)
-    source_start = len(lead) + PASSKEY_STATEMENT.index("{key}")
     fixed = len(statement) - PASSKEY_STATEMENT.index("{key}") + len(PASSKEY_QUESTION)
     gap = max(0, round(windows * block_size) - fixed)
+    rest = len(statement) + gap + len(PASSKEY_QUESTION) + len(key) + 1
+    lead = filler_text(rng, rng.randrange(max(1, block_size - rest) if fit else block_size), sentences, corpus, cycle)
+    source_start = len(lead) + PASSKEY_STATEMENT.index("{key}")
     text = lead + statement + filler_text(rng, gap, sentences, corpus, cycle) + PASSKEY_QUESTION + key + "."
     answer_start = len(text) - len(key) - 1
     query = {"answer": key, "answer_start": answer_start, "source_start": source_start,
@@ -997,9 +1000,13 @@ def load_passkey(input, val_frac, seed, **options):
     key. Training distances are log-uniform in `windows` (in windows of block_size); val has
     n_val documents at each of eval_windows. Keys are held out: val keys never occur in training.
     filler: 'cycle' (the original test's five sentences in turn) or 'random' (twelve sentences drawn at
-    random); --input: a text file to draw filler from instead."""
+    random); --input: a text file to draw filler from instead. fit: training documents short enough for
+    one window start within it (a curriculum's first stage: every key in its question's window).
+    drill > 0: training documents are copy drills instead, drill keys each written twice and nothing
+    else: 40% of their tokens can be copied, which is where a small model first learns to copy."""
     o = longrange_options(options, block_size=LONGRANGE_BLOCK, windows=(0.5, 16.0), eval_windows=LONGRANGE_EVAL_WINDOWS,
-                         n_train=PASSKEY_TRAIN_DOCS, n_val=PASSKEY_VAL_PER_DISTANCE, filler="cycle")
+                         n_train=PASSKEY_TRAIN_DOCS, n_val=PASSKEY_VAL_PER_DISTANCE, filler="cycle", fit=False,
+                         drill=0)
     rng = random.Random(seed)
     keys = [str(k) for k in range(10000, 100000)]
     rng.shuffle(keys)
@@ -1008,9 +1015,13 @@ def load_passkey(input, val_frac, seed, **options):
     fillers = passkey_corpus_filler(input, val_frac) if input else (None, None)
     docs = {"train": [], "val": []}
     for i in range(o["n_train"]):
+        if o["drill"]:  # a copy drill: drill keys, each written twice ("48213 48213. 90211 90211. ..."), no question
+            keys_i = [rng.choice(pools["train"]) for _ in range(o["drill"])]
+            docs["train"].append((" ".join(f"{k} {k}." for k in keys_i), {"queries": [], "drill": keys_i}))
+            continue
         w = round(log_uniform(rng, *o["windows"]), 3)
         docs["train"].append(passkey_document(rng, rng.choice(pools["train"]), w, o["block_size"], fillers[0],
-                                              o["filler"]))
+                                              o["filler"], o["fit"]))
     for i in range(o["n_val"] * len(o["eval_windows"])):  # distances interleaved: any prefix covers them all
         w = float(o["eval_windows"][i % len(o["eval_windows"])])
         docs["val"].append(passkey_document(rng, rng.choice(pools["val"]), w, o["block_size"], fillers[1], o["filler"]))

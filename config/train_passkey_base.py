@@ -2,14 +2,17 @@
 # window (loader='docs'), 128 characters at a time, and has to give the 5-digit key stated 0.5 to 16
 # windows earlier. With no memory, a key in an earlier window is out of reach: this is the floor
 # the memories are measured against (evaluate.py eval='longrange', config/eval_passkey.py).
-# Two stages, a curriculum: 2,000 iterations on keys 0.5-2 windows back (where the model can learn to
-# copy a key at all: half of them are in the question's own window), then the rest of the schedule on
-# the full 0.5-16 windows:
-#   python prepare.py passkey && python prepare.py passkey --option "windows=(0.5,2)" --out_dir data/passkey_short
+# A curriculum in two stages (one schedule, resumed from stage 1 to stage 2):
+#  1. pass-key documents that fit in one window (4,000 iterations): every key in its question's window,
+#     where the model has to learn to copy a key at all (on keys 0.5-2 windows back, 2,000 iterations
+#     taught it no copying);
+#  2. the full corpus, keys 0.5-16 windows back (to 6,000).
+#   python prepare.py passkey
+#   python prepare.py passkey --option "windows=(0.45,0.75)" --option fit=True --option n_train=20000 --out_dir data/passkey_fit
 #   python train.py config/train_passkey_base.py
 #   python train.py config/train_passkey_base.py config/train_passkey_stage2.py
 out_dir = "out-passkey-base"
-dataset = "passkey_short"
+dataset = "passkey_fit"
 loader = "docs"
 n_layer = 4
 n_head = 4
@@ -19,8 +22,8 @@ batch_size = 8
 dropout = 0.0
 learning_rate = 2e-3
 min_lr = 2e-4
-max_iters = 2000  # stage 1; config/train_passkey_stage2.py continues the same schedule to 3,000
-lr_decay_iters = 3000
+max_iters = 4000  # stage 1; config/train_passkey_stage2.py continues the schedule to 6,000
+lr_decay_iters = 6000
 warmup_iters = 100
 beta2 = 0.99
 eval_interval = 500
