@@ -272,3 +272,34 @@ def test_recipes_bench_suite(tmp_path, capsys):
     assert list(res) == ["no memory", "memorizing layer 1, 128 entries, top 32", "MNM block 1 (local, 2 heads, hidden 8)"]
     assert all(r["tokens_per_s"] > 0 for r in res.values())
     assert "x the time of no memory" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# memorizing layer: gradients through the latest windows' keys (grad_windows)
+
+def test_grad_windows_keeps_the_forward_and_trains_the_key_projection(monkeypatch):
+    from memory import MemoryConfig, attach_memories, memorizing_layer
+    from model import GPT, GPTConfig
+
+    def run(grad_windows):
+        monkeypatch.setattr(MemorizingMemory, "grad_windows", grad_windows)
+        torch.manual_seed(0)
+        model = attach_memories(GPT(GPTConfig(block_size=16, vocab_size=30, n_layer=2, n_head=2, n_embd=16)),
+                                MemoryConfig(knn_layer=1, knn_topk=8, knn_memory_size=20)).train()
+        mem = memorizing_layer(model)
+        with torch.no_grad():
+            mem.gate_bias.fill_(0.0)
+        x = torch.randint(0, 30, (3, 64), generator=torch.Generator().manual_seed(1))
+        outs = []
+        for w in range(4):  # 4 windows, 64 entries through a ring of 20: the oldest are overwritten
+            model.zero_grad()
+            logits, loss = model(x[:, w * 16:(w + 1) * 16], x[:, w * 16:(w + 1) * 16])
+            loss.backward()
+            outs.append(logits.detach())
+        return outs, model.transformer.h[1].attn.c_attn.weight.grad.clone()
+
+    (plain, g0), (recomputed, g1) = run(0), run(1)
+    for a, b in zip(plain, recomputed):
+        assert torch.allclose(a, b, atol=1e-5)  # same weights: the recomputed entries equal the stored ones
+    H = 16  # c_attn's rows: queries [0, 16), keys [16, 32), values [32, 48)
+    assert not torch.allclose(g0[H:], g1[H:])  # keys and values now learn from the retrieval too
