@@ -1002,11 +1002,11 @@ def load_passkey(input, val_frac, seed, **options):
     filler: 'cycle' (the original test's five sentences in turn) or 'random' (twelve sentences drawn at
     random); --input: a text file to draw filler from instead. fit: training documents short enough for
     one window start within it (a curriculum's first stage: every key in its question's window).
-    drill > 0: training documents are copy drills instead, drill keys each written twice and nothing
-    else: 40% of their tokens can be copied, which is where a small model first learns to copy."""
+    drill > 0: training documents are copy drills instead, drill keys each written `repeats` times and
+    nothing else (with 2, 40% of their tokens can be copied)."""
     o = longrange_options(options, block_size=LONGRANGE_BLOCK, windows=(0.5, 16.0), eval_windows=LONGRANGE_EVAL_WINDOWS,
                          n_train=PASSKEY_TRAIN_DOCS, n_val=PASSKEY_VAL_PER_DISTANCE, filler="cycle", fit=False,
-                         drill=0)
+                         drill=0, repeats=2)
     rng = random.Random(seed)
     keys = [str(k) for k in range(10000, 100000)]
     rng.shuffle(keys)
@@ -1017,7 +1017,8 @@ def load_passkey(input, val_frac, seed, **options):
     for i in range(o["n_train"]):
         if o["drill"]:  # a copy drill: drill keys, each written twice ("48213 48213. 90211 90211. ..."), no question
             keys_i = [rng.choice(pools["train"]) for _ in range(o["drill"])]
-            docs["train"].append((" ".join(f"{k} {k}." for k in keys_i), {"queries": [], "drill": keys_i}))
+            docs["train"].append((" ".join(" ".join([k] * o["repeats"]) + "." for k in keys_i),
+                                  {"queries": [], "drill": keys_i}))
             continue
         w = round(log_uniform(rng, *o["windows"]), 3)
         docs["train"].append(passkey_document(rng, rng.choice(pools["train"]), w, o["block_size"], fillers[0],
