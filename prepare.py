@@ -1002,11 +1002,14 @@ def load_passkey(input, val_frac, seed, **options):
     filler: 'cycle' (the original test's five sentences in turn) or 'random' (twelve sentences drawn at
     random); --input: a text file to draw filler from instead. fit: training documents short enough for
     one window start within it (a curriculum's first stage: every key in its question's window).
-    drill > 0: training documents are copy drills instead, drill keys each written `repeats` times and
-    nothing else (with 2, 40% of their tokens can be copied)."""
+    drill > 0: training documents are copy drills instead, drill keys each written `repeats` times in
+    turn: drill_style 'numbers' writes nothing else ("48213 48213 48213 48213. 90211 ..."), 'statements'
+    writes "The pass key is 48213." each time, after 0 to `spread` characters of filler; 'windows' writes a
+    random string of block_size digits `repeats` times, so that each window repeats the one before it:
+    only a memory of the previous window predicts it (the Memorizing layer's test in isolation)."""
     o = longrange_options(options, block_size=LONGRANGE_BLOCK, windows=(0.5, 16.0), eval_windows=LONGRANGE_EVAL_WINDOWS,
                          n_train=PASSKEY_TRAIN_DOCS, n_val=PASSKEY_VAL_PER_DISTANCE, filler="cycle", fit=False,
-                         drill=0, repeats=2)
+                         drill=0, repeats=2, drill_style="numbers", spread=48)
     rng = random.Random(seed)
     keys = [str(k) for k in range(10000, 100000)]
     rng.shuffle(keys)
@@ -1015,15 +1018,30 @@ def load_passkey(input, val_frac, seed, **options):
     fillers = passkey_corpus_filler(input, val_frac) if input else (None, None)
     docs = {"train": [], "val": []}
     for i in range(o["n_train"]):
-        if o["drill"]:  # a copy drill: drill keys, each written twice ("48213 48213. 90211 90211. ..."), no question
+        if o["drill"]:  # copy drills, no question (see the docstring)
             keys_i = [rng.choice(pools["train"]) for _ in range(o["drill"])]
-            docs["train"].append((" ".join(" ".join([k] * o["repeats"]) + "." for k in keys_i),
-                                  {"queries": [], "drill": keys_i}))
+            if o["drill_style"] == "windows":  # a random digit string of one window, then its copies: window w
+                block = "".join(rng.choice("0123456789") for _ in range(o["block_size"]))  # is window w - 1 again
+                docs["train"].append((block * o["repeats"], {"queries": [], "drill": "windows"}))
+                continue
+            if o["drill_style"] == "numbers":
+                text = " ".join(" ".join([k] * o["repeats"]) + "." for k in keys_i)
+            else:
+                text = "".join(filler_text(rng, rng.randint(0, o["spread"]), PASSKEY_CYCLE, None, True)
+                               + f"The pass key is {k}. " for k in keys_i for _ in range(o["repeats"]))
+            docs["train"].append((text.strip(), {"queries": [], "drill": keys_i}))
             continue
         w = round(log_uniform(rng, *o["windows"]), 3)
         docs["train"].append(passkey_document(rng, rng.choice(pools["train"]), w, o["block_size"], fillers[0],
                                               o["filler"], o["fit"]))
     for i in range(o["n_val"] * len(o["eval_windows"])):  # distances interleaved: any prefix covers them all
+        if o["drill"] and o["drill_style"] == "windows":  # val is window copies too: each copy an answer
+            T = o["block_size"]
+            block = "".join(rng.choice("0123456789") for _ in range(T))
+            queries = [{"answer": block, "answer_start": w * T, "source_start": (w - 1) * T, "distance": T,
+                        "windows": 1.0} for w in range(1, o["repeats"])]
+            docs["val"].append((block * o["repeats"], {"queries": queries}))
+            continue
         w = float(o["eval_windows"][i % len(o["eval_windows"])])
         docs["val"].append(passkey_document(rng, rng.choice(pools["val"]), w, o["block_size"], fillers[1], o["filler"]))
     return longrange_corpus("built-in" if not input else str(input), docs, {"task": "passkey", "seed": seed, **o})

@@ -2,11 +2,12 @@
 # val documents of data/passkey (50 at each distance: 0.5, 1, 2, 4, 8 and 16 windows of 128 characters)
 # window after window, as in training, and must give the 5-digit key exactly (greedy). Two untrained arms
 # use the memory-less model: the persistent kNN memory holding the document's earlier windows (the
-# settings of config/sample_facts_recall.py, not tuned here) and kNN-LM over the document's own past.
+# settings of config/sample_facts_recall.py, not tuned here) and kNN-LM over the document's earlier
+# windows. Drop the out_dirs you have not trained (--out_dirs="['out-passkey-base']").
 #   python evaluate.py config/eval_passkey.py
 eval = "longrange"
 eval_dataset = "passkey"
-out_dirs = ["out-passkey-base", "out-passkey-knn"]
+out_dirs = ["out-passkey-base", "out-passkey-knn", "out-passkey-knn-fix", "out-passkey-mnm", "out-passkey-oracle"]
 eval_out = "out-passkey-eval"
 batch_size = 50
 device = "cpu"

@@ -1,9 +1,8 @@
-# Pass-key retrieval with a Memorizing Transformer layer (Wu et al. 2022) at layer 2: each batch row
-# keeps the keys and values of its document's earlier windows (4,096 per head: a whole 16-window
-# document) and every head of the layer also attends to its top 32 entries. Same model, data and
-# steps as config/train_passkey_base.py. Prepare with
-#   python prepare.py passkey && python prepare.py passkey --option "windows=(0.5,2)" --out_dir data/passkey_short
-# then the two stages of config/train_passkey_base.py
+# Pass-key retrieval with a Memorizing Transformer layer (Wu et al. 2022) at layer 2, trained as the paper
+# does (a detached memory): each batch row keeps the keys and values of its document's earlier windows
+# (4,096 per head: a whole 16-window document) and every head of the layer also attends to its top 32
+# entries. Same model, data and stages as config/train_passkey_base.py (its comments give the commands);
+# config/train_passkey_knn_fix.py adds the training fixes.
 from pathlib import Path
 
 exec((Path(__file__).parent / "train_passkey_base.py").read_text())

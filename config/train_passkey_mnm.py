@@ -1,7 +1,8 @@
 # Pass-key retrieval with a metalearned neural memory (memory.MNMBlock) after block 2: every window of a
 # row's document is written into the row's fast weights, and the next windows read them. Same model, data
-# and two-stage schedule as config/train_passkey_base.py:
+# and stages as config/train_passkey_base.py:
 #   python train.py config/train_passkey_mnm.py
+#   python train.py config/train_passkey_mnm.py config/train_passkey_stage1.py
 #   python train.py config/train_passkey_mnm.py config/train_passkey_stage2.py
 from pathlib import Path
 

@@ -3,4 +3,4 @@
 #   python train.py config/train_passkey_knn.py config/train_passkey_stage1.py
 init_from = "resume"
 dataset = "passkey_fit"
-max_iters = 2000
+max_iters = 5000

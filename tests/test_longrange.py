@@ -303,3 +303,12 @@ def test_grad_windows_keeps_the_forward_and_trains_the_key_projection(monkeypatc
         assert torch.allclose(a, b, atol=1e-5)  # same weights: the recomputed entries equal the stored ones
     H = 16  # c_attn's rows: queries [0, 16), keys [16, 32), values [32, 48)
     assert not torch.allclose(g0[H:], g1[H:])  # keys and values now learn from the retrieval too
+
+
+def test_fix_config_sets_the_knobs_for_its_run_only():
+    from configurator import load_config
+    from train import TrainConfig
+    assert (MemorizingMemory.grad_windows, MemorizingMemory.gate_init) == (0, -3.0)
+    cfg = load_config(TrainConfig, ["config/train_passkey_knn_fix.py"])
+    assert cfg.knn_layer == 2 and cfg.out_dir == "out-passkey-knn-fix"
+    assert (MemorizingMemory.grad_windows, MemorizingMemory.gate_init) == (1, 0.0)  # conftest puts them back
