@@ -17,14 +17,15 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from common import atomic_write, pyplot
+from common import atomic_write, check_fields, first_line, pyplot, read_jsonl
 from configurator import ConfigError
+from knn import model_fingerprint
 from memory import MNM
 from model import (Block, GPTConfig, KVCache, append_next, configure_optimizers, init_weights, peak_flops,
                    scale_residual_init)
 from prepare import DataError, WordVocab
 
-CONVERSATION_FORMAT = 1
+CONVERSATION_FORMAT = 2  # 2: the state carries the fingerprint of the model it belongs to (1 loads, unchecked)
 
 # -----------------------------------------------------------------------------
 # the model
@@ -300,15 +301,9 @@ class DialogBatches:
     Utterances longer than block_size keep their last block_size tokens, replies their first."""
 
     def __init__(self, data_path, seed, n_slots, block_size):
-        self.splits = {}
-        for split in ("train", "val"):
-            path = os.path.join(data_path, f"dialogs_{split}.jsonl")
-            if not os.path.isfile(path):
-                raise DataError(f"no {path}: task='dialog' reads dialogues; run: python prepare.py dialogs")
-            with open(path) as f:
-                self.splits[split] = [json.loads(line) for line in f if line.strip()]
-            if not self.splits[split]:
-                raise DataError(f"{path} holds no dialogues; prepare it again")
+        self.splits = {split: read_dialogs(os.path.join(data_path, f"dialogs_{split}.jsonl"),
+                                           fix="task='dialog' reads dialogues; run: python prepare.py dialogs")
+                       for split in ("train", "val")}
         self.seed, self.n_slots, self.block_size = seed, n_slots, block_size
 
     def draw(self, split, stream, index, n_rows):
@@ -384,27 +379,54 @@ def save_conversation(path: str, state: dict, embedding, vocab: dict, extra: dic
     from safetensors.torch import save
     tensors = {f"memory.{k}": v.detach().contiguous().cpu() for k, v in state.items()}
     tensors["wte"] = embedding.detach().contiguous().cpu()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(f"{path}.safetensors", lambda f: f.write(save(tensors)))
     atomic_write(f"{path}.json", lambda f: json.dump({"format_version": CONVERSATION_FORMAT, "vocab": vocab,
                                                       **(extra or {})}, f), "w")
 
 
+# what Conversation.save writes beside the vocabulary, and its types
+CONVERSATION_FIELDS = {"step": int, "batch_size": int, "trained_words": list}
+
+
 def load_conversation(path: str, device="cpu"):
-    """(memory state, embedding, vocab dict, the JSON's other entries) as save_conversation wrote them."""
+    """(memory state, embedding, WordVocab, the JSON's other entries) as save_conversation wrote them.
+    Missing or damaged files (not safetensors / JSON, missing entries, wrong types) are a DataError."""
     from safetensors.torch import load_file
+    damaged = f"conversation state {path} is damaged"
+    fix = "restore both files from a copy, or start a new conversation"
     for name in (f"{path}.safetensors", f"{path}.json"):
         if not os.path.isfile(name):
-            raise FileNotFoundError(f"no conversation state {name}: save one first (/save {path} in the chat)")
+            raise DataError(f"no conversation state {name}: save one first (/save {path} in the chat, or chat_save)")
     try:
         tensors = load_file(f"{path}.safetensors", device=str(device))
-        with open(f"{path}.json") as f:
+        with open(f"{path}.json", encoding="utf-8") as f:
             meta = json.load(f)
-    except Exception as e:
-        raise ValueError(f"conversation state {path} is damaged ({type(e).__name__}: {e})") from None
-    if meta.get("format_version") != CONVERSATION_FORMAT or "vocab" not in meta or "wte" not in tensors:
-        raise ValueError(f"{path}.json/.safetensors is not a conversation state of this version")
+    except Exception as e:  # safetensors, JSON and UTF-8 errors alike: the file is not what we wrote
+        raise DataError(f"{damaged} ({type(e).__name__}: {str(e)[:200]}); {fix}") from None
+    if not isinstance(meta, dict) or meta.get("format_version") not in (1, CONVERSATION_FORMAT):
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise DataError(f"{path}.json is not a conversation state this code reads (format_version {version!r}, "
+                        f"expected 1 or {CONVERSATION_FORMAT})")
+    fields = {"vocab": dict, **CONVERSATION_FIELDS}
+    if meta["format_version"] >= 2:
+        fields["model_fingerprint"] = str
+    problem = check_fields(meta, fields)
+    if problem is None and (meta["batch_size"] < 1 or meta["step"] < 0):
+        problem = "batch_size < 1 or step < 0"
+    if problem is None and not all(isinstance(w, str) for w in meta["trained_words"]):
+        problem = '"trained_words" holds a non-string'
+    wte = tensors.get("wte")
+    if problem is None and (wte is None or wte.dim() != 2 or not wte.is_floating_point()):
+        problem = "no 2-D floating-point tensor 'wte' in the .safetensors"
+    if problem:
+        raise DataError(f"{damaged}: {problem}; {fix}")
+    try:
+        vocab = WordVocab.from_dict(meta.pop("vocab"))
+    except DataError as e:
+        raise DataError(f"{damaged}: {e}; {fix}") from None
     state = {k[len("memory."):]: v for k, v in tensors.items() if k.startswith("memory.")}
-    return state, tensors["wte"], meta.pop("vocab"), meta
+    return state, wte, vocab, meta
 
 
 class Conversation:
@@ -415,9 +437,11 @@ class Conversation:
     baseline). With capacity, words added while chatting are pruned least recently used first; the
     words the model was trained with are kept."""
 
-    def __init__(self, model, vocab, batch_size=1, persist=True, capacity=None, seed=0, step=0):
+    def __init__(self, model, vocab, batch_size=1, persist=True, capacity=None, seed=0, step=0, source=None):
         self.model, self.vocab, self.persist, self.capacity = model, vocab, persist, capacity
         self.trained_words = list(vocab.words)
+        # the model a saved conversation belongs to: the trained one, before any word is added
+        self.fingerprint, self.source = model_fingerprint(model), source
         self.generator = torch.Generator().manual_seed(seed)
         self.step = step  # counts turns after training's last iteration, for the vocabulary's recency
         self.reset(batch_size)
@@ -433,7 +457,13 @@ class Conversation:
         if len(utterances) != self.batch_size:
             raise ValueError(f"{len(utterances)} utterances for {self.batch_size} conversations")
         self.step += 1
-        words = [WordVocab.tokenize(u)[-self.model.config.block_size:] if u is not None else [] for u in utterances]
+        T = self.model.config.block_size
+        words = [WordVocab.tokenize(u) if u is not None else [] for u in utterances]
+        for ws in words:
+            if len(ws) > T:
+                print(f"warning: an utterance of {len(ws):,} words is longer than block_size {T}: its first "
+                      f"{len(ws) - T:,} words were dropped (the model reads the last {T})")
+        words = [ws[-T:] for ws in words]
         grow_vocab(self.vocab, self.model, [w for ws in words for w in ws], self.step, generator=self.generator)
         device = self.model.transformer.wte.weight.device
         src = torch.full((self.batch_size, max(1, max(map(len, words)))), self.vocab.pad, dtype=torch.long)
@@ -450,28 +480,61 @@ class Conversation:
 
     def save(self, path):
         save_conversation(path, self.state, self.model.transformer.wte.weight, self.vocab.to_dict(),
-                          {"step": self.step, "batch_size": self.batch_size, "trained_words": self.trained_words})
+                          {"step": self.step, "batch_size": self.batch_size, "trained_words": self.trained_words,
+                           "model_fingerprint": self.fingerprint, "model": self.source})
 
     def load(self, path):
-        """Restore a saved conversation: memory, vocabulary and the embedding rows of its words."""
+        """Restore a saved conversation: memory, vocabulary and the embedding rows of its words. Refused
+        (nothing changed) when it belongs to another model or does not fit this one."""
         device = self.model.transformer.wte.weight.device
         state, wte, vocab, extra = load_conversation(path, device)
-        if wte.size(1) != self.model.config.n_embd or wte.size(0) != len(vocab["words"]):
-            raise ConfigError(f"conversation {path} does not fit this model (embedding {tuple(wte.shape)})")
+        saved = extra.get("model_fingerprint")
+        if saved is None:
+            print(f"warning: conversation {path} was saved before states carried their model's fingerprint: "
+                  "it cannot be checked to belong to this model")
+        elif saved != self.fingerprint:
+            raise ConfigError(f"conversation {path} belongs to another model: it was saved with "
+                              f"{extra.get('model') or 'a model'} (fingerprint {saved}), this is "
+                              f"{self.source or 'a model'} (fingerprint {self.fingerprint}); load it with the "
+                              "model it was saved with, or start a new conversation")
+        if wte.size(1) != self.model.config.n_embd or wte.size(0) != len(vocab):
+            raise ConfigError(f"conversation {path} does not fit this model (embedding {tuple(wte.shape)}, "
+                              f"{len(vocab)} words, the model's width {self.model.config.n_embd})")
         if self.model.memory is not None:
-            self.model.memory.check_state(state, extra["batch_size"])
-        self.vocab = WordVocab.from_dict(vocab)
+            try:
+                self.model.memory.check_state(state, extra["batch_size"])
+            except ValueError as e:
+                raise ConfigError(f"conversation {path} does not fit this model: {e}") from None
+        self.vocab = vocab
         self.model.transformer.wte.weight = self.model.lm_head.weight = nn.Parameter(wte)
         self.model.config.vocab_size = wte.size(0)
         self.state, self.step, self.batch_size = state, extra["step"], extra["batch_size"]
         self.trained_words = extra["trained_words"]
 
 
-def read_dialogs(path, limit=None) -> list[dict]:
-    if not os.path.isfile(path):
-        raise ConfigError(f"no dialogue file {path}: run python prepare.py dialogs, or set eval_file")
-    with open(path) as f:
-        dialogs = [json.loads(line) for line in f if line.strip()]
+# a dialogue turn's fields, and those a question adds (what eval_dialog reads)
+TURN_FIELDS = {"user": str, "bot": str, "kind": str}
+QUESTION_FIELDS = {"answer": str, "attribute": str, "fact_turn": int, "repeat": bool}
+
+
+def dialog_problem(d) -> str | None:
+    """What is wrong with one dialogue of a dialogs_*.jsonl file, or None."""
+    if not d["turns"]:
+        return '"turns" is empty'
+    for i, t in enumerate(d["turns"]):
+        problem = check_fields(t, TURN_FIELDS) if isinstance(t, dict) else "not an object"
+        if problem is None and t["kind"] == "question":
+            problem = check_fields(t, QUESTION_FIELDS)
+        if problem:
+            return f"turn {i}: {problem}"
+    if not all(isinstance(e, str) for e in d["entities"]):
+        return '"entities" holds a non-string'
+    return None
+
+
+def read_dialogs(path, limit=None, fix="run python prepare.py dialogs, or set eval_file") -> list[dict]:
+    """The dialogues of a dialogs_*.jsonl file (prepare.py dialogs), every line checked."""
+    dialogs = read_jsonl(path, {"turns": list, "entities": list}, "dialogues", fix, dialog_problem)
     return dialogs[:limit] if limit else dialogs
 
 
@@ -547,11 +610,14 @@ def eval_dialog(cfg, model, vocab, test_file):
     return {"summary": summary, "questions": rows, "test_file": test_file, "dialogues": len(dialogs)}, fig
 
 
-def run_chat(cfg, model, vocab):
+def run_chat(cfg, model, vocab, source=None, transcript=None):
     """Chat turn by turn, from cfg.chat_script (a file of user lines) or the keyboard. Lines starting
-    with / are commands: /save PATH, /load PATH, /reset, /quit. Returns the transcript."""
-    conv = Conversation(model, vocab, capacity=cfg.vocab_capacity, seed=cfg.seed)
-    if cfg.chat_load:
+    with / are commands: /save PATH, /load PATH, /reset, /quit. A command or turn that fails (a mistyped
+    path, a damaged file) is reported in one line and the chat goes on; however the chat ends (/quit, end
+    of input, an error, Ctrl-C) the conversation is saved to cfg.chat_save. Returns the transcript (also
+    appended to `transcript` as it goes, for a caller that must write it however the chat ends)."""
+    conv = Conversation(model, vocab, capacity=cfg.vocab_capacity, seed=cfg.seed, source=source)
+    if cfg.chat_load:  # nothing to lose yet: a failure here ends the chat before it starts
         conv.load(cfg.chat_load)
         print(f"loaded conversation {cfg.chat_load}")
 
@@ -566,35 +632,48 @@ def run_chat(cfg, model, vocab):
     if cfg.chat_script:
         if not os.path.isfile(cfg.chat_script):
             raise ConfigError(f"chat_script {cfg.chat_script} not found: a text file, one user line per line")
-        with open(cfg.chat_script) as f:
+        with open(cfg.chat_script, encoding="utf-8", errors="replace") as f:
             lines = f.read().splitlines()
-    transcript = []
-    for line in lines:
-        line = line.strip()
-        if not line:
-            continue
-        command, _, arg = line.partition(" ")
-        if command == "/quit":
-            break
-        if command in ("/save", "/load") and arg:
-            if command == "/save":
-                conv.save(arg)
-                print(f"saved conversation {arg}")
-            else:
-                conv.load(arg)
-                print(f"loaded conversation {arg}")
-        elif command == "/reset":
-            conv.reset()
-            print("memory reset")
-        elif command.startswith("/"):
-            print("commands: /save PATH, /load PATH, /reset, /quit")
-        else:
-            reply = conv.turn([line])[0]
-            if cfg.chat_script:
-                print(f"you: {line}")
-            print(f"bot: {reply}")
-            transcript.append({"user": line, "bot": reply})
-    if cfg.chat_save:
-        conv.save(cfg.chat_save)
-        print(f"saved conversation {cfg.chat_save}")
+    transcript = [] if transcript is None else transcript
+    try:
+        for line in lines:
+            line = line.strip()
+            if line == "/quit":
+                break
+            try:
+                chat_line(conv, line, cfg.chat_script is not None, transcript)
+            except Exception as e:  # never end (or lose) the conversation over one line
+                known = isinstance(e, (ConfigError, DataError, OSError))
+                message = first_line(e) if known else f"{type(e).__name__}: {first_line(e)}"
+                print(f"error: {message} (the conversation goes on)")
+    finally:
+        if cfg.chat_save:
+            conv.save(cfg.chat_save)
+            print(f"saved conversation {cfg.chat_save}")
     return transcript
+
+
+def chat_line(conv, line, echo, transcript):
+    """One line of the chat: a command or a turn."""
+    if not line:
+        return
+    command, _, arg = line.partition(" ")
+    arg = arg.strip()
+    if command in ("/save", "/load") and arg:
+        if command == "/save":
+            conv.save(arg)
+            print(f"saved conversation {arg}")
+        else:
+            conv.load(arg)
+            print(f"loaded conversation {arg}")
+    elif command == "/reset":
+        conv.reset()
+        print("memory reset")
+    elif command.startswith("/"):
+        print("commands: /save PATH, /load PATH, /reset, /quit")
+    else:
+        reply = conv.turn([line])[0]
+        if echo:
+            print(f"you: {line}")
+        print(f"bot: {reply}")
+        transcript.append({"user": line, "bot": reply})

@@ -1,11 +1,13 @@
 """
 Evaluate a trained model: perplexity of long documents with a memorizing layer at several memory
 sizes (eval='ppl'), kNN-LM perplexity (eval='knnlm'), and the chatbot's recall of facts on held-out
-dialogues (eval='dialog'). Each writes a JSON and a PNG to eval_out (default out_dir/eval_<eval>).
+dialogues (eval='dialog'), and long-range recall by distance of checkpoints and untrained memories
+(eval='longrange'). Each writes a JSON and a PNG to eval_out (default out_dir/eval_<eval>).
 
     python evaluate.py --out_dir=out-plays-knn --eval=ppl --eval_dataset=shakespeare_plays
     python evaluate.py --out_dir=out-plays --eval=knnlm --eval_dataset=shakespeare_plays --knnlm_dir=ds
     python evaluate.py config/eval_dialogs.py
+    python evaluate.py config/eval_passkey.py
 
 Sampling, recall of facts and sentiment direction with the persistent kNN memory are sample.py's.
 """
@@ -13,9 +15,8 @@ Sampling, recall of facts and sentiment direction with the persistent kNN memory
 import json
 import math
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,18 +25,22 @@ from tqdm import tqdm
 
 from chat import Seq2Seq, eval_dialog
 from checkpoint import CheckpointError, load_model
-from common import pyplot, resolve_device, write_eval
-from configurator import ConfigError, format_config, load_config
+from common import cli, pyplot, resolve_device, write_eval
+from configurator import ConfigError, at_least, format_config, load_config, need, one_of, within
 from knn import KNNLMDatastore, KNNMemory, KNNMemoryError, KNNSettings, knn_probs, knnlm_mix, last_mlp_input
 from memory import memorizing_layer, row_memories
 from prepare import DataError, check_meta_compatible, load_doc_starts, load_meta, open_split
+from runs import CheckedSettings, not_empty
+
+# what evaluate.py stops on with one line instead of a traceback
+USER_ERRORS = (ConfigError, DataError, CheckpointError, KNNMemoryError, OSError)
 
 
 @dataclass
-class EvalConfig(KNNSettings):
+class EvalConfig(CheckedSettings):
     init_from: str = "resume"  # 'resume' (out_dir/ckpt.pt), or pretrained weights (see model.GPT.from_pretrained)
     out_dir: str = "out"
-    eval: str = "ppl"  # 'ppl', 'knnlm' or 'dialog'
+    eval: str = "ppl"  # 'ppl', 'knnlm', 'dialog' or 'longrange'
     eval_out: str | None = None  # folder for the JSON and the plot; default out_dir/eval_<eval>
     seed: int = 1337
     batch_size: int = 8  # documents (ppl) or dialogues (dialog) side by side
@@ -69,6 +74,21 @@ class EvalConfig(KNNSettings):
     # over the document's own past (knnlm_k, knnlm_temperature, one arm per lambda in knnlm_lambdas); both untrained,
     # on longrange_base's model
     longrange_base: str | None = None  # default: the first of out_dirs whose model has no trainable memory
+
+    def validate(self):
+        """Every setting in its allowed range, before any work."""
+        super().validate()
+        need(self.eval in ("ppl", "knnlm", "dialog", "longrange"), f"eval={self.eval!r} is not allowed: eval must be "
+             "'ppl', 'knnlm', 'dialog' or 'longrange' (recall and sentiment are sample.py's)")
+        not_empty(self, "eval_dataset", "data_dir", "eval_baseline", "longrange_base")
+        need(self.eval != "longrange" or bool(self.out_dirs), "out_dirs=[] is empty: eval='longrange' needs the "
+             "checkpoints to compare, e.g. out_dirs=['out-passkey-base', 'out-passkey-knn']")
+        one_of(self, "longrange_arms", ("checkpoints", "knn", "knnlm"))
+        need(bool(self.eval_memory_sizes), "eval_memory_sizes=[] is empty: give the memory sizes to compare, "
+             "e.g. [1024, 4096]")
+        at_least(self, 1, "eval_memory_sizes")
+        at_least(self, 2, "eval_tokens", "knnlm_max_tokens")
+        within(self, 0, 1, "knnlm_lambdas")
 
 
 def split_documents(data_dir: str, split: str) -> list:
@@ -384,7 +404,7 @@ def memorizing_diagnostics(model, docs: list, batch_size: int, device) -> dict:
     gets; by nominal distance, with the gates sigmoid(gate_bias). Memory slots are document positions
     (the memory is emptied per document and must hold a whole one)."""
     layer = memorizing_layer(model)
-    T, H = model.config.block_size, layer.n_head
+    H = layer.n_head
     if max(len(d["tokens"]) for d in docs) > layer.size:
         raise ConfigError(f"diagnostics need a memory holding whole documents: knn_memory_size {layer.size} < "
                           f"{max(len(d['tokens']) for d in docs)} tokens")
@@ -441,12 +461,6 @@ def eval_longrange(cfg, device) -> tuple[dict, object]:
     checkpoint of out_dirs read window after window as in training, and, untrained, the persistent kNN memory
     filled with the document's earlier windows and kNN-LM over the document's own past, on longrange_base's
     model. All arms answer the same queries of the same documents, greedily (no sampling, so no seeds)."""
-    if not cfg.out_dirs:
-        raise ConfigError("eval='longrange' needs out_dirs: the checkpoints to compare, e.g. "
-                          "out_dirs=['out-passkey-base', 'out-passkey-knn']")
-    unknown = set(cfg.longrange_arms) - {"checkpoints", "knn", "knnlm"}
-    if unknown:
-        raise ConfigError(f"longrange_arms: unknown {sorted(unknown)}; choose from 'checkpoints', 'knn', 'knnlm'")
     models = {}
     for out_dir in cfg.out_dirs:
         model, tokenizer, meta, source = load_model("resume", out_dir, device)
@@ -562,9 +576,7 @@ def longrange_report(cfg, docs: list, arms: list, generator: dict) -> tuple[dict
 
 def main(cfg: EvalConfig) -> dict:
     """Run the evaluation cfg.eval asks for; returns its result (also written as JSON and PNG)."""
-    if cfg.eval not in ("ppl", "knnlm", "dialog", "longrange"):
-        raise ConfigError(f"eval={cfg.eval!r}; choose 'ppl', 'knnlm', 'dialog' or 'longrange' (recall and "
-                          "sentiment are sample.py's)")
+    cfg.validate()  # load_config ran it already; an EvalConfig built in code gets it here
     device, dtype = resolve_device(cfg.device, cfg.dtype)
     print(f"settings:\n{format_config(cfg)}")
     if cfg.eval == "longrange":  # loads its models itself: every checkpoint of out_dirs
@@ -581,7 +593,4 @@ def main(cfg: EvalConfig) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(load_config(EvalConfig))
-    except (ConfigError, DataError, CheckpointError, KNNMemoryError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    cli(main, lambda: load_config(EvalConfig), USER_ERRORS)

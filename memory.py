@@ -27,7 +27,7 @@ written segment by segment.
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -288,14 +288,17 @@ def generate_any(model, idx, max_new_tokens, **kwargs):
 
 @torch.no_grad()
 def generate_with_memory(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None,
-                         generators=None, use_cache=True):
+                         generators=None, use_cache=True, suppress_tokens=None, suppress_steps=1):
     """GPT.generate for a model with a memorizing layer and/or an MNM block: the sequence (prompt,
     then generated tokens) is cut into windows of block_size, as in training. A token is predicted
     from its own window up to it, locally, and from the memories of all earlier windows; a window
     enters the memories once it is full, by one forward pass over it (the same pass with or without
     the KV cache, so cached decoding equals recomputation). Each batch row has its own memories,
-    emptied at the start; the memories' training state is put back afterwards."""
+    emptied at the start; the memories' training state is put back afterwards. suppress_tokens /
+    suppress_steps as in GPT.generate."""
     mems = [m for m in (memorizing_layer(model), mnm_block(model)) if m is not None]
+    if suppress_tokens is not None:
+        suppress_tokens = torch.tensor(list(suppress_tokens), dtype=torch.long, device=idx.device)
     T = model.config.block_size
     B = idx.size(0)
     saved = [(m.get_state(), m.n_rows, m.write, m.rows) for m in mems]
@@ -304,7 +307,7 @@ def generate_with_memory(model, idx, max_new_tokens, temperature=1.0, top_k=None
     cache, committed = None, 0
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
     try:
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             n = idx.size(1)
             while committed + T <= n - 1:  # windows before the newest token's window enter the memory
                 for m in mems:
@@ -320,7 +323,10 @@ def generate_with_memory(model, idx, max_new_tokens, temperature=1.0, top_k=None
                 logits, _ = model(idx[:, committed:], cache=cache)
             else:
                 logits, _ = model(idx[:, -1:], cache=cache)
-            idx, finished = append_next(idx, logits[:, -1, :], done, temperature, top_k, top_p, stop_token, generators)
+            logits = logits[:, -1, :]
+            if suppress_tokens is not None and step < suppress_steps:
+                logits = logits.index_fill(1, suppress_tokens, -float("inf"))
+            idx, finished = append_next(idx, logits, done, temperature, top_k, top_p, stop_token, generators)
             if finished:
                 break
     finally:

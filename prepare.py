@@ -27,6 +27,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from common import DataError, atomic_write, check_fields, cli, read_jsonl, remove_stale_temps
+from common import first_line as _first_line
+
 FORMAT_VERSION = 1
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSTORIES_HF = "roneneldan/TinyStories"
@@ -34,15 +37,6 @@ OPENWEBTEXT_HF = "Skylion007/openwebtext"  # the canonical name of the hub's "op
 NUM_PROC = max(1, (os.cpu_count() or 1) // 2)  # processes for Hugging Face download and tokenization
 CHUNK_CHARS = 1 << 18  # long texts are cut into pieces of about this size, so tokenization can be spread over threads
 BATCH_CHARS = 1 << 24  # text tokenized per batch: bounds memory however big the corpus is
-
-
-class DataError(Exception):
-    """A problem with the data that the user can fix; the message says how."""
-
-
-def _first_line(error):
-    # errors from downloads can span many lines; ours are one
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 # -----------------------------------------------------------------------------
@@ -234,6 +228,17 @@ class WordVocab:
 
     @classmethod
     def from_dict(cls, d):
+        """The vocabulary to_dict() wrote; a damaged one (wrong types, lists of other lengths) is a DataError."""
+        problem = check_fields(d, {"words": list}) if isinstance(d, dict) else "not a JSON object"
+        if problem is None and not all(isinstance(w, str) for w in d["words"]):
+            problem = "its words are not all strings"
+        for key in ("counts", "last_seen"):
+            value = d.get(key) if problem is None else None
+            if value is not None and (not isinstance(value, list) or len(value) != len(d["words"])
+                                      or not all(isinstance(c, int) for c in value)):
+                problem = f'"{key}" is not a list of integers, one per word'
+        if problem:
+            raise DataError(f"the word vocabulary is damaged: {problem}")
         return cls(d["words"], d.get("counts"), d.get("last_seen"))
 
     @classmethod
@@ -293,15 +298,33 @@ def _prepare_command(data_dir):
     return command
 
 
+# the fields of meta.json that readers rely on, and their types (plus those of its kind of tokenizer)
+META_FIELDS = {"tokenizer": str, "vocab_size": int, "dtype": str, "train_tokens": int, "val_tokens": int}
+TOKENIZER_FIELDS = {"char": {"chars": list}, "word": {"vocab": dict}, "hf": {"tokenizer_name": str}}
+
+
 def load_meta(data_dir):
     data_dir = Path(data_dir)
     path = data_dir / "meta.json"
+    rerun = f"re-run: {_prepare_command(data_dir)}"
     if not path.exists():
         raise DataError(f"no prepared dataset in {data_dir} (meta.json missing); run: {_prepare_command(data_dir)}")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is damaged (not JSON: {e}); {rerun}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} is damaged (a JSON {type(meta).__name__}, not an object); {rerun}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path} has format_version {meta.get('format_version')!r}, this code reads "
-                        f"{FORMAT_VERSION}; re-run: {_prepare_command(data_dir)}")
+                        f"{FORMAT_VERSION}; {rerun}")
+    problem = check_fields(meta, {**META_FIELDS, **TOKENIZER_FIELDS.get(meta.get("tokenizer"), {})})
+    if problem is None and meta["dtype"] not in ("uint16", "uint32"):
+        problem = f'"dtype" is {meta["dtype"]!r}, not uint16 or uint32'
+    if problem is None and min(meta["vocab_size"], meta["train_tokens"], meta["val_tokens"]) < 0:
+        problem = "a negative vocab_size or token count"
+    if problem:
+        raise DataError(f"{path} is damaged: {problem}; {rerun}")
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in ("train", "val"):
         bin_path = data_dir / f"{split}.bin"
@@ -309,8 +332,7 @@ def load_meta(data_dir):
         size = bin_path.stat().st_size if bin_path.exists() else None
         if size != expected:
             found = "is missing" if size is None else f"has {size} bytes"
-            raise DataError(f"{bin_path} {found} but meta.json says {expected} (truncated or mismatched); "
-                            f"re-run: {_prepare_command(data_dir)}")
+            raise DataError(f"{bin_path} {found} but meta.json says {expected} (truncated or mismatched); {rerun}")
     return meta
 
 
@@ -837,19 +859,15 @@ def dialog_train_names(n, rng):
 def read_dialog_turns(path):
     """A local JSONL of dialogue turns, one {"dialog": ID, "user": ..., "bot": ...} per line, turns of a
     dialogue in order (an optional "entities": [...] names the fact words of its dialogue)."""
+    rows = read_jsonl(path, {"dialog": (str, int), "user": str, "bot": str}, "dialogue turns",
+                      fix='one {"dialog": ID, "user": TEXT, "bot": TEXT} per line',
+                      validate=lambda row: None if isinstance(row.get("entities", []), list) else
+                      '"entities" is not a list of words')
     dialogs = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                d = dialogs.setdefault(row["dialog"], {"turns": [], "entities": []})
-                d["turns"].append({"user": str(row["user"]), "bot": str(row["bot"]), "kind": "chat"})
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(f"{path} line {n}: expected {{\"dialog\": ID, \"user\": TEXT, \"bot\": TEXT}} "
-                                f"({type(e).__name__}: {e})") from None
-            d["entities"] = sorted(set(d["entities"]) | set(row.get("entities", [])))
+    for row in rows:
+        d = dialogs.setdefault(row["dialog"], {"turns": [], "entities": []})
+        d["turns"].append({"user": row["user"], "bot": row["bot"], "kind": "chat"})
+        d["entities"] = sorted(set(d["entities"]) | set(row.get("entities", [])))
     if len(dialogs) < 3:
         raise DataError(f"{path} holds {len(dialogs)} dialogue(s); train, val and test need at least one each")
     return list(dialogs.values())
@@ -1256,22 +1274,27 @@ def prepare(name, input=None, tokenizer=None, out_dir=None, val_frac=0.1, seed=1
 
     out_dir = Path(out_dir or Path("data") / name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # every file is written to a temp file beside it and renamed into place at the end (os.replace is
-    # atomic), so a crash never leaves a half-written file; the pid keeps concurrent runs apart
+    freed = sum(size for _, size in remove_stale_temps(out_dir))
+    if freed:
+        print(f"note: removed {freed / 1e6:.1f} MB of temp files that a killed run left in {out_dir}")
+    # every file is written to a temp file beside it (common.atomic_write, replace=False) and renamed into
+    # place at the end (os.replace is atomic), so a crash never leaves a half-written file; the temp files
+    # carry the pid, which keeps concurrent runs apart and tells the next run which are a dead run's
     temps = {}  # final file name -> temp path
     try:
         counts = {}
         for split in ("train", "val"):
-            temps[f"{split}.bin"] = tmp = out_dir / f"{split}.bin.{os.getpid()}.tmp"
             starts = []
-            with open(tmp, "wb") as f:
+
+            def write_split(f):
                 counts[split] = write_tokens(f, getattr(corpus, split).pieces(tok, split), tok.separator, dtype,
                                              starts)
+            temps[f"{split}.bin"] = atomic_write(out_dir / f"{split}.bin", write_split, replace=False)
             if counts[split] == 0:
                 raise DataError(f"the {split} split of {name} came out empty; check --input and --val_frac")
-            temps[f"{split}_docs.npy"] = tmp = out_dir / f"{split}_docs.npy.{os.getpid()}.tmp"
-            with open(tmp, "wb") as f:  # document start offsets, for the document-contiguous loader
-                np.save(f, np.asarray(starts, dtype=np.int64))
+            # document start offsets, for the document-contiguous loader
+            temps[f"{split}_docs.npy"] = atomic_write(out_dir / f"{split}_docs.npy", lambda f: np.save(
+                f, np.asarray(starts, dtype=np.int64)), replace=False)
         meta = {"format_version": FORMAT_VERSION, "name": name, "tokenizer": tok.name, "vocab_size": tok.vocab_size,
                 "dtype": dtype.name, "train_tokens": counts["train"], "val_tokens": counts["val"],
                 "source": corpus.source}
@@ -1283,8 +1306,8 @@ def prepare(name, input=None, tokenizer=None, out_dir=None, val_frac=0.1, seed=1
             meta["tokenizer_name"] = tok.model_name
         meta["eot_token"] = tok.eot_token
         for file_name, text in {**corpus.extra_files, "meta.json": json.dumps(meta, indent=2) + "\n"}.items():
-            temps[file_name] = tmp = out_dir / f"{file_name}.{os.getpid()}.tmp"
-            tmp.write_text(text, encoding="utf-8")
+            temps[file_name] = atomic_write(out_dir / file_name, lambda f: f.write(text.encode("utf-8")),
+                                            replace=False)
         # meta.json goes first and comes back last: if we die in between, load_meta finds no meta.json
         # rather than an old one describing new .bin files
         (out_dir / "meta.json").unlink(missing_ok=True)
@@ -1292,7 +1315,7 @@ def prepare(name, input=None, tokenizer=None, out_dir=None, val_frac=0.1, seed=1
             os.replace(tmp, out_dir / file_name)
     finally:  # after a failure, no temp file is left behind; after success there are none left to remove
         for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
+            Path(tmp).unlink(missing_ok=True)
     print(f"wrote {out_dir}: train {counts['train']:,} tokens, val {counts['val']:,} tokens, "
           f"{tok.name} vocab {tok.vocab_size:,} ({dtype.name})")
     return meta
@@ -1328,13 +1351,14 @@ def main(argv=None):
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="a generator setting of passkey, facts_long (e.g. --option block_size=256 "
                         "--option windows=(0.5,4)); repeatable")
-    args = parser.parse_args(argv)
-    try:
-        args.options = parse_options(args.option)
+
+    def run(args):
+        options = parse_options(args.option)
         del args.option
-        prepare(**vars(args))
-    except DataError as e:
-        sys.exit(f"error: {e}")
+        prepare(**vars(args), options=options)
+
+    # a DataError or Ctrl-C ends it with one line (a killed run's temp files go in prepare's finally)
+    cli(run, lambda: parser.parse_args(argv), DataError)
 
 
 if __name__ == "__main__":

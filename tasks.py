@@ -21,10 +21,9 @@ After each task every task is evaluated; results.json holds the whole matrix and
 continual.png plots the last row and the running average.
 """
 
-import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,70 +33,114 @@ from torch.nn import functional as F
 
 from checkpoint import load_checkpoint
 from common import atomic_save, get_lr, pyplot, resolve_device, save_figure, write_json
-from configurator import ConfigError, format_config
+from configurator import ConfigError, at_least, format_config, need, one_of
 from data import get_batch
 from dnc import DNC, DNCConfig
 from model import GPT, GPTConfig
 from prepare import DataError, check_meta_compatible, load_meta, open_split
+from runs import MetricsLog, RunConfig, check_init_from, prepare_out_dir
 
 ALGORITHMIC = ("copy", "repeat_copy", "assoc_recall")
 CONTINUAL = ("pmnist", "lm_sequence")
+TASKS = ALGORITHMIC + CONTINUAL
 METHODS = ("finetune", "ewc", "replay")
 
 
-def check_settings(cfg):
-    """Refuse settings that cannot work, before any work, naming the fix."""
-    def need(ok, message):
-        if not ok:
-            raise ConfigError(message)
+@dataclass
+class TaskConfig(RunConfig):
+    """The settings of tasks.py's programs (train.py picks this class for these values of `task`). Of
+    RunConfig's: eval_interval, eval_iters (batches of evaluation sequences) and overwrite are the
+    algorithmic tasks'; max_iters counts per task in continual learning; init_from is 'scratch' or
+    'resume' (algorithmic), 'scratch' (pmnist) or also GPT-2 weights (lm_sequence); the model's shape
+    is lm_sequence's GPT, whose n_head and block_size (steps attended over) a 'gpt' DNC controller takes."""
+    PROGRAM = f"task={' / '.join(map(repr, TASKS))}"
+    task: str = "copy"  # 'copy', 'repeat_copy', 'assoc_recall' (a DNC against an LSTM of its size), 'pmnist'
+    # and 'lm_sequence' (continual learning: fine-tuning, EWC and replay under one protocol)
+    dtype: str = "auto"  # these programs train in float32: 'auto' or 'float32'
+    optimizer: str = "adamw"  # 'adamw', 'rmsprop' (the DNC reference's) or 'sgd'
+    # DNC (dnc.DNCConfig)
+    memory_slots: int = 16  # N
+    word_size: int = 16  # W
+    read_heads: int = 4  # R
+    controller: str = "lstm"  # 'lstm' (the reference) or 'gpt' (a GPT block)
+    hidden_size: int = 64  # controller width
+    sparse_links: int = 0  # K > 0: sparse temporal links (top-K), for large memory_slots; 0: dense N x N
+    # algorithmic tasks: random bit patterns
+    bits: int = 8
+    min_len: int = 1  # pattern length (copy, repeat_copy) or number of items (assoc_recall)
+    max_len: int = 20
+    min_repeats: int = 1  # repeat_copy
+    max_repeats: int = 2
+    item_len: int = 3  # assoc_recall: vectors per item
+    baseline: bool = True  # also train an LSTM with the DNC's parameter count on the same batches
+    # continual learning: max_iters iterations per task, tasks one after another
+    n_tasks: int = 20  # pmnist: permutations
+    datasets: list[str] = field(default_factory=list)  # lm_sequence: prepared datasets in data_dir, in order
+    classifier: str = "linear"  # pmnist: 'linear' (784 -> 10, the reference) or 'mlp' (2 x 256 ReLU)
+    methods: list[str] = field(default_factory=lambda: ["finetune", "ewc", "replay"])  # run in turn, same batches
+    replay_capacity: int = 15000  # stored examples
+    replay_every: int = 1000  # store part of the current batch every this many iterations
+    replay_store: int = 32  # rows of that batch stored
+    replay_batch: int = 32  # stored examples added to every batch (once any are stored)
+    replay_policy: str = "ring"  # 'ring' (newest replace oldest) or 'reservoir' (uniform over all offered)
+    ewc_lambda: float = 100.0  # EWC penalty strength
+    ewc_samples: int = 500  # examples per task for EWC's Fisher information
 
-    need(cfg.task in ALGORITHMIC + CONTINUAL, f"unknown task {cfg.task!r}; choose 'lm' or one of "
-         f"{', '.join(ALGORITHMIC + CONTINUAL)}")
-    need(int(os.environ.get("RANK", -1)) == -1, f"task {cfg.task!r} runs in one process: start it with "
-         "python train.py, not torchrun")
-    need(cfg.dtype in ("auto", "float32"), f"task {cfg.task!r} trains in float32; drop dtype={cfg.dtype!r}")
-    need(cfg.optimizer in ("adamw", "rmsprop", "sgd"), f"optimizer must be 'adamw', 'rmsprop' or 'sgd', "
-         f"got {cfg.optimizer!r}")
-    need(cfg.max_iters > 0 and cfg.batch_size > 0, "max_iters and batch_size must be positive")
+    def validate(self):
+        """Refuse settings that cannot work, before any work, naming the fix."""
+        need(self.task in TASKS, f"unknown task {self.task!r}; choose 'lm', 'dialog' or one of {', '.join(TASKS)}")
+        super().validate()
+        at_least(self, 1, "max_iters", "n_tasks", "replay_capacity", "replay_every", "replay_store", "ewc_samples")
+        at_least(self, 0, "replay_batch", "ewc_lambda")
+        one_of(self, "dtype", ("auto", "float32"))
+        one_of(self, "optimizer", ("adamw", "rmsprop", "sgd"))
+        one_of(self, "classifier", ("linear", "mlp"))
+        one_of(self, "replay_policy", ("ring", "reservoir"))
+        need(set(self.methods) <= set(METHODS) and len(self.methods) > 0, f"methods must be some of {METHODS}, "
+             f"got {self.methods}")
+        need(self.task not in CONTINUAL or self.replay_store <= min(self.batch_size, self.replay_capacity),
+             f"replay_store ({self.replay_store}) must be at most batch_size ({self.batch_size}) and replay_capacity "
+             f"({self.replay_capacity}): replay stores rows of the current batch")
+        at_least(self, 1, "min_len", "max_len", "min_repeats", "max_repeats", "item_len")
+        need(self.min_len <= self.max_len, f"need 1 <= min_len <= max_len (got min_len={self.min_len}, "
+             f"max_len={self.max_len})")
+        need(self.min_repeats <= self.max_repeats, f"need 1 <= min_repeats <= max_repeats (got min_repeats="
+             f"{self.min_repeats}, max_repeats={self.max_repeats})")
+        need(self.task != "assoc_recall" or self.min_len >= 2, "assoc_recall needs min_len >= 2 items (the query "
+             "is never the last one)")
+        check_dnc(self)
+        if self.task in ALGORITHMIC:
+            check_init_from(self.init_from, allowed=("scratch", "resume"))
+        else:
+            need(self.init_from != "resume", f"task {self.task!r} runs its whole protocol in one go: it cannot "
+                 "resume; start it again")
+            check_init_from(self.init_from, allowed=("scratch",) if self.task == "pmnist" else None)
+        if self.task == "lm_sequence":
+            need(len(self.datasets) >= 1, "lm_sequence needs datasets=[...]: prepared datasets in data_dir, in order")
+            need("ewc" not in self.methods, "lm_sequence compares 'finetune' and 'replay'; drop 'ewc' from methods")
+
+
+def check_dnc(cfg):
+    """The DNC's settings (TaskConfig, bench.BenchConfig); dnc_config's own checks for an algorithmic task."""
+    at_least(cfg, 1, "bits", "memory_slots", "word_size", "read_heads", "hidden_size")
+    at_least(cfg, 0, "sparse_links")
+    one_of(cfg, "controller", ("lstm", "gpt"))
     if cfg.task in ALGORITHMIC:
-        need(cfg.init_from in ("scratch", "resume"), f"task {cfg.task!r} starts from 'scratch' or 'resume', "
-             f"not {cfg.init_from!r}")
-        need(cfg.bits >= 1 and 1 <= cfg.min_len <= cfg.max_len, f"need bits >= 1 and 1 <= min_len <= max_len "
-             f"(got bits={cfg.bits}, min_len={cfg.min_len}, max_len={cfg.max_len})")
-        need(1 <= cfg.min_repeats <= cfg.max_repeats, "need 1 <= min_repeats <= max_repeats")
-        need(cfg.task != "assoc_recall" or (cfg.min_len >= 2 and cfg.item_len >= 1),
-             "assoc_recall needs min_len >= 2 items (the query is never the last one) and item_len >= 1")
         try:
             dnc_config(cfg)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        return
-    need(set(cfg.methods) <= set(METHODS) and len(cfg.methods) > 0, f"methods must be some of {METHODS}, "
-         f"got {cfg.methods}")
-    need(cfg.replay_policy in ("ring", "reservoir"), f"replay_policy must be 'ring' or 'reservoir', "
-         f"got {cfg.replay_policy!r}")
-    need(cfg.replay_capacity >= 1 and cfg.replay_every >= 1 and cfg.replay_batch >= 0,
-         "need replay_capacity >= 1, replay_every >= 1 and replay_batch >= 0")
-    need(1 <= cfg.replay_store <= min(cfg.batch_size, cfg.replay_capacity),
-         f"replay_store ({cfg.replay_store}) must be between 1 and batch_size ({cfg.batch_size}) "
-         f"and at most replay_capacity ({cfg.replay_capacity})")
-    need(cfg.ewc_lambda >= 0 and cfg.ewc_samples >= 1, "need ewc_lambda >= 0 and ewc_samples >= 1")
-    need(cfg.init_from != "resume", f"task {cfg.task!r} runs its whole protocol in one go: it cannot resume; "
-         "start it again")
-    if cfg.task == "pmnist":
-        need(cfg.classifier in ("linear", "mlp"), f"classifier must be 'linear' or 'mlp', got {cfg.classifier!r}")
-        need(cfg.n_tasks >= 1 and cfg.init_from == "scratch", "pmnist needs n_tasks >= 1 and init_from='scratch'")
-    else:
-        need(len(cfg.datasets) >= 1, "lm_sequence needs datasets=[...]: prepared datasets in data_dir, in order")
-        need("ewc" not in cfg.methods, "lm_sequence compares 'finetune' and 'replay'; drop 'ewc' from methods")
 
 
 def main(cfg) -> dict:
-    check_settings(cfg)
+    cfg.validate()
+    need(int(os.environ.get("RANK", -1)) == -1, f"task {cfg.task!r} runs in one process: start it with "
+         "python train.py, not torchrun")
     device, _ = resolve_device(cfg.device, "float32")
+    # continual learning writes no checkpoint: only an algorithmic run can overwrite one
+    prepare_out_dir(cfg.out_dir, cfg.task in ALGORITHMIC and cfg.init_from != "resume", cfg.overwrite)
     print(f"settings:\n{format_config(cfg)}")
     print(f"task {cfg.task} on {device}, {torch.get_num_threads()} CPU threads")
-    os.makedirs(cfg.out_dir, exist_ok=True)
     if cfg.task in ALGORITHMIC:
         return train_algorithmic(cfg, device)
     if cfg.task == "pmnist":
@@ -236,61 +279,24 @@ def n_params(model) -> int:
 def train_algorithmic(cfg, device) -> dict:
     """Returns {'losses': {model: {iter: loss}}, 'bits_wrong': {model: final bits per sequence},
     'params': {model: count}, 'iter_num': ...}."""
-    torch.manual_seed(cfg.seed)
-    dcfg = dnc_config(cfg)
-    models = {"dnc": DNC(dcfg)}
-    hidden = matched_lstm_hidden(dcfg.input_size, dcfg.output_size, n_params(models["dnc"]))
-    if cfg.baseline:
-        models["lstm"] = LSTMBaseline(dcfg.input_size, dcfg.output_size, hidden)
-    model_args = {"dnc": asdict(dcfg), "lstm_hidden": hidden if cfg.baseline else None}
-    for m in models.values():
-        m.to(device)
+    models, model_args = algorithmic_models(cfg, device)
     optimizers = {name: make_optimizer(cfg, m) for name, m in models.items()}
     params = {name: n_params(m) for name, m in models.items()}
     print("models: " + ", ".join(f"{name} {count:,} parameters" for name, count in params.items()))
-
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     iter_num, train_time = 0, {name: 0.0 for name in models}
     if cfg.init_from == "resume":
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt["model_args"] != model_args:
-            raise ConfigError(f"cannot resume {ckpt_path}: it holds models {ckpt['model_args']}, these settings "
-                              f"make {model_args}; use the settings it was trained with")
-        for name in models:
-            models[name].load_state_dict(ckpt["model"][name])
-            optimizers[name].load_state_dict(ckpt["optimizer"][name])
-        iter_num, train_time = ckpt["iter_num"], ckpt["train_time"]
-        print(f"resuming from {ckpt_path} at iteration {iter_num}")
+        iter_num, train_time = resume_algorithmic(ckpt_path, models, optimizers, model_args)
     if cfg.compile:  # the DNC's step is where the time goes: compiling it fuses its many small operations
         models["dnc"].step = torch.compile(models["dnc"].step)
-
     eval_set = [make_batch(cfg, np.random.default_rng([cfg.seed, 1, k]), cfg.batch_size, device)
                 for k in range(cfg.eval_iters)]
-
-    @torch.no_grad()
-    def evaluate(name):
-        models[name].eval()
-        wrong = torch.cat([bits_wrong(models[name](x)[0], y, mask) for x, y, mask in eval_set])
-        models[name].train()
-        return wrong.mean().item()
-
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    kept = []
-    if cfg.init_from == "resume" and os.path.exists(metrics_path):
-        kept = [line for line in open(metrics_path) if json.loads(line)["iter"] < iter_num]
-    with open(metrics_path, "w") as f:
-        f.writelines(kept)
-
-    def log(record):
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    losses = {name: {} for name in models}
-    history = [json.loads(line) for line in kept if "bits" in json.loads(line)]
-    start = iter_num
+    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), iter_num if cfg.init_from == "resume" else None)
+    history = [r for r in log.kept if "bits" in r]
+    losses, start = {name: {} for name in models}, iter_num
     while True:
         if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters:
-            record = {"iter": iter_num, "bits": {name: evaluate(name) for name in models},
+            record = {"iter": iter_num, "bits": {name: bits_wrong_on(m, eval_set) for name, m in models.items()},
                       "train_time_s": dict(train_time)}
             history.append(record)
             log(record)
@@ -303,30 +309,76 @@ def train_algorithmic(cfg, device) -> dict:
         if iter_num >= cfg.max_iters:
             break
         lr = get_lr(iter_num, cfg)
-        x, y, mask = make_batch(cfg, np.random.default_rng([cfg.seed, 0, iter_num]), cfg.batch_size, device)
+        batch = make_batch(cfg, np.random.default_rng([cfg.seed, 0, iter_num]), cfg.batch_size, device)
         for name, model in models.items():
-            t0 = time.perf_counter()
-            for group in optimizers[name].param_groups:
-                group["lr"] = lr
-            loss = masked_bce(model(x)[0], y, mask)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizers[name].step()
-            optimizers[name].zero_grad(set_to_none=True)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()  # count the GPU's time, not only the launches
-            train_time[name] += time.perf_counter() - t0
+            loss = algorithmic_step(cfg, model, optimizers[name], batch, lr, train_time, name)
             if iter_num % cfg.log_interval == 0:
-                losses[name][iter_num] = loss.item()
+                losses[name][iter_num] = loss
         if iter_num % cfg.log_interval == 0:
             print(f"iter {iter_num}: loss " + ", ".join(f"{n} {l[iter_num]:.4f}" for n, l in losses.items()))
             log({"iter": iter_num, "loss": {n: l[iter_num] for n, l in losses.items()}, "lr": lr})
         iter_num += 1
+    return report_algorithmic(cfg, history, params, losses, iter_num)
 
+
+def algorithmic_models(cfg, device):
+    """({'dnc': the DNC, 'lstm': the baseline of its parameter count (cfg.baseline)}, their arguments)."""
+    torch.manual_seed(cfg.seed)
+    dcfg = dnc_config(cfg)
+    models = {"dnc": DNC(dcfg)}
+    hidden = matched_lstm_hidden(dcfg.input_size, dcfg.output_size, n_params(models["dnc"]))
+    if cfg.baseline:
+        models["lstm"] = LSTMBaseline(dcfg.input_size, dcfg.output_size, hidden)
+    for m in models.values():
+        m.to(device)
+    return models, {"dnc": asdict(dcfg), "lstm_hidden": hidden if cfg.baseline else None}
+
+
+def resume_algorithmic(ckpt_path, models, optimizers, model_args):
+    """Load the models and optimizers from ckpt_path; returns (iteration, training time per model)."""
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt["model_args"] != model_args:
+        raise ConfigError(f"cannot resume {ckpt_path}: it holds models {ckpt['model_args']}, these settings "
+                          f"make {model_args}; use the settings it was trained with")
+    for name in models:
+        models[name].load_state_dict(ckpt["model"][name])
+        optimizers[name].load_state_dict(ckpt["optimizer"][name])
+    print(f"resuming from {ckpt_path} at iteration {ckpt['iter_num']}")
+    return ckpt["iter_num"], ckpt["train_time"]
+
+
+@torch.no_grad()
+def bits_wrong_on(model, eval_set) -> float:
+    """Mean bits wrong per sequence over the evaluation batches."""
+    model.eval()
+    wrong = torch.cat([bits_wrong(model(x)[0], y, mask) for x, y, mask in eval_set])
+    model.train()
+    return wrong.mean().item()
+
+
+def algorithmic_step(cfg, model, optimizer, batch, lr, train_time, name) -> float:
+    """One optimizer step of one model on a batch, its time added to train_time[name]; returns the loss."""
+    x, y, mask = batch
+    t0 = time.perf_counter()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = masked_bce(model(x)[0], y, mask)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()  # count the GPU's time, not only the launches
+    train_time[name] += time.perf_counter() - t0
+    return loss.item()
+
+
+def report_algorithmic(cfg, history, params, losses, iter_num) -> dict:
+    """Write results.json and bits.png; returns train_algorithmic's result."""
     # the first evaluation below 0.01 bits per sequence, with the training time it took
     target = {name: next(({"iter": h["iter"], "train_time_s": h["train_time_s"][name]}
-                          for h in history if h["bits"][name] < 0.01), None) for name in models}
+                          for h in history if h["bits"][name] < 0.01), None) for name in params}
     final = history[-1]
     result = {"task": cfg.task, "params": params, "bits_wrong": final["bits"], "train_time_s": final["train_time_s"],
               "below_0.01_bits": target, "eval_sequences": cfg.eval_iters * cfg.batch_size,
@@ -334,7 +386,7 @@ def train_algorithmic(cfg, device) -> dict:
     write_json(os.path.join(cfg.out_dir, "results.json"), result)
     fig, axes = new_figure(1)
     ax = axes[0][0]
-    for name in models:
+    for name in params:
         ax.plot([h["train_time_s"][name] for h in history], [max(h["bits"][name], 1e-3) for h in history],
                 "o-", ms=3, label=f"{name} ({params[name]:,} parameters)")
     ax.set(xlabel="training time (s)", ylabel="bits wrong per sequence", yscale="log", title=cfg.task)

@@ -10,123 +10,112 @@ Many processes, one per GPU (or CPU processes with gloo), through DistributedDat
 Batches are a pure function of (seed, iteration): the global batch of iteration i is the same
 rows whatever the world size, each rank taking its share of the micro-steps. That is what makes
 a resumed run equal an uninterrupted one and N processes equal one.
+
+`task` picks the program and its settings: 'lm' (TrainConfig, the GPT), 'dialog' (DialogConfig,
+the seq2seq chatbot), both trained by the loop below, which reads its data through a data.Source;
+or one of tasks.py's programs (tasks.TaskConfig: the DNC's algorithmic tasks, continual learning).
 """
 
-import json
-import math
 import os
-import random
-import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from chat import DialogBatches, Seq2Seq, Seq2SeqConfig, grow_vocab, prune_vocab
+import tasks  # the DNC's algorithmic tasks and continual learning (task != 'lm', 'dialog')
+from chat import Seq2Seq, Seq2SeqConfig
 from checkpoint import CheckpointError, load_checkpoint, memory_args, model_args, model_from_checkpoint
-from common import (atomic_save, atomic_write, autocast_context, ddp_info, get_lr, get_rng_state, print0, pyplot,
-                    resolve_device, save_figure, seeded_generator, set_rng_state)
-from configurator import ConfigError, format_config, load_config
-from data import DocStream, batch_offsets, get_batch
-from memory import MNM, MNMBlock, MemoryConfig, attach_memories, mnm_block, row_memories
-from model import GPT, GPTConfig
-from prepare import DataError, WordVocab, check_meta_compatible, load_doc_starts, load_meta, open_split
-import tasks  # the DNC's algorithmic tasks and continual learning (task != 'lm')
+from common import (atomic_save, autocast_context, cli, ddp_info, get_lr, get_rng_state, print0, pyplot,
+                    resolve_device, save_figure, set_rng_state)
+from configurator import ConfigError, at_least, format_config, load_program, need, one_of
+from data import Dialogs, DocStreams, Layout, RandomWindows
+from memory import MNM, MemoryConfig, attach_memories
+from model import GPT, GPTConfig, pretrained_tokenizer_meta
+from prepare import DataError, check_meta_compatible, load_meta
+from runs import MetricsLog, OutDirError, RunConfig, check_init_from, prepare_out_dir, read_metrics
 
 
 @dataclass
-class TrainConfig:
-    # I/O
-    out_dir: str = "out"
-    eval_interval: int = 250
-    log_interval: int = 10
-    eval_iters: int = 20
+class LoopConfig(RunConfig):
+    """The settings of the training loop below, for both programs it runs (TrainConfig, DialogConfig)."""
     eval_only: bool = False  # evaluate once and exit
     always_save_checkpoint: bool = True  # False: keep only the checkpoint with the best val loss
-    init_from: str = "scratch"  # 'scratch', 'resume' (from out_dir), 'gpt2*', or a local HF GPT-2 folder
-    # logging
     wandb_log: bool = False
     wandb_project: str = "mnemo"
     wandb_run_name: str = "run"
-    # data
-    dataset: str = "facts"
-    data_dir: str = "data"  # the dataset lives in data_dir/dataset (what prepare.py writes)
+    dataset: str = "facts"  # the dataset lives in data_dir/dataset (what prepare.py writes)
     gradient_accumulation_steps: int = 1  # micro-steps per global batch, shared out over the ranks
+    dtype: str = "auto"  # 'auto' (bfloat16 on GPUs that have it, else float16 on GPU, float32 on CPU), 'float32', 'bfloat16', 'float16'
+
+    def validate(self):
+        super().validate()
+        at_least(self, 1, "gradient_accumulation_steps")
+        one_of(self, "dtype", ("auto", "float32", "bfloat16", "float16"))
+
+    def shape(self) -> dict:
+        return dict(block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
+                    dropout=self.dropout, bias=self.bias)
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """task='lm': a GPT on a prepared dataset, with the trainable memories of memory.MemoryConfig."""
+    PROGRAM = "task='lm'"
+    task: str = "lm"  # the program: 'lm', 'dialog', or one of tasks.py's (tasks.TaskConfig)
     loader: str = "random"  # 'random': windows at random offsets; 'docs': every batch row reads its own
-    # documents window after window (DocStream), which a memorizing layer needs
-    batch_size: int = 12  # rows per micro-step (per rank)
-    block_size: int = 256
-    # model (ignored when resuming or fine-tuning: the checkpoint's shape wins)
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    dropout: float = 0.0
-    bias: bool = True
-    # Memorizing Transformer layer (model.GPTConfig): kNN attention over each batch row's memory of its
-    # document's earlier windows at this layer, -1 = none; needs loader='docs'
+    # documents window after window (data.DocStreams), which the memories below need
+    # Memorizing Transformer layer: kNN attention over each batch row's memory of its document's earlier
+    # windows at this layer, -1 = none
     knn_layer: int = -1
     knn_topk: int = 32
     knn_memory_size: int = 16384  # entries per batch row and head
-    knn_search_dtype: str = "float32"  # 'bfloat16': about 2x faster retrieval on CPUs with AVX512-BF16 (see GPTConfig)
+    knn_search_dtype: str = "float32"  # 'bfloat16': about 2x faster retrieval on CPUs with AVX512-BF16 (see MemoryConfig)
     # metalearned neural memory (memory.MNMBlock) after this layer's block, written window by window with each
-    # row's document, -1 = none; needs loader='docs'; shaped by mnm_heads, mnm_key_size, mnm_hidden, mnm_write
+    # row's document, -1 = none; shaped by mnm_heads, mnm_key_size, mnm_hidden, mnm_write
     mnm_layer: int = -1
-    # AdamW
-    learning_rate: float = 6e-4
-    max_iters: int = 5000
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping
-    # learning-rate schedule: linear warm-up, then cosine decay to min_lr
-    decay_lr: bool = True
-    warmup_iters: int = 100
-    lr_decay_iters: int | None = None  # None: max_iters
-    min_lr: float = 6e-5
-    # system
-    device: str = "auto"  # 'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', 'mps'
-    dtype: str = "auto"  # 'auto' (bfloat16 on GPUs that have it, else float16 on GPU, float32 on CPU), 'float32', 'bfloat16', 'float16'
-    compile: bool = False  # torch.compile the model (worth it on GPU for long runs)
-    seed: int = 1337
-    # what to train: 'lm' (the GPT above), 'dialog' (the seq2seq chatbot, settings at the end), or one of
-    # tasks.py's tasks, which use the settings below:
-    # 'copy', 'repeat_copy', 'assoc_recall' (a DNC against an LSTM of its size), 'pmnist' and
-    # 'lm_sequence' (continual learning: fine-tuning, EWC and replay under one protocol)
-    task: str = "lm"
-    # DNC (memory.DNCConfig); the 'gpt' controller takes n_head from above and attends over block_size steps
-    memory_slots: int = 16  # N
-    word_size: int = 16  # W
-    read_heads: int = 4  # R
-    controller: str = "lstm"  # 'lstm' (the reference) or 'gpt' (a GPT block)
-    hidden_size: int = 64  # controller width
-    sparse_links: int = 0  # K > 0: sparse temporal links (top-K), for large memory_slots; 0: dense N x N
-    optimizer: str = "adamw"  # tasks other than 'lm': 'adamw', 'rmsprop' (the DNC reference's) or 'sgd'
-    # algorithmic tasks: random bit patterns
-    bits: int = 8
-    min_len: int = 1  # pattern length (copy, repeat_copy) or number of items (assoc_recall)
-    max_len: int = 20
-    min_repeats: int = 1  # repeat_copy
-    max_repeats: int = 2
-    item_len: int = 3  # assoc_recall: vectors per item
-    baseline: bool = True  # also train an LSTM with the DNC's parameter count on the same batches
-    # continual learning: max_iters iterations per task, tasks one after another
-    n_tasks: int = 20  # pmnist: permutations
-    datasets: list[str] = field(default_factory=list)  # lm_sequence: prepared datasets in data_dir, in order
-    classifier: str = "linear"  # pmnist: 'linear' (784 -> 10, the reference) or 'mlp' (2 x 256 ReLU)
-    methods: list[str] = field(default_factory=lambda: ["finetune", "ewc", "replay"])  # run in turn, same batches
-    replay_capacity: int = 15000  # stored examples
-    replay_every: int = 1000  # store part of the current batch every this many iterations
-    replay_store: int = 32  # rows of that batch stored
-    replay_batch: int = 32  # stored examples added to every batch (once any are stored)
-    replay_policy: str = "ring"  # 'ring' (newest replace oldest) or 'reservoir' (uniform over all offered)
-    ewc_lambda: float = 100.0  # EWC penalty strength
-    ewc_samples: int = 500  # examples per task for EWC's Fisher information
-    # dialogue (task='dialog'): a seq2seq chatbot (model.Seq2Seq) on data_dir/dataset/dialogs_*.jsonl
-    # (python prepare.py dialogs); batch_size counts dialogues, block_size the longest utterance
+    mnm_heads: int = 4
+    mnm_key_size: int = 32
+    mnm_hidden: int = 64
+    mnm_write: str = "local"  # 'local', 'grad' or 'titans'
+
+    def validate(self):
+        super().validate()
+        one_of(self, "task", ("lm",))
+        check_init_from(self.init_from)
+        one_of(self, "loader", ("random", "docs"))
+        one_of(self, "knn_search_dtype", ("float32", "bfloat16"))
+        one_of(self, "mnm_write", MNM.WRITES)
+        at_least(self, -1, "knn_layer", "mnm_layer")
+        at_least(self, 1, "knn_topk", "knn_memory_size", "mnm_heads", "mnm_key_size", "mnm_hidden")
+        if self.init_from == "scratch":
+            need(max(self.knn_layer, self.mnm_layer) < self.n_layer, f"knn_layer={self.knn_layer} and mnm_layer="
+                 f"{self.mnm_layer} must be < n_layer={self.n_layer} (a layer of the model) or -1 (none)")
+        need(self.loader == "docs" or max(self.knn_layer, self.mnm_layer) < 0, "a memorizing layer (knn_layer >= 0) "
+             "or an MNM block (mnm_layer >= 0) remembers the earlier windows of each row's document: set "
+             "loader='docs' (and prepare a dataset with document boundaries)")
+
+    def memory_config(self) -> MemoryConfig:
+        return MemoryConfig(**{f.name: getattr(self, f.name) for f in fields(MemoryConfig)})
+
+    def new_model(self, vocab_size):
+        return attach_memories(GPT(GPTConfig(vocab_size=vocab_size, **self.shape())), self.memory_config())
+
+    def shape_keys(self, saved: dict) -> tuple:
+        """The settings a resumed checkpoint must agree with."""
+        mnm = ("mnm_heads", "mnm_key_size", "mnm_hidden", "mnm_write") if saved.get("mnm_layer", -1) >= 0 else ()
+        return ("n_layer", "n_head", "n_embd", "block_size", "bias", "knn_layer", "mnm_layer") + mnm
+
+
+@dataclass
+class DialogConfig(LoopConfig):
+    """task='dialog': the seq2seq chatbot (chat.Seq2Seq) on data_dir/dataset/dialogs_*.jsonl (python prepare.py
+    dialogs); batch_size counts dialogues, block_size the longest utterance, n_layer the decoder blocks."""
+    PROGRAM = "task='dialog'"
+    task: str = "dialog"
+    dataset: str = "dialogs"
     n_enc_layer: int = 2
     memory: str = "mnm"  # 'mnm' (memory.MNM) or 'none'
     mnm_heads: int = 4
@@ -143,55 +132,56 @@ class TrainConfig:
     vocab_min_count: int = 0
     vocab_capacity: int | None = None
 
+    def validate(self):
+        super().validate()
+        one_of(self, "task", ("dialog",))
+        check_init_from(self.init_from, allowed=("scratch", "resume"))
+        one_of(self, "memory", ("mnm", "none"))
+        one_of(self, "mnm_read", ("before", "after"))
+        one_of(self, "mnm_write", MNM.WRITES)
+        at_least(self, 1, "mnm_heads", "mnm_key_size", "mnm_hidden", "dialog_slots", "vocab_capacity")
+        at_least(self, 0, "n_enc_layer", "mnm_tbptt", "vocab_prune_every", "vocab_min_count")
 
-ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
-MNM_SHAPE_KEYS = ("mnm_heads", "mnm_key_size", "mnm_hidden", "mnm_write")
+    def new_model(self, vocab_size):
+        extra = {f.name: getattr(self, f.name) for f in fields(Seq2SeqConfig) if f.name not in GPTConfig.__dataclass_fields__
+                 and f.name != "model_type"}
+        return Seq2Seq(Seq2SeqConfig(vocab_size=vocab_size, **self.shape(), **extra))
 
-
-def memory_config(cfg) -> MemoryConfig:
-    return MemoryConfig(**{k: getattr(cfg, k) for k in MemoryConfig.__dataclass_fields__})
-DIALOG_ARCH_KEYS = ("n_enc_layer", "memory", "mnm_heads", "mnm_key_size", "mnm_hidden", "mnm_write", "mnm_read")
-
-
-
-def plot_losses(metrics_path: str, png_path: str):
-    """Training and validation loss against iteration, from metrics.jsonl."""
-    plt = pyplot()
-    train, evals = [], []
-    with open(metrics_path) as f:
-        for line in f:
-            m = json.loads(line)
-            if "loss" in m:
-                train.append((m["iter"], m["loss"]))
-            if "val_loss" in m:
-                evals.append((m["iter"], m["val_loss"]))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train (logged iterations)", lw=1)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="val")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    save_figure(fig, png_path)
+    def shape_keys(self, saved: dict) -> tuple:
+        return ("n_layer", "n_head", "n_embd", "block_size", "bias", "n_enc_layer", "memory", "mnm_heads",
+                "mnm_key_size", "mnm_hidden", "mnm_write", "mnm_read")
 
 
-def main(cfg: TrainConfig) -> dict:
+PROGRAMS = {"lm": TrainConfig, "dialog": DialogConfig, **dict.fromkeys(tasks.TASKS, tasks.TaskConfig)}
+
+
+def load_settings(argv: list[str] | None = None, **overrides):
+    """The settings of the program that argv's (or the overrides') `task` chooses."""
+    return load_program(PROGRAMS, argv, "task", "lm", **overrides)
+
+
+# -----------------------------------------------------------------------------
+
+def main(cfg) -> dict:
     """Train as cfg says; returns {'losses': {iter: loss}, 'val_loss': ..., 'iter_num': ...}.
-    A task other than 'lm' runs in tasks.py and returns its own results."""
-    if cfg.task not in ("lm", "dialog"):
+    A program of tasks.py runs there and returns its own results."""
+    if isinstance(cfg, tasks.TaskConfig):
         return tasks.main(cfg)
+    cfg.validate()
     ddp, rank, local_rank, world_size = ddp_info()
-    master_process = rank == 0
+    need(cfg.gradient_accumulation_steps % world_size == 0, f"gradient_accumulation_steps="
+         f"{cfg.gradient_accumulation_steps} must be a multiple of the number of processes ({world_size})")
+    prepare_out_dir(cfg.out_dir, cfg.init_from != "resume", cfg.overwrite, master=rank == 0)
     device, dtype = resolve_device(cfg.device, cfg.dtype)
     if ddp:
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    layout = Layout(rank, world_size, cfg.gradient_accumulation_steps // world_size, cfg.batch_size, device,
+                    autocast_context(device, dtype), ddp)
     try:
-        result = _train(cfg, ddp, rank, world_size, master_process, device, dtype)
+        result = train(cfg, layout, dtype)
         if ddp:
             # DDP keeps the process group, and so gloo's worker threads, alive to interpreter exit. A rank
             # that left straight after its last collective could exit while a worker still frees that
@@ -205,321 +195,75 @@ def main(cfg: TrainConfig) -> dict:
             dist.destroy_process_group()
 
 
-def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
-    if cfg.gradient_accumulation_steps % world_size != 0:
-        raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple "
-                          f"of the number of processes ({world_size})")
-    micro_steps = cfg.gradient_accumulation_steps // world_size  # this rank's share
-    global_rows = cfg.gradient_accumulation_steps * cfg.batch_size
-    tokens_per_iter = global_rows * cfg.block_size
+def train(cfg, layout: Layout, dtype: str) -> dict:
+    master, device = layout.rank == 0, layout.device
+    tokens_per_iter = layout.global_rows * cfg.block_size
     print0(f"settings:\n{format_config(cfg)}")
-    print0(f"device {device}, dtype {dtype}, {world_size} process(es), tokens per iteration {tokens_per_iter:,}")
-    if master_process:
-        os.makedirs(cfg.out_dir, exist_ok=True)
+    print0(f"device {device}, dtype {dtype}, {layout.world_size} process(es), tokens per iteration {tokens_per_iter:,}")
     torch.manual_seed(cfg.seed)  # same init on every rank; reseeded per rank below for dropout
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    ctx = autocast_context(device, dtype)
 
+    # data, model, optimizer; a resumed run takes them all back from the checkpoint
     data_path = os.path.join(cfg.data_dir, cfg.dataset)
     meta = load_meta(data_path)
-    splits = {s: open_split(data_path, s, meta) for s in ("train", "val")}
-    if (cfg.task == "dialog" or cfg.mnm_layer >= 0) and cfg.mnm_write not in MNM.WRITES:
-        raise ConfigError(f"mnm_write must be one of {MNM.WRITES}, got {cfg.mnm_write!r}")
-    dialogs = vocab = None  # task='dialog': the dialogue batches and the elastic vocabulary
-    if cfg.task == "dialog":
-        if cfg.memory not in ("mnm", "none") or cfg.mnm_read not in ("before", "after"):
-            raise ConfigError(f"memory must be 'mnm' or 'none' (got {cfg.memory!r}) and mnm_read 'before' or "
-                              f"'after' (got {cfg.mnm_read!r})")
-        dialogs = DialogBatches(data_path, cfg.seed, cfg.dialog_slots, cfg.block_size)
-        vocab = WordVocab()  # starts with the special tokens; grows as the batches bring words
-
-    # model
+    source = open_source(cfg, data_path, meta, layout)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ckpt = None
-    iter_num, best_val_loss = 0, float("inf")
-    if cfg.init_from == "scratch" and dialogs is not None:
-        model = Seq2Seq(Seq2SeqConfig(
-            block_size=cfg.block_size, vocab_size=len(vocab), n_layer=cfg.n_layer, n_head=cfg.n_head,
-            n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, n_enc_layer=cfg.n_enc_layer, memory=cfg.memory,
-            mnm_heads=cfg.mnm_heads, mnm_key_size=cfg.mnm_key_size, mnm_hidden=cfg.mnm_hidden,
-            mnm_write=cfg.mnm_write, mnm_read=cfg.mnm_read, mnm_tbptt=cfg.mnm_tbptt))
-    elif cfg.init_from == "scratch":
-        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
-                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
-        attach_memories(model, memory_config(cfg))
-    elif cfg.init_from == "resume":
-        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-        saved = {**ckpt["memory_args"], **ckpt["model_args"]}
-        keys = ARCH_KEYS + (DIALOG_ARCH_KEYS if dialogs is not None
-                            else MNM_SHAPE_KEYS if saved.get("mnm_layer", -1) >= 0 else ())
-        if (saved.get("model_type") == "seq2seq") != (dialogs is not None):
-            raise ConfigError(f"cannot resume {ckpt_path} with task={cfg.task!r}: it holds a "
-                              f"{saved.get('model_type', 'gpt')} model; use the task it was trained with")
-        clash = {k: (saved[k], getattr(cfg, k)) for k in keys if saved[k] != getattr(cfg, k)}
-        if clash:
-            raise ConfigError(f"cannot resume {ckpt_path}: the settings change the model's shape "
-                              + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in clash.items())
-                              + "; use the settings it was trained with")
-        for key in ("knn_layer", "mnm_layer"):
-            if saved.get(key, -1) != getattr(cfg, key):
-                raise ConfigError(f"cannot resume {ckpt_path}: it was trained with {key}={saved.get(key, -1)}, "
-                                  f"the settings say {getattr(cfg, key)}; use the settings it was trained with")
-        check_meta_compatible(ckpt["meta"], meta)
-        model = model_from_checkpoint(ckpt, dropout=cfg.dropout)
-        if dialogs is not None:
-            vocab = WordVocab.from_dict(ckpt["vocab"])
-            model.config.mnm_tbptt = cfg.mnm_tbptt  # a training choice, not the model's shape
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        print0(f"resuming from {ckpt_path} at iteration {iter_num}")
-    else:  # pretrained GPT-2: a hub name or a local folder
-        if meta["tokenizer"] != "gpt2":
-            raise DataError(f"init_from={cfg.init_from!r} needs GPT-2 tokens, but {data_path} was prepared with "
-                            f"the {meta['tokenizer']!r} tokenizer: prepare it with --tokenizer gpt2")
-        model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
-        if cfg.block_size < model.config.block_size:
-            model.crop_block_size(cfg.block_size)
-        attach_memories(model, memory_config(cfg))  # e.g. a memorizing layer on pretrained weights, as Wu et al.
-    if dialogs is None and model.config.vocab_size < meta["vocab_size"]:
-        raise DataError(f"{data_path} has {meta['vocab_size']} token ids, the model only {model.config.vocab_size}")
-    block_size = model.config.block_size
-    model.to(device)
-    mnm = mnm_block(model)
-    # memories with a row per batch row of every micro-step, emptied at document ends, by checkpoint key
-    row_mems = row_memories(model)
-    docs = cfg.loader == "docs"
-    if cfg.loader not in ("random", "docs"):
-        raise ConfigError(f"loader={cfg.loader!r}; choose 'random' or 'docs'")
-    if row_mems and not docs:
-        raise ConfigError("a memorizing layer (knn_layer >= 0) or an MNM block (mnm_layer >= 0) remembers the "
-                          "earlier windows of each row's document: set loader='docs' (and prepare a dataset with "
-                          "document boundaries)")
-    if docs:
-        streams = {s: DocStream(splits[s], load_doc_starts(data_path, s, len(splits[s])), global_rows, block_size,
-                                cfg.seed, shuffle=s == "train") for s in ("train", "val")}
-    local_rows = micro_steps * cfg.batch_size  # memory rows of this rank: every micro-step's batch rows
-    for m in row_mems.values():
-        m.reset(local_rows)
+    ckpt = load_checkpoint(ckpt_path) if cfg.init_from == "resume" else None
+    model = init_model(cfg, source, meta, ckpt).to(device)  # saved and sampled: never wrapped by compile or DDP
+    source.bind(model)
     print0(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_args(model)}")
-
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        for name, m in row_mems.items():
-            state = ckpt.get(name)  # rows of the whole global batch, in global row order
-            if not state:
-                continue
-            n = next(iter(state.values())).size(0)
-            if n != global_rows:
-                raise ConfigError(f"{ckpt_path} holds memories of {n} batch rows, this run "
-                                  f"has {global_rows}: resume with the batch_size and gradient_accumulation_steps "
-                                  "it was trained with")
-            m.set_state({k: v[rank * local_rows:(rank + 1) * local_rows].to(device) for k, v in state.items()})
-        states = ckpt["rng"]
-        if len(states) == world_size:
-            set_rng_state(states[rank])
-        else:
-            print0(f"warning: checkpoint holds RNG states of {len(states)} process(es), this run has "
-                   f"{world_size}: dropout draws will differ from an uninterrupted run")
+        iter_num, best_val_loss = restore(ckpt, optimizer, scaler, source, layout)
+        print0(f"resuming from {ckpt_path} at iteration {iter_num}")
         ckpt = None  # free the memory
     else:
-        torch.manual_seed(cfg.seed + rank)
-
-    raw_model = model  # saved and sampled: never carries compile's or DDP's prefixes
-
-    def wrap(model):  # again whenever the vocabulary changes the embedding Parameter
-        if cfg.compile:
-            print0("compiling the model...")
-            model = torch.compile(model)
-        if ddp:
-            model = DDP(model, device_ids=[device] if device_type == "cuda" else None)
-        return model
-
-    model = wrap(raw_model)
-
-    def draw(split, stream, index, n_rows):
-        """The index-th batch of a stream, n_rows rows: a pure function of (seed, stream, index)."""
-        if dialogs is not None:
-            return dialogs.draw(split, stream, index, n_rows)
-        return batch_offsets(cfg.seed, stream, index, n_rows, len(splits[split]), block_size)
-
-    def tensors(split, rows, *key):
-        """The model's inputs for drawn rows; key (stream, index, first row) seeds the slot rows."""
-        if dialogs is not None:
-            return dialogs.tensors(rows, vocab, raw_model.transformer.wte.weight,
-                                   seeded_generator(cfg.seed, *key), device)
-        return get_batch(splits[split], rows, block_size, device)
-
-    @torch.no_grad()
-    def estimate_loss():
-        """Mean loss over eval_iters fixed batches per split, shared out over the ranks."""
-        out = {}
-        model.eval()
-        if docs:
-            out = estimate_loss_docs()
-            model.train()
-            return out
-        for stream, split in ((1, "train"), (2, "val")):
-            total = torch.zeros((), device=device)
-            for k in range(rank, cfg.eval_iters, world_size):
-                batch = tensors(split, draw(split, stream, k, cfg.batch_size), stream, k, 0)
-                with ctx:
-                    _, loss = raw_model(*batch)
-                total += loss.float()
-            if ddp:
-                dist.all_reduce(total)
-            out[split] = total.item() / cfg.eval_iters
-        model.train()
-        return out
-
-    def docs_step(stream, it, micro, train_step):
-        """Forward one micro-step of document-contiguous rows; a row's memory empties when its document ends."""
-        lo = (rank * micro_steps + micro) * cfg.batch_size
-        X, Y, last = stream.batch(it, range(lo, lo + cfg.batch_size), device)
-        for m in row_mems.values():
-            m.rows = slice(micro * cfg.batch_size, (micro + 1) * cfg.batch_size)
-        with ctx:
-            _, loss = (model if train_step else raw_model)(X, Y)
-            if train_step and mnm is not None:  # the MNM's write path learns from its write loss
-                loss = loss + MNM.write_loss_weight * mnm.write_loss
-        for m in row_mems.values():
-            m.clear_rows(micro * cfg.batch_size + last.nonzero().squeeze(1))
-        return loss, (Y >= 0).sum()
-
-    @torch.no_grad()
-    def estimate_loss_docs():
-        """Loss per token over the first eval_iters iterations of each split's document stream (in file
-        order, laid out like training batches; weighted by tokens, as the last window of a document is
-        short), every row's memory starting empty; the training memories are put back afterwards."""
-        saved = {name: m.get_state() for name, m in row_mems.items()}
-        out = {}
-        for split in ("train", "val"):
-            for m in row_mems.values():
-                m.reset(local_rows)
-            total = torch.zeros(2, device=device)  # summed loss, tokens
-            for k in range(cfg.eval_iters):
-                for micro in range(micro_steps):
-                    loss, n = docs_step(streams[split], k, micro, False)
-                    total += torch.stack([loss.float() * n, n.float()])
-            if ddp:
-                dist.all_reduce(total)
-            out[split] = (total[0] / total[1]).item()
-        for name, m in row_mems.items():
-            m.reset(local_rows)
-            m.set_state(saved[name])
-        return out
-
-    # metrics.jsonl: one JSON line per logged iteration / evaluation; a resumed run drops the
-    # lines from iterations it is about to redo
+        torch.manual_seed(cfg.seed + layout.rank)
+    wandb = start_wandb(cfg) if cfg.wandb_log and master else None
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if master_process:
-        kept = []
-        if cfg.init_from == "resume" and os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["iter"] < iter_num]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
-
-    def log_metrics(record):
-        if master_process:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if cfg.wandb_log:
-                wandb.log(record, step=record["iter"])
-
-    if cfg.wandb_log and master_process:
-        import wandb
-        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
-
-    def save_checkpoint():
-        rng = [None] * world_size
-        if ddp:
-            dist.all_gather_object(rng, get_rng_state())
-        else:
-            rng = [get_rng_state()]
-        mem_states = {}
-        for name, m in row_mems.items():  # every rank's memories, in global row order, for an exact resume
-            parts = [{k: v.cpu() for k, v in m.get_state().items()}]
-            if ddp:
-                mine, parts = parts[0], [None] * world_size
-                dist.all_gather_object(parts, mine)
-            mem_states[name] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts[0] else {}
-        if master_process:
-            checkpoint = {
-                "model": raw_model.state_dict(),
-                "model_args": model_args(raw_model),
-                "memory_args": memory_args(raw_model),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "iter_num": iter_num,
-                "best_val_loss": best_val_loss,
-                "config": asdict(cfg),
-                "meta": meta,
-                "rng": rng,
-                "vocab": vocab.to_dict() if vocab is not None else None,
-                # batches are a pure function of (seed, iteration): this is the sampler's whole state
-                "sampler": {"seed": cfg.seed, "next_iter": iter_num, "loader": cfg.loader},
-                **mem_states,
-            }
-            atomic_save(checkpoint, ckpt_path)
-            print0(f"saved checkpoint to {ckpt_path}")
+    also = (lambda record: wandb.log(record, step=record["iter"])) if wandb else None
+    log = MetricsLog(metrics_path, iter_num if cfg.init_from == "resume" else None, master, also)
+    step_model = wrap(model, cfg, layout)  # what the training step calls: compiled and/or DDP
 
     device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else None
-    losses: dict[int, float] = {}
-    val_loss = None
-    start_iter = iter_num
+    losses, val_loss, start_iter, dt_avg = {}, None, iter_num, None
     t0 = time.time()
-    dt_avg = None
     model.train()
     while True:
+        # evaluate the train and val loss; save a checkpoint
         if iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters or cfg.eval_only:
-            ev = estimate_loss()
+            model.eval()
+            ev = source.estimate_loss(model)
+            model.train()
             val_loss = ev["val"]
             print0(f"step {iter_num}: train loss {ev['train']:.4f}, val loss {ev['val']:.4f}")
-            log_metrics({"iter": iter_num, "train_loss": ev["train"], "val_loss": ev["val"]})
-            improved = ev["val"] < best_val_loss
-            best_val_loss = min(best_val_loss, ev["val"])
+            log({"iter": iter_num, "train_loss": ev["train"], "val_loss": ev["val"]})
+            improved, best_val_loss = ev["val"] < best_val_loss, min(best_val_loss, ev["val"])
             if iter_num > start_iter and (improved or cfg.always_save_checkpoint):
-                save_checkpoint()
-                if master_process:
+                save_checkpoint(ckpt_path, cfg, model, optimizer, scaler, source, meta, iter_num, best_val_loss)
+                if master:
                     plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss.png"))
             t0 = time.time()  # evaluation is not training time
         if iter_num >= cfg.max_iters or cfg.eval_only:
             break
 
+        # one step: the global batch in micro-steps, gradients all-reduced on the last one only
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if not docs:
-            offsets = draw("train", 0, iter_num, global_rows)
-        if vocab is not None:  # every rank sees the whole global batch's words, so all grow alike
-            pruned = []
-            if cfg.vocab_prune_every and iter_num and iter_num % cfg.vocab_prune_every == 0:
-                pruned = prune_vocab(vocab, raw_model, cfg.vocab_min_count, cfg.vocab_capacity, optimizer)
-            new = grow_vocab(vocab, raw_model, DialogBatches.words(offsets), iter_num, optimizer,
-                             seeded_generator(cfg.seed, 3, iter_num))
-            if new or pruned:
-                print0(f"iter {iter_num}: vocabulary {len(vocab)} words (+{len(new)}, -{len(pruned)})")
-                model = wrap(raw_model)
+        if source.before_step(iter_num, optimizer):  # the vocabulary grew: a new embedding Parameter
+            step_model = wrap(model, cfg, layout)
         loss_sum = torch.zeros((), device=device)
-        for micro in range(micro_steps):
-            lo = (rank * micro_steps + micro) * cfg.batch_size
-            if not docs:
-                batch = tensors("train", offsets[lo:lo + cfg.batch_size], 0, iter_num, lo)
-            # gradients are all-reduced only on the last micro-step
-            sync = nullcontext() if (not ddp or micro == micro_steps - 1) else model.no_sync()
-            with sync:
-                if docs:  # like random windows, each micro-step's mean counts the same
-                    loss = docs_step(streams["train"], iter_num, micro, True)[0] / micro_steps
-                else:
-                    with ctx:
-                        _, loss = model(*batch)
-                        loss = loss / micro_steps
+        for micro in range(layout.micro_steps):
+            batch = source.batch(iter_num, micro)
+            last = micro == layout.micro_steps - 1
+            with nullcontext() if not layout.ddp or last else step_model.no_sync():
+                loss = source.loss(step_model, batch) / layout.micro_steps  # each micro-step's mean counts the same
                 scaler.scale(loss).backward()
             loss_sum += loss.detach().float()
         if cfg.grad_clip > 0:
@@ -529,33 +273,154 @@ def _train(cfg, ddp, rank, world_size, master_process, device, dtype):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
+        # timing and logging
         t1 = time.time()
         dt, t0 = t1 - t0, t1
         if iter_num % cfg.log_interval == 0:
-            if ddp:  # the loss of the whole global batch, not only rank 0's share
+            if layout.ddp:  # the loss of the whole global batch, not only rank 0's share
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            lossf = loss_sum.item()
-            losses[iter_num] = lossf
+            lossf = losses[iter_num] = loss_sum.item()
             if iter_num > start_iter:  # the first iteration pays for warm-up / compilation
                 dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
             tok_s = tokens_per_iter / dt
-            mfu = raw_model.estimate_mfu(tok_s / world_size, device_name, dtype)
+            mfu = model.estimate_mfu(tok_s / layout.world_size, device_name, dtype)
             eta = (cfg.max_iters - iter_num - 1) * (dt_avg or dt)
             mfu_s = f"{mfu * 100:.2f}%" if mfu is not None else "unknown"
             print0(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, tok/s {tok_s:,.0f}, "
                    f"mfu {mfu_s}, lr {lr:.3e}, eta {int(eta // 60)}m{int(eta % 60):02d}s")
-            log_metrics({"iter": iter_num, "loss": lossf, "lr": lr, "dt_ms": dt * 1000, "tok_per_s": tok_s,
-                         "mfu": mfu})
+            log({"iter": iter_num, "loss": lossf, "lr": lr, "dt_ms": dt * 1000, "tok_per_s": tok_s, "mfu": mfu})
         iter_num += 1
 
-    if cfg.wandb_log and master_process:
+    if wandb is not None:
         wandb.finish()
     return {"losses": losses, "val_loss": val_loss, "iter_num": iter_num}
 
 
-if __name__ == "__main__":
-    try:
-        main(load_config(TrainConfig))
-    except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+# -----------------------------------------------------------------------------
+# the pieces of train()
 
+def open_source(cfg, data_path: str, meta: dict, layout: Layout):
+    """The data.Source of the program: dialogues, document streams or random windows."""
+    if isinstance(cfg, DialogConfig):
+        return Dialogs(data_path, layout, cfg.seed, cfg.eval_iters, cfg.dialog_slots, cfg.block_size,
+                       (cfg.vocab_prune_every, cfg.vocab_min_count, cfg.vocab_capacity))
+    kind = DocStreams if cfg.loader == "docs" else RandomWindows
+    return kind(data_path, meta, layout, cfg.seed, cfg.eval_iters)
+
+
+def init_model(cfg, source, meta: dict, ckpt: dict | None):
+    """The model to train, unwrapped, on the CPU: from the checkpoint (ckpt), from scratch, or pretrained."""
+    if ckpt is not None:
+        check_resumable(cfg, ckpt, meta)
+        tbptt = {"mnm_tbptt": cfg.mnm_tbptt} if isinstance(cfg, DialogConfig) else {}  # training choice, not shape
+        return model_from_checkpoint(ckpt, dropout=cfg.dropout, **tbptt)
+    if cfg.init_from == "scratch":
+        return cfg.new_model(source.vocab_size)
+    model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)  # GPT-2 or the Llama family
+    want = pretrained_tokenizer_meta(cfg.init_from, model)
+    if meta["tokenizer"] != want["tokenizer"] or meta.get("tokenizer_name", want.get("tokenizer_name")) != want.get("tokenizer_name"):
+        hint = "gpt2" if want["tokenizer"] == "gpt2" else want["tokenizer_name"]
+        raise DataError(f"init_from={cfg.init_from!r} reads its own tokens, but {cfg.data_dir}/{cfg.dataset} was "
+                        f"prepared with the {meta['tokenizer']!r} tokenizer: prepare it with --tokenizer {hint}")
+    if cfg.block_size < model.config.block_size:
+        model.crop_block_size(cfg.block_size)
+    try:
+        return attach_memories(model, cfg.memory_config())  # e.g. a memorizing layer on pretrained weights
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_resumable(cfg, ckpt: dict, meta: dict):
+    """Refuse a checkpoint of another program or shape, or of another tokenizer."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    saved = {**ckpt["memory_args"], **ckpt["model_args"]}
+    if (saved.get("model_type") == "seq2seq") != isinstance(cfg, DialogConfig):
+        raise ConfigError(f"cannot resume {path} with task={cfg.task!r}: it holds a "
+                          f"{saved.get('model_type', 'gpt')} model; use the task it was trained with")
+    defaults = {f.name: f.default for f in fields(cfg)}
+    clash = {k: (saved.get(k, defaults[k]), getattr(cfg, k)) for k in cfg.shape_keys(saved)
+             if saved.get(k, defaults[k]) != getattr(cfg, k)}
+    if clash:
+        raise ConfigError(f"cannot resume {path}: the settings change the model's shape "
+                          + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in clash.items())
+                          + "; use the settings it was trained with")
+    check_meta_compatible(ckpt["meta"], meta)
+
+
+def restore(ckpt: dict, optimizer, scaler, source, layout: Layout):
+    """Put back the optimizer, the scaler, the source's state and this rank's RNG; returns
+    (iteration, best val loss)."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    source.load_state_dict(ckpt)
+    states = ckpt["rng"]
+    if len(states) == layout.world_size:
+        set_rng_state(states[layout.rank])
+    else:
+        print0(f"warning: checkpoint holds RNG states of {len(states)} process(es), this run has "
+               f"{layout.world_size}: dropout draws will differ from an uninterrupted run")
+    return ckpt["iter_num"], ckpt["best_val_loss"]
+
+
+def save_checkpoint(path, cfg, model, optimizer, scaler, source, meta, iter_num, best_val_loss):
+    """Everything an exact resume needs, written atomically by rank 0 (every rank calls this)."""
+    rng = source.layout.gather(get_rng_state())
+    state = source.state_dict()  # e.g. every rank's memory rows
+    if source.layout.rank != 0:
+        return
+    atomic_save({
+        "model": model.state_dict(),
+        "model_args": model_args(model),
+        "memory_args": memory_args(model),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "iter_num": iter_num,
+        "best_val_loss": best_val_loss,
+        "config": asdict(cfg),
+        "meta": meta,
+        "rng": rng,
+        "vocab": None,  # Dialogs: the elastic vocabulary, from state
+        # batches are a pure function of (seed, iteration): this is the sampler's whole state
+        "sampler": {"seed": cfg.seed, "next_iter": iter_num, "loader": source.name},
+        **state,
+    }, path)
+    print0(f"saved checkpoint to {path}")
+
+
+def wrap(model, cfg, layout: Layout):
+    """The model the training step calls: compiled (cfg.compile) and wrapped by DDP (several processes)."""
+    if cfg.compile:
+        print0("compiling the model...")
+        model = torch.compile(model)
+    if layout.ddp:
+        model = DDP(model, device_ids=[layout.device] if layout.device.startswith("cuda") else None)
+    return model
+
+
+def start_wandb(cfg):
+    import wandb
+    wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=asdict(cfg))
+    return wandb
+
+
+def plot_losses(metrics_path: str, png_path: str):
+    """Training and validation loss against iteration, from metrics.jsonl (malformed lines skipped)."""
+    plt = pyplot()
+    records = read_metrics(metrics_path, strict=False)
+    train_curve = [(m["iter"], m["loss"]) for m in records if "loss" in m]
+    evals = [(m["iter"], m["val_loss"]) for m in records if "val_loss" in m]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train_curve:
+        ax.plot(*zip(*train_curve), label="train (logged iterations)", lw=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="val")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save_figure(fig, png_path)
+
+
+if __name__ == "__main__":
+    cli(main, load_settings, (ConfigError, DataError, CheckpointError, OutDirError, FloatingPointError))

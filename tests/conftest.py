@@ -105,6 +105,29 @@ def char_data(tmp_path_factory, play_text) -> Path:
     return data_dir
 
 
+@pytest.fixture(scope="session")
+def dialog_data(tmp_path_factory):
+    """data_dir holding the built-in dialogues (prepare.py dialogs)."""
+    from prepare import prepare
+    data_dir = tmp_path_factory.mktemp("data")
+    prepare("dialogs", out_dir=str(data_dir / "dialogs"))
+    return data_dir
+
+
+def tiny_dialog_settings(data_dir, out_dir):
+    """A seq2seq chatbot with a memory, small enough to train for a few iterations in seconds on CPU."""
+    return dict(task="dialog", dataset="dialogs", data_dir=str(data_dir), out_dir=str(out_dir), device="cpu",
+                dtype="float32", n_layer=1, n_enc_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4,
+                mnm_heads=2, mnm_key_size=8, mnm_hidden=16, dialog_slots=8, max_iters=6, eval_interval=3,
+                eval_iters=2, log_interval=1, learning_rate=3e-3, warmup_iters=2, seed=7)
+
+
+def tiny_dialog_config(data_dir, out_dir, **overrides):
+    from configurator import load_config
+    from train import DialogConfig
+    return load_config(DialogConfig, [], **{**tiny_dialog_settings(data_dir, out_dir), **overrides})
+
+
 def tiny_train_config(data_dir, out_dir, **overrides):
     """A model small enough to train for a few dozen iterations in seconds on CPU."""
     from configurator import load_config

@@ -1,6 +1,7 @@
 import json
 
 import bench
+from test_llama import tiny_gguf  # noqa: F401  (a fixture)
 from configurator import load_config
 
 
@@ -49,3 +50,29 @@ def test_dnc_bench_times_dense_sparse_and_the_reference(tmp_path, capsys):
     dense, sparse = runs[(128, "dense links")], runs[(128, "sparse links K=4")]
     assert sparse["saved_for_backward_mb"] < dense["saved_for_backward_mb"] / 2
     assert dense["saved_for_backward_mb"] > 10 * runs[(8, "dense links")]["saved_for_backward_mb"]
+
+
+def test_bench_does_not_import_the_trainer():
+    import subprocess
+    import sys
+    from conftest import ROOT
+    r = subprocess.run([sys.executable, "-c", "import sys, bench; assert 'train' not in sys.modules"], cwd=ROOT)
+    assert r.returncode == 0
+
+
+def test_smollm2_suite_times_transformers_and_the_memory_on_the_same_weights(tiny_gguf, tmp_path, capsys):
+    """Suite 'smollm2' on a tiny Llama GGUF (the real model's suite is the same code): transformers' generate
+    and ours give the same greedy tokens; memories of each size are timed."""
+    path, _, _ = tiny_gguf
+    memory = tmp_path / "memory.py"
+    memory.write_text("knn = [0, 3]\nknn_query = 'query'\nbookkeeping_frac = 0.0\nresid_only = True\nresid_frac = 0.0\n")
+    out = tmp_path / "bench.json"
+    cfg = load_config(bench.BenchConfig, [], suite=["smollm2"], pretrained=str(path), knn_config=str(memory),
+                      gen_batch_sizes=[1, 2], prompt_len=4, gen_tokens=5, bench_iters=1, knn_sizes=[20, 100],
+                      device="cpu", dtype="float32", bench_json=str(out))
+    bench.main(cfg)
+    assert "batch 2: ours, memory 100 entries" in capsys.readouterr().out
+    res = json.loads(out.read_text())["smollm2"]
+    assert res["layers"] == [1] and res["settings"]["knn_recompute"] is False
+    assert [r["batch"] for r in res["runs"]] == [1, 2] and all(r["greedy_tokens_equal"] for r in res["runs"])
+    assert all(set(r["tokens_per_s"]) == {"transformers", "off", "20", "100"} for r in res["runs"])

@@ -8,7 +8,7 @@ import evaluate
 import sample
 import train
 from configurator import load_config
-from conftest import tiny_train_config, torchrun_train
+from conftest import tiny_dialog_config, tiny_dialog_settings, tiny_train_config, torchrun_train
 from memory import MNM, MNMBlock
 from chat import (Conversation, DialogBatches, Seq2Seq, Seq2SeqConfig, grow_vocab, prune_vocab, remap_vocab)
 from checkpoint import load_checkpoint, model_from_checkpoint
@@ -16,7 +16,6 @@ from common import seeded_generator
 from model import GPT, GPTConfig
 from prepare import DIALOG_HELDOUT_NAMES, SPECIALS, DataError, WordVocab, hf_dialogs, prepare
 from sample import SampleConfig
-from train import TrainConfig
 
 
 def tiny_seq2seq(memory="mnm", write="local", vocab_size=40, **kw):
@@ -46,24 +45,6 @@ def adam_step(model, batch):
     opt.step()
     opt.zero_grad(set_to_none=True)
     return opt
-
-
-@pytest.fixture(scope="module")
-def dialog_data(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("data")
-    prepare("dialogs", out_dir=str(data_dir / "dialogs"))
-    return data_dir
-
-
-def tiny_dialog_settings(data_dir, out_dir):
-    return dict(task="dialog", dataset="dialogs", data_dir=str(data_dir), out_dir=str(out_dir), device="cpu",
-                dtype="float32", n_layer=1, n_enc_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4,
-                mnm_heads=2, mnm_key_size=8, mnm_hidden=16, dialog_slots=8, max_iters=6, eval_interval=3,
-                eval_iters=2, log_interval=1, learning_rate=3e-3, warmup_iters=2, seed=7)
-
-
-def tiny_dialog_config(data_dir, out_dir, **overrides):
-    return load_config(TrainConfig, [], **{**tiny_dialog_settings(data_dir, out_dir), **overrides})
 
 
 # ---- vocabulary ----

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from configurator import ConfigError, load_config
-from train import TrainConfig
+from train import PROGRAMS, TrainConfig, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,8 +64,8 @@ def test_wrong_types_are_named():
 @pytest.mark.parametrize("path", sorted((ROOT / "config").glob("train_*.py")) + sorted((ROOT / "config").glob("finetune_*.py")),
                          ids=lambda p: p.name)
 def test_shipped_train_configs_are_valid(path):
-    cfg = load_config(TrainConfig, [str(path)])
-    assert cfg.max_iters > 0
+    cfg = load_settings([str(path)])  # the settings class of the config's task
+    assert cfg.max_iters > 0 and type(cfg) is PROGRAMS[cfg.task]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "config").glob("sample_*.py")), ids=lambda p: p.name)
@@ -81,3 +81,20 @@ def test_shipped_sample_configs_are_valid(path, monkeypatch):
         if value.startswith("FILE:") or value.endswith(".jsonl"):
             path = value.removeprefix("FILE:")
             assert path.startswith("data/") or (ROOT / path).is_file(), path  # data/ is made by prepare.py
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "config").glob("bench_*.py")), ids=lambda p: p.name)
+def test_shipped_bench_configs_are_valid(path):
+    from bench import TRAINING_ONLY, BenchConfig
+    load_config(BenchConfig, [str(path)], ignore=TRAINING_ONLY)
+
+
+def test_config_file_with_a_syntax_error_names_the_line(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("max_iters = 10\nbatch_size = = 4\n")
+    with pytest.raises(ConfigError, match=r"bad.py has a syntax error at line 2"):
+        load_config(TrainConfig, [str(bad)])
+    boom = tmp_path / "boom.py"
+    boom.write_text("max_iters = 1 / 0\n")
+    with pytest.raises(ConfigError, match=r"boom.py failed while running \(ZeroDivisionError"):
+        load_config(TrainConfig, [str(boom)])

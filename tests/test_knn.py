@@ -20,9 +20,23 @@ class Tok:
 TOK, META = Tok(), {"tokenizer": "toy"}
 
 
-def tiny(seed=0, n_layer=3, block_size=24):
+def tiny(seed=0, n_layer=3, block_size=24, arch="gpt2"):
+    """A random GPT-2-shaped model, or (arch='llama') a Llama-shaped one: RMSNorm, SwiGLU, rotary
+    embeddings and grouped-query attention (4 query heads share 2 key/value heads). The Llama's
+    attention weights are drawn wide, so that its attention is far from uniform and positions matter
+    (a rotation done wrong shows)."""
     torch.manual_seed(seed)
-    return GPT(GPTConfig(block_size=block_size, vocab_size=VOCAB, n_layer=n_layer, n_head=2, n_embd=16)).eval()
+    if arch == "gpt2":
+        return GPT(GPTConfig(block_size=block_size, vocab_size=VOCAB, n_layer=n_layer, n_head=2, n_embd=16)).eval()
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=VOCAB, n_layer=n_layer, n_head=4, n_kv_head=2, n_embd=32,
+                          bias=False, norm="rmsnorm", pos="rope", rope_theta=100.0, mlp="swiglu", mlp_hidden=48))
+    with torch.no_grad():
+        for attn in model.attentions:
+            attn.c_attn.weight.normal_(0.0, 0.25)
+    return model.eval()
+
+
+ARCHS = ["gpt2", "llama"]
 
 
 def settings(**kw):
@@ -50,10 +64,24 @@ def build(model, s, texts=(TEXT,)):
     return mem
 
 
+def rotate_by_hand(x, pos: int, theta: float):
+    """RoPE of one vector x (d,) to position pos (Llama's layout: dimension i pairs with i + d/2)."""
+    d = x.numel()
+    out = x.clone()
+    for i in range(d // 2):
+        a = pos * theta ** (-2 * i / d)
+        out[i] = x[i] * math.cos(a) - x[i + d // 2] * math.sin(a)
+        out[i + d // 2] = x[i + d // 2] * math.cos(a) + x[i] * math.sin(a)
+    return out
+
+
 def reference_hook(mem: KNNMemory, layer: int, k: int):
     """The method written out line by line, one batch row, head and position at a time, with a
     brute-force nearest-neighbour search and attention computed by hand. Reference mode: the last
-    row decides for every query; causal mode (knn_recompute=False): every row decides for itself."""
+    row decides for every query; causal mode (knn_recompute=False): every row decides for itself.
+    With grouped-query attention query head h reads key/value head h // g and searches its store;
+    with rotary embeddings the positions are chosen with the rotated (real) attention, and search
+    and mixing use the vectors unrotated (the store holds unrotated keys)."""
     s = mem.settings
     keys, values = mem.keys[layer], mem.values[layer]
 
@@ -62,11 +90,13 @@ def reference_hook(mem: KNNMemory, layer: int, k: int):
         ex = [math.exp(x - mx) for x in xs]
         return [e / sum(ex) for e in ex]
 
-    def replaced_values(q, kc, v, b, h, t, mix_own_query):
-        """Values of positions 0..t after the memory, as row t decides."""
+    def replaced_values(attn, q, kc, v, b, h, t, mix_own_query):
+        """Values of positions 0..t as query head h reads them after the memory, as row t decides."""
         d = q.size(-1)
-        att = softmax([float(q[b, h, t] @ kc[b, h, j]) / math.sqrt(d) for j in range(t + 1)])
-        V = v[b, h, : t + 1].clone()
+        hk = h // (q.size(1) // kc.size(1))
+        unrot = (lambda x, pos: rotate_by_hand(x, -pos, attn.rotary.theta)) if attn.rotary else (lambda x, pos: x)
+        att = softmax([float(q[b, h, t] @ kc[b, hk, j]) / math.sqrt(d) for j in range(t + 1)])
+        V = v[b, hk, : t + 1].clone()
         for j in range(t + 1):
             if j == 0:
                 use = att[0] > s.bookkeeping_frac
@@ -74,19 +104,20 @@ def reference_hook(mem: KNNMemory, layer: int, k: int):
                 use = s.mem_frac > 0 and att[j] >= 1.0 / (s.mem_frac * (t + 1))
             if not use:
                 continue
-            probe = kc[b, h, j] if s.knn_query == "key" else q[b, h, t]
+            key_j = unrot(kc[b, hk, j], j)
+            probe = key_j if s.knn_query == "key" else unrot(q[b, h, t], t)
             if s.knn_metric == "l2":
-                score = [-float(((probe - keys[h, n]) ** 2).sum()) for n in range(keys.size(1))]
+                score = [-float(((probe - keys[hk, n]) ** 2).sum()) for n in range(keys.size(1))]
             else:
-                score = [float(probe @ keys[h, n]) for n in range(keys.size(1))]
+                score = [float(probe @ keys[hk, n]) for n in range(keys.size(1))]
             nearest = sorted(range(len(score)), key=lambda n: -score[n])[:k]
-            cands = [(keys[h, n], values[h, n]) for n in nearest]
+            cands = [(keys[hk, n], values[hk, n]) for n in nearest]
             if not s.resid_only:
-                cands.append((kc[b, h, j], v[b, h, j]))
-            mix_q = q[b, h, j] if s.knn_query == "key" and mix_own_query else q[b, h, t]
+                cands.append((key_j, v[b, hk, j]))
+            mix_q = unrot(q[b, h, j], j) if s.knn_query == "key" and mix_own_query else unrot(q[b, h, t], t)
             ws = softmax([s.knn_softmax_influence * float(mix_q @ ck) / math.sqrt(d) for ck, _ in cands])
             m = sum(w * cv for w, (_, cv) in zip(ws, cands))
-            V[j] = (1 - s.resid_frac) * m + s.resid_frac * v[b, h, j] if s.resid_frac > 0 else m
+            V[j] = (1 - s.resid_frac) * m + s.resid_frac * v[b, hk, j] if s.resid_frac > 0 else m
         return att, V
 
     def hook(attn, q, kc, v, attend):
@@ -94,14 +125,15 @@ def reference_hook(mem: KNNMemory, layer: int, k: int):
         y = torch.zeros_like(q)
         for b in range(B):
             for h in range(H):
+                hk = h // (H // kc.size(1))
                 if s.knn_recompute:
-                    _, V = replaced_values(q, kc, v, b, h, T - 1, mix_own_query=True)
+                    _, V = replaced_values(attn, q, kc, v, b, h, T - 1, mix_own_query=True)
                     for t in range(T):
-                        att = softmax([float(q[b, h, t] @ kc[b, h, j]) / math.sqrt(d) for j in range(t + 1)])
+                        att = softmax([float(q[b, h, t] @ kc[b, hk, j]) / math.sqrt(d) for j in range(t + 1)])
                         y[b, h, t] = sum(a * V[j] for j, a in enumerate(att))
                 else:
                     for t in range(T):
-                        att, V = replaced_values(q, kc, v, b, h, t, mix_own_query=False)
+                        att, V = replaced_values(attn, q, kc, v, b, h, t, mix_own_query=False)
                         y[b, h, t] = sum(a * V[j] for j, a in enumerate(att))
         return y
 
@@ -114,9 +146,10 @@ CASES = [(kind, query, "l2", recompute) for kind in sorted(TYPES) for query in (
          for recompute in (True, False)] + [("gated", "key", "ip", True), ("type1", "query", "ip", False)]
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("kind,query,metric,recompute", CASES, ids=lambda x: str(x))
-def test_fast_path_equals_line_by_line_reference(kind, query, metric, recompute):
-    model = tiny()
+def test_fast_path_equals_line_by_line_reference(kind, query, metric, recompute, arch):
+    model = tiny(arch=arch)
     s = settings(**{"knn": [0, 3, 2], "knn_query": query, "knn_metric": metric, "knn_recompute": recompute,
                     **TYPES[kind]})
     mem = build(model, s)
@@ -132,9 +165,10 @@ def test_fast_path_equals_line_by_line_reference(kind, query, metric, recompute)
     assert (fast - plain).abs().max().item() > 1e-3  # the memory really acted
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("recompute", [True, False], ids=["reference", "causal"])
-def test_cached_generation_equals_recomputation(recompute):
-    model = tiny(seed=1)
+def test_cached_generation_equals_recomputation(recompute, arch):
+    model = tiny(seed=1, arch=arch)
     build(model, settings(knn=[0, 3, 2], knn_recompute=recompute, **{**TYPES["type1"], "mem_frac": 5.0})).attach(model)
     idx = torch.tensor([TOK.encode("\nthe quick"), TOK.encode("\nlazy dogs")])
     gens = lambda: [torch.Generator().manual_seed(s) for s in (1, 2)]
@@ -145,12 +179,14 @@ def test_cached_generation_equals_recomputation(recompute):
     with torch.no_grad():  # the memory acts on these sequences (a random tiny model's logits are flat,
         # so it seldom changes which token is sampled: compare logits)
         crop = cached[:, -24:]
-        assert (model(crop, targets=crop)[0] - tiny(seed=1)(crop, targets=crop)[0]).abs().max() > 1e-3
+        assert (model(crop, targets=crop)[0] - tiny(seed=1, arch=arch)(crop, targets=crop)[0]).abs().max() > 1e-3
 
 
-def test_batch_rows_equal_separate_runs():
-    model = tiny(seed=2)
-    build(model, settings(**TYPES["type1"])).attach(model)
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("recompute", [True, False], ids=["reference", "causal"])
+def test_batch_rows_equal_separate_runs(arch, recompute):
+    model = tiny(seed=2, arch=arch)
+    build(model, settings(knn_recompute=recompute, **TYPES["type1"])).attach(model)
     prompts = [TOK.encode("\nthe fox"), TOK.encode("\nnaps in"), TOK.encode("\nwarm da")]
     gens = lambda seeds: [torch.Generator().manual_seed(x) for x in seeds]
     batch = model.generate(torch.tensor(prompts), 12, temperature=1.0, generators=gens([1, 2, 3]))
@@ -169,8 +205,9 @@ def test_resid_frac_one_equals_no_memory_exactly():
     assert torch.equal(plain, with_mem)
 
 
-def test_long_text_is_streamed_in_windows_and_build_is_clean():
-    model = tiny(seed=4, block_size=12)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_long_text_is_streamed_in_windows_and_build_is_clean(arch):
+    model = tiny(seed=4, block_size=12, arch=arch)
     s = settings(knn=[0, 3, 2])
     text = TEXT * 2  # 170 tokens, windows of 11 tokens + bookkeeping
     mem = build(model, s, [text])
@@ -184,6 +221,9 @@ def test_long_text_is_streamed_in_windows_and_build_is_clean():
         model(torch.tensor([chunk]))
     model.attentions[2].memory = None
     k, v = seen["kv"]
+    if arch == "llama":  # stored before the rotary embedding, one store per key/value head
+        assert mem.keys[2].shape[0] == 2 and k.shape[1] == 2
+        k = model.attentions[2].rotary.rotate(k, -torch.arange(12))
     assert torch.allclose(mem.keys[2][:, 22:33], k[0, :, 1:], atol=1e-6)
     assert torch.allclose(mem.values[2][:, 22:33], v[0, :, 1:], atol=1e-6)
     # building while a memory is attached does not retrieve from it (clean build)
@@ -215,9 +255,10 @@ def test_grow_then_remove_equals_never_adding():
         two.remove(7)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("backend", ["torch", "faiss-flat"])
-def test_save_load_round_trip_gives_identical_generations(tmp_path, backend):
-    model = tiny(seed=6)
+def test_save_load_round_trip_gives_identical_generations(tmp_path, backend, arch):
+    model = tiny(seed=6, arch=arch)
     s = settings(knn_backend=backend, **TYPES["type3"])
     mem = build(model, s, [TEXT, "a second document"])
     mem.attach(model)
@@ -246,6 +287,28 @@ def test_memory_of_another_model_is_refused(tmp_path):
         KNNMemory.load(tmp_path / "mem", bigger, s, force=True)
 
 
+def test_gpt2_and_llama_memories_are_not_interchangeable(tmp_path):
+    """Same layer count, heads and head size, so only the fingerprint (which covers the architecture) tells a
+    GPT-2-shaped model from a Llama-shaped one; a grouped-query model's memory has fewer stored heads."""
+    s = settings()
+    gpt2 = tiny(seed=7)
+    llama = GPT(GPTConfig(block_size=24, vocab_size=VOCAB, n_layer=3, n_head=2, n_embd=16, bias=False,
+                          norm="rmsnorm", pos="rope", mlp="swiglu")).eval()
+    build(gpt2, s).save(tmp_path / "gpt2")
+    build(llama, s).save(tmp_path / "llama")
+    with pytest.raises(KNNMemoryError, match="built by another model"):
+        KNNMemory.load(tmp_path / "gpt2", llama, s)
+    with pytest.raises(KNNMemoryError, match="built by another model"):
+        KNNMemory.load(tmp_path / "llama", gpt2, s)
+    assert len(KNNMemory.load(tmp_path / "llama", llama, s)) == len(TOK.encode(TEXT))
+    gqa = tiny(seed=7, arch="llama")  # 4 query heads, 2 key/value heads of 8
+    build(gqa, s).save(tmp_path / "gqa")
+    assert KNNMemory.load(tmp_path / "gqa", gqa, s).keys[1].shape == (2, len(TOK.encode(TEXT)), 8)
+    wide = GPT(GPTConfig(block_size=24, vocab_size=VOCAB, n_layer=3, n_head=4, n_embd=32)).eval()  # 4 kv heads of 8
+    with pytest.raises(KNNMemoryError, match="2 key/value heads of size 8"):
+        KNNMemory.load(tmp_path / "gqa", wide, s, force=True)
+
+
 def test_damaged_folders_give_clear_errors(tmp_path):
     model = tiny(seed=9)
     s = settings()
@@ -253,9 +316,9 @@ def test_damaged_folders_give_clear_errors(tmp_path):
     with pytest.raises(KNNMemoryError, match="no manifest.json"):
         KNNMemory.load(tmp_path / "nothing", model, s)
     mem.save(tmp_path / "mem")
-    kv = tmp_path / "mem" / "kv.safetensors"
-    kv.write_bytes(kv.read_bytes()[:100])
-    with pytest.raises(KNNMemoryError, match="corrupt"):
+    kv = tmp_path / "mem" / "keys.1.npy"
+    kv.write_bytes(kv.read_bytes()[:150])
+    with pytest.raises(KNNMemoryError, match="corrupt|damaged"):
         KNNMemory.load(tmp_path / "mem", model, s)
     mem.save(tmp_path / "mem")
     (tmp_path / "mem" / "manifest.json").write_text('{"format_version": 1, "kind": ')
@@ -269,12 +332,12 @@ def test_interrupted_save_keeps_the_previous_memory(tmp_path, monkeypatch):
     mem = build(model, s)
     mem.save(tmp_path / "mem")
     mem.add_text(model, TOK, "more text that should not land")
-    import safetensors.torch
+    import knn
 
     def crash(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(knn.Column, "save", crash)
     with pytest.raises(KeyboardInterrupt):
         mem.save(tmp_path / "mem")
     monkeypatch.undo()

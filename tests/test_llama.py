@@ -464,3 +464,28 @@ def test_smollm2(tmp_path, monkeypatch):
     chat = torch.tensor([tok.encode(chat_prompt(tok, "What is the capital of France?"))])
     out = model.generate(chat, 12, temperature=0, stop_token=end)
     assert "Paris" in tok.decode(out[0, chat.size(1):])
+
+
+def test_finetune_from_gguf_then_sample(tiny_gguf, tmp_path):
+    """train.py init_from=<.gguf> fine-tunes the Llama-family model on data prepared with its own tokenizer;
+    the checkpoint resumes in sample.py with that tokenizer; data of another tokenizer is refused."""
+    import sample
+    import train
+    from configurator import load_config
+    path, _, _ = tiny_gguf
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the theme of the thesis is the thing\n" * 200)
+    prepare.main(["text", "--input", str(corpus), "--tokenizer", str(path), "--out_dir", str(tmp_path / "data" / "t")])
+    cfg = load_config(train.TrainConfig, [], init_from=str(path), dataset="t", data_dir=str(tmp_path / "data"),
+                      out_dir=str(tmp_path / "out"), device="cpu", dtype="float32", block_size=32, batch_size=4,
+                      max_iters=6, eval_interval=6, eval_iters=2, log_interval=1, learning_rate=1e-3, warmup_iters=1)
+    result = train.main(cfg)
+    assert result["losses"][5] < result["losses"][0]
+    samples = sample.main(load_config(sample.SampleConfig, [], out_dir=str(tmp_path / "out"), device="cpu",
+                                      start="the", num_samples=1, max_new_tokens=4, temperature=0.0))
+    assert samples[0]["text"].startswith("the") and len(samples[0]["tokens"]) == 4
+    prepare.main(["text", "--input", str(corpus), "--tokenizer", "char", "--out_dir", str(tmp_path / "data" / "c")])
+    with pytest.raises(prepare.DataError, match="--tokenizer"):
+        train.main(load_config(train.TrainConfig, [], **{**{k: getattr(cfg, k) for k in ("init_from", "data_dir",
+                   "device", "dtype", "block_size", "batch_size", "max_iters")}, "dataset": "c",
+                   "out_dir": str(tmp_path / "out2")}))

@@ -93,6 +93,8 @@ def test_generator_options_are_checked(tmp_path):
         prepare.prepare("facts", out_dir=str(tmp_path), options={"block_size": 64})
     with pytest.raises(DataError, match="KEY=VALUE"):
         prepare.parse_options(["block_size"])
+    with pytest.raises(SystemExit, match="^error: --option 'block_size' needs the form KEY=VALUE$"):  # one line
+        prepare.main(["passkey", "--out_dir", str(tmp_path / "p"), "--option", "block_size"])
 
 
 def test_prepared_passkey_matches_its_records(passkey_dir):
@@ -189,6 +191,12 @@ def test_longrange_eval_writes_json_and_png_with_every_arm_on_the_same_documents
         assert 0 <= r["exact"] <= 1
     assert "retrieval" in saved["rows"][1] and len(saved["rows"][1]["retrieval"]["gates"]) == 2
     assert len({len(v) for v in saved["per_document"].values()}) == 1
+
+
+def test_longrange_eval_needs_checkpoints_before_any_work():
+    from configurator import ConfigError, load_config
+    with pytest.raises(ConfigError, match=r"^out_dirs=\[\] is empty: eval='longrange' needs the checkpoints"):
+        load_config(evaluate.EvalConfig, [], eval="longrange", eval_dataset="passkey")
 
 
 def test_windowed_pass_equals_training_reads(passkey_dir, checkpoints):

@@ -11,6 +11,7 @@ from conftest import tiny_train_config, torchrun_train
 from knn import KNNLM, KNNLMDatastore, KNNMemoryError, KNNSettings, knnlm_log_probs, last_mlp_input
 from memory import MemoryConfig, MemorizingMemory, attach_memories, generate_any, memorizing_layer, mnm_block
 from checkpoint import load_checkpoint
+from data import DocStream
 from model import GPT, GPTConfig
 
 
@@ -186,7 +187,7 @@ def test_docs_loader_without_boundaries_names_the_fix(short_docs, tmp_path):
 def test_doc_stream_reads_each_rows_documents_in_order():
     data = np.arange(100) % 50
     starts = np.array([0, 30, 37, 80])  # documents of 30, 7, 43 and 20 tokens
-    s = train.DocStream(data, starts, n_rows=3, block_size=8, seed=0, shuffle=False)
+    s = DocStream(data, starts, n_rows=3, block_size=8, seed=0, shuffle=False)
     got = {g: [] for g in range(3)}
     for it in range(12):
         x, y, last = s.batch(it, range(3), "cpu")
@@ -201,7 +202,7 @@ def test_doc_stream_reads_each_rows_documents_in_order():
     assert got[1][0][0][:6] == list(data[30:36]) and got[1][0][1][6:] == [-1, -1] and got[1][0][2]
     assert got[1][1] == got[1][0] and got[2][0][0][:8] == list(data[37:45])
     with pytest.raises(train.DataError, match="4 documents for 5 batch rows"):
-        train.DocStream(data, starts, n_rows=5, block_size=8, seed=0)
+        DocStream(data, starts, n_rows=5, block_size=8, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +223,7 @@ def short_docs(tmp_path_factory, play_text):
 def rows_windows(data, cfg, seen):
     """(iteration, what a row's memory held, the row's window in its document) for each row of each
     recorded training forward; cfg has 2 micro-steps of batch_size 2."""
-    stream = train.DocStream(np.memmap(data / "docs" / "train.bin", dtype=np.uint16, mode="r"),
+    stream = DocStream(np.memmap(data / "docs" / "train.bin", dtype=np.uint16, mode="r"),
                              np.load(data / "docs" / "train_docs.npy"), 4, cfg.block_size, cfg.seed)
     for i, held in enumerate(seen):
         it, micro = divmod(i, 2)

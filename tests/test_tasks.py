@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 import tasks
 import train
-from configurator import ConfigError, load_config
+from configurator import ConfigError
 from checkpoint import load_checkpoint
 from dnc import DNC
 from tasks import ReplayBuffer
@@ -20,7 +20,7 @@ def task_config(tmp_path, **overrides):
     settings = dict(out_dir=str(tmp_path), device="cpu", seed=1234, log_interval=10, eval_interval=50,
                     eval_iters=4, batch_size=16, weight_decay=0.0, decay_lr=False)
     settings.update(overrides)
-    return load_config(train.TrainConfig, [], **settings)
+    return train.load_settings([], **settings)
 
 
 # -----------------------------------------------------------------------------
