@@ -13,6 +13,8 @@ Speed benchmarks for a model shaped by a training config, with random weights an
 - suite 'smollm2' (config/bench_smollm2.py): a real pretrained model (SmolLM2-135M-Instruct, offline),
   greedy generation with the KV cache: transformers' own generate on the same weights, ours with the
   memory off, and ours with a kNN memory of each size in knn_sizes (the settings of knn_config).
+- suite 'recipes' (with a config/train_passkey_*.py): training tokens/s of the long-range recipes'
+  memories, a memorizing layer (memory full) and an MNM block, against the same model without one.
 - a DNC task's config (task 'copy', ...): the DNC's forward + backward time and memory, dense and
   sparse links, against a step-serial reference implementation.
 
@@ -21,6 +23,7 @@ Speed benchmarks for a model shaped by a training config, with random weights an
     python bench.py --n_layer=12 --n_head=12 --n_embd=768 --block_size=1024 --device=cuda --compile=True
     python bench.py config/bench_dnc.py
     python bench.py config/bench_smollm2.py
+    python bench.py config/train_passkey_knn.py --suite="['recipes']"
 
 Prints a table and writes JSON (bench_json). Numbers, not pass/fail: targets are read from here,
 never asserted in timed tests.
@@ -42,13 +45,13 @@ from common import autocast_context, cli, resolve_device, write_json
 from dnc import DNC, DNC_EPS
 from knn import (BACKENDS, KEY_DTYPES, KNNLMDatastore, KNNMemory, KNNSettings, FaissIndex, TorchIndex,
                  knnlm_log_probs, last_mlp_input)
-from memory import MemoryConfig, attach_memories, memorizing_layer
+from memory import MNM, MemoryConfig, attach_memories, memorizing_layer, mnm_block
 from model import PACKAGED_GGUF, GPT, GPTConfig, gguf_folder, pretrained_tokenizer_meta
 from prepare import get_tokenizer
 from runs import check_init_from, check_shape_and_device
 from tasks import ALGORITHMIC, check_dnc, dnc_config
 
-SUITES = ("train", "generate", "knn", "memorizing", "knn_scale", "smollm2")
+SUITES = ("train", "generate", "knn", "memorizing", "recipes", "knn_scale", "smollm2")
 
 
 @dataclass
@@ -74,7 +77,7 @@ class BenchConfig:
     compile: bool = False
     seed: int = 1337
     # what to time
-    suite: list[str] = field(default_factory=lambda: ["train", "generate"])  # and/or 'knn', 'memorizing'
+    suite: list[str] = field(default_factory=lambda: ["train", "generate"])  # any of SUITES
     bench_iters: int = 10  # timed training steps (after 2 untimed warm-up steps)
     gen_tokens: int = 128  # tokens generated per timed generation
     prompt_len: int = 16
@@ -89,6 +92,13 @@ class BenchConfig:
     knn_topk: int = 32
     knn_memory_size: int = 16384  # entries per batch row and head
     knnlm_size: int = 100000  # kNN-LM datastore entries (random keys, exact torch search)
+    # suite 'recipes': the memorizing layer above (knn_layer outside the model: layer n_layer // 2) and an MNM
+    # block (memory.MemoryConfig) at mnm_layer (-1: layer n_layer // 2, the recipes' middle layer)
+    mnm_layer: int = -1
+    mnm_heads: int = 4
+    mnm_key_size: int = 32
+    mnm_hidden: int = 64
+    mnm_write: str = "local"  # 'local', 'grad' or 'titans'
     # with task 'copy', 'repeat_copy' or 'assoc_recall': the DNC of that task (tasks.TaskConfig's DNC settings),
     # forward + backward of batch_size sequences of dnc_seq_len steps, with dense links, sparse ones
     # (sparse_links > 0) and the step-serial reference (dnc_reference), for each memory size in dnc_slots
@@ -129,8 +139,15 @@ class BenchConfig:
         check_shape_and_device(self)
         at_least(self, 1, "vocab_size", "batch_size", "bench_iters", "gen_tokens", "prompt_len", "gen_batch_sizes",
                  "knn_sizes", "knn_ivf_from", "knn_context", "knn_topk", "knn_memory_size", "knnlm_size", "dnc_slots",
-                 "dnc_seq_len")
+                 "dnc_seq_len", "mnm_heads", "mnm_key_size", "mnm_hidden")
         at_least(self, 0, "weight_decay", "seed", "knn_layer")
+        at_least(self, -1, "mnm_layer")
+        one_of(self, "mnm_write", MNM.WRITES)
+        if "recipes" in self.suite:
+            need(self.mnm_layer < self.n_layer, f"mnm_layer={self.mnm_layer} is out of range: suite 'recipes' needs "
+                 f"mnm_layer < n_layer={self.n_layer} (a layer of the model) or -1 (the middle one)")
+            need(self.n_embd % self.mnm_heads == 0, f"mnm_heads={self.mnm_heads} must divide n_embd={self.n_embd}: "
+                 "suite 'recipes' splits the MNM block's input among its heads")
         above(self, 0, "learning_rate")
         within(self, 0, 1, "beta1", "beta2")
         one_of(self, "dtype", ("auto", "float32", "bfloat16", "float16"))
@@ -157,13 +174,13 @@ class BenchConfig:
 
 # a training config (python bench.py config/train_facts.py) sets these too: bench.py reads past them
 TRAINING_ONLY = ("out_dir", "eval_interval", "log_interval", "eval_iters", "eval_only", "always_save_checkpoint",
-                 "init_from", "overwrite", "wandb_log", "wandb_project", "wandb_run_name", "gradient_accumulation_steps",
-                 "loader", "dropout", "max_iters", "grad_clip", "decay_lr", "warmup_iters", "lr_decay_iters", "min_lr",
-                 "knn_search_dtype", "mnm_layer", "mnm_heads", "mnm_key_size", "mnm_hidden", "mnm_write", "n_enc_layer",
-                 "memory", "mnm_read", "mnm_tbptt", "dialog_slots", "vocab_prune_every", "vocab_min_count",
-                 "vocab_capacity", "optimizer", "min_len", "max_len", "min_repeats", "max_repeats", "item_len",
-                 "baseline", "n_tasks", "datasets", "classifier", "methods", "replay_capacity", "replay_every",
-                 "replay_store", "replay_batch", "replay_policy", "ewc_lambda", "ewc_samples")
+                 "init_from", "overwrite", "wandb_log", "wandb_project", "wandb_run_name",
+                 "gradient_accumulation_steps", "loader", "dropout", "max_iters", "grad_clip", "decay_lr",
+                 "warmup_iters", "lr_decay_iters", "min_lr", "knn_search_dtype", "n_enc_layer", "memory", "mnm_read",
+                 "mnm_tbptt", "dialog_slots", "vocab_prune_every", "vocab_min_count", "vocab_capacity", "optimizer",
+                 "min_len", "max_len", "min_repeats", "max_repeats", "item_len", "baseline", "n_tasks", "datasets",
+                 "classifier", "methods", "replay_capacity", "replay_every", "replay_store", "replay_batch",
+                 "replay_policy", "ewc_lambda", "ewc_samples")
 
 
 def sync(device: str):
@@ -611,28 +628,37 @@ def bench_knn_scale(model, cfg, device, dtype) -> dict:
 STORAGE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
+def memory_model(cfg, vocab_size, device, **memories):
+    """A GPT of cfg's shape (seed cfg.seed) with the trainable memories asked for (memory.MemoryConfig
+    settings), each batch row's memorizing memory full of random entries, so every step searches
+    knn_memory_size entries per row and head: the cost of a long document's end (it depends on the size,
+    not the content)."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                          n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias))
+    model = attach_memories(model, MemoryConfig(**memories)).to(device)
+    mem = memorizing_layer(model)
+    if mem is not None:
+        mem.reset(cfg.batch_size)
+        mem._alloc(cfg.batch_size, torch.zeros(1, device=device))
+        k = torch.randn(cfg.batch_size, cfg.n_head, cfg.knn_memory_size, cfg.n_embd // cfg.n_head, device=device)
+        mem.append(torch.arange(cfg.batch_size, device=device), k, torch.randn_like(k))
+    if mnm_block(model) is not None:
+        mnm_block(model).reset(cfg.batch_size)
+    return model
+
+
 def bench_memorizing(cfg, device, dtype, vocab_size) -> tuple[dict, list]:
     """Training with a memorizing layer (memory full: every step searches knn_memory_size entries per row
     and head, then appends its window) vs without; kNN-LM scoring vs plain scoring."""
     rows, res = Rows(), {}
-    shape = dict(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                 n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)
     if not 0 <= cfg.knn_layer < cfg.n_layer:
         raise ConfigError(f"suite 'memorizing' needs 0 <= knn_layer < n_layer={cfg.n_layer}, got {cfg.knn_layer}")
     speed = {}
     layer = dict(knn_layer=cfg.knn_layer, knn_topk=cfg.knn_topk, knn_memory_size=cfg.knn_memory_size)
     for label, extra in (("plain", {}), ("memorizing", layer),
                          ("memorizing_bf16", {**layer, "knn_search_dtype": "bfloat16"})):
-        torch.manual_seed(cfg.seed)
-        model = attach_memories(GPT(GPTConfig(**shape)), MemoryConfig(**extra)).to(device)
-        mem = memorizing_layer(model)
-        if mem is not None:  # fill every row's memory with random entries (cost depends on the size only)
-            mem.reset(cfg.batch_size)
-            H, d = cfg.n_head, cfg.n_embd // cfg.n_head
-            mem._alloc(cfg.batch_size, torch.zeros(1, device=device))
-            k = torch.randn(cfg.batch_size, H, cfg.knn_memory_size, d, device=device)
-            mem.append(torch.arange(cfg.batch_size, device=device), k, torch.randn_like(k))
-        speed[label] = bench_training(model, cfg, device, dtype)
+        speed[label] = bench_training(memory_model(cfg, vocab_size, device, **extra), cfg, device, dtype)
     slowdown = {k: speed["plain"]["tokens_per_s"] / speed[k]["tokens_per_s"] for k in ("memorizing", "memorizing_bf16")}
     res["train"] = {**speed, "slowdown": slowdown["memorizing"], "slowdown_bf16_search": slowdown["memorizing_bf16"]}
     rows.append((f"train (batch {cfg.batch_size} x {cfg.block_size}), no memory", f"{speed['plain']['tokens_per_s']:,.0f} tok/s",
@@ -642,8 +668,7 @@ def bench_memorizing(cfg, device, dtype, vocab_size) -> tuple[dict, list]:
                      f"{search} search", f"{speed[key]['tokens_per_s']:,.0f} tok/s",
                      f"{slowdown[key]:.2f}x the time of no memory"))
 
-    torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(**shape)).to(device).eval()
+    model = memory_model(cfg, vocab_size, device).eval()
     store = KNNLMDatastore.create(model, KNNSettings(knn_backend="torch"), {})
     g = torch.Generator().manual_seed(cfg.seed)
     L = cfg.n_layer - 1
@@ -662,6 +687,31 @@ def bench_memorizing(cfg, device, dtype, vocab_size) -> tuple[dict, list]:
     rows.append((f"score, kNN-LM {cfg.knnlm_size:,} entries (exact), k=64", f"{n / t_knn:,.0f} tok/s",
                  f"{t_knn / t_plain:.2f}x the time of plain"))
     return res, rows
+
+
+def bench_recipes(cfg, device, dtype, vocab_size) -> tuple[dict, list]:
+    """Suite 'recipes': training tokens/s of the long-range recipes' memories (config/train_passkey_*.py)
+    against the same model without one: a memorizing layer at knn_layer (its memory full at
+    knn_memory_size entries per row and head, so every step searches all of them) and an MNM block at
+    mnm_layer (-1: layer n_layer // 2), written every step like a document's next window."""
+    rows, speed = Rows(), {}
+    mid = cfg.n_layer // 2
+    knn_layer = cfg.knn_layer if 0 <= cfg.knn_layer < cfg.n_layer else mid
+    mnm_layer = cfg.mnm_layer if cfg.mnm_layer >= 0 else mid
+    arms = (("no memory", {}),
+            (f"memorizing layer {knn_layer}, {cfg.knn_memory_size:,} entries, top {cfg.knn_topk}",
+             dict(knn_layer=knn_layer, knn_topk=cfg.knn_topk, knn_memory_size=cfg.knn_memory_size)),
+            (f"MNM block {mnm_layer} ({cfg.mnm_write}, {cfg.mnm_heads} heads, hidden {cfg.mnm_hidden})",
+             dict(mnm_layer=mnm_layer, mnm_heads=cfg.mnm_heads, mnm_key_size=cfg.mnm_key_size,
+                  mnm_hidden=cfg.mnm_hidden, mnm_write=cfg.mnm_write)))
+    for label, extra in arms:
+        speed[label] = bench_training(memory_model(cfg, vocab_size, device, **extra), cfg, device, dtype)
+        ratio = speed["no memory"]["tokens_per_s"] / speed[label]["tokens_per_s"]
+        speed[label]["slowdown"] = ratio
+        rows.append((f"train (batch {cfg.batch_size} x {cfg.block_size}), {label}",
+                     f"{speed[label]['tokens_per_s']:,.0f} tok/s",
+                     f"{speed[label]['ms_per_iter']:.1f} ms/iter" + (f", {ratio:.2f}x the time of no memory" if extra else "")))
+    return speed, rows
 
 
 def bench_smollm2(cfg, device, dtype) -> tuple[dict, list]:
@@ -910,6 +960,9 @@ def main(cfg: BenchConfig) -> dict:
     if "memorizing" in cfg.suite:
         result["memorizing"], mem_rows = bench_memorizing(cfg, device, dtype, vocab_size)
         rows += mem_rows
+    if "recipes" in cfg.suite:
+        result["recipes"], recipe_rows = bench_recipes(cfg, device, dtype, vocab_size)
+        rows += recipe_rows
     if "knn_scale" in cfg.suite:
         result["knn_scale"] = bench_knn_scale(model, cfg, device, dtype)
     if rows:

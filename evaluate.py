@@ -1,15 +1,18 @@
 """
 Evaluate a trained model: perplexity of long documents with a memorizing layer at several memory
 sizes (eval='ppl'), kNN-LM perplexity (eval='knnlm'), and the chatbot's recall of facts on held-out
-dialogues (eval='dialog'). Each writes a JSON and a PNG to eval_out (default out_dir/eval_<eval>).
+dialogues (eval='dialog'), and long-range recall by distance of checkpoints and untrained memories
+(eval='longrange'). Each writes a JSON and a PNG to eval_out (default out_dir/eval_<eval>).
 
     python evaluate.py --out_dir=out-plays-knn --eval=ppl --eval_dataset=shakespeare_plays
     python evaluate.py --out_dir=out-plays --eval=knnlm --eval_dataset=shakespeare_plays --knnlm_dir=ds
     python evaluate.py config/eval_dialogs.py
+    python evaluate.py config/eval_passkey.py
 
 Sampling, recall of facts and sentiment direction with the persistent kNN memory are sample.py's.
 """
 
+import json
 import math
 import os
 import time
@@ -23,9 +26,9 @@ from tqdm import tqdm
 from chat import Seq2Seq, eval_dialog
 from checkpoint import CheckpointError, load_model
 from common import cli, pyplot, resolve_device, write_eval
-from configurator import ConfigError, at_least, format_config, load_config, need, within
-from knn import KNNLMDatastore, KNNMemoryError, KNNSettings, knn_probs, knnlm_mix, last_mlp_input
-from memory import memorizing_layer
+from configurator import ConfigError, at_least, format_config, load_config, need, one_of, within
+from knn import KNNLMDatastore, KNNMemory, KNNMemoryError, KNNSettings, knn_probs, knnlm_mix, last_mlp_input
+from memory import memorizing_layer, row_memories
 from prepare import DataError, check_meta_compatible, load_doc_starts, load_meta, open_split
 from runs import CheckedSettings, not_empty
 
@@ -37,7 +40,7 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, KNNMemoryError, OSError)
 class EvalConfig(CheckedSettings):
     init_from: str = "resume"  # 'resume' (out_dir/ckpt.pt), or pretrained weights (see model.GPT.from_pretrained)
     out_dir: str = "out"
-    eval: str = "ppl"  # 'ppl', 'knnlm' or 'dialog'
+    eval: str = "ppl"  # 'ppl', 'knnlm', 'dialog' or 'longrange'
     eval_out: str | None = None  # folder for the JSON and the plot; default out_dir/eval_<eval>
     seed: int = 1337
     batch_size: int = 8  # documents (ppl) or dialogues (dialog) side by side
@@ -63,13 +66,24 @@ class EvalConfig(CheckedSettings):
     eval_file: str | None = None  # default data/dialogs/dialogs_test.jsonl
     eval_items: int | None = None  # only the first N dialogues
     vocab_capacity: int | None = None  # at most this many words: those added while chatting go LRU first
+    # long-range recall (eval='longrange'): accuracy by distance on eval_dataset's val documents (passkey,
+    # facts_long: prepared with longrange_val.jsonl); eval_items: only the first N documents
+    out_dirs: list[str] = field(default_factory=list)  # checkpoints, one arm each, read window after window
+    longrange_arms: list[str] = field(default_factory=lambda: ["checkpoints", "knn", "knnlm"])  # 'knn': the
+    # persistent kNN memory (settings knn, knn_query, ...) holding the document's earlier windows, 'knnlm': kNN-LM
+    # over the document's own past (knnlm_k, knnlm_temperature, one arm per lambda in knnlm_lambdas); both untrained,
+    # on longrange_base's model
+    longrange_base: str | None = None  # default: the first of out_dirs whose model has no trainable memory
 
     def validate(self):
         """Every setting in its allowed range, before any work."""
         super().validate()
-        need(self.eval in ("ppl", "knnlm", "dialog"), f"eval={self.eval!r} is not allowed: eval must be 'ppl', "
-             "'knnlm' or 'dialog' (recall and sentiment are sample.py's)")
-        not_empty(self, "eval_dataset", "data_dir", "eval_baseline")
+        need(self.eval in ("ppl", "knnlm", "dialog", "longrange"), f"eval={self.eval!r} is not allowed: eval must be "
+             "'ppl', 'knnlm', 'dialog' or 'longrange' (recall and sentiment are sample.py's)")
+        not_empty(self, "eval_dataset", "data_dir", "eval_baseline", "longrange_base")
+        need(self.eval != "longrange" or bool(self.out_dirs), "out_dirs=[] is empty: eval='longrange' needs the "
+             "checkpoints to compare, e.g. out_dirs=['out-passkey-base', 'out-passkey-knn']")
+        one_of(self, "longrange_arms", ("checkpoints", "knn", "knnlm"))
         need(bool(self.eval_memory_sizes), "eval_memory_sizes=[] is empty: give the memory sizes to compare, "
              "e.g. [1024, 4096]")
         at_least(self, 1, "eval_memory_sizes")
@@ -234,11 +248,339 @@ def knnlm_datastore(cfg, model, meta) -> KNNLMDatastore:
                                         cfg.knnlm_max_tokens, cfg.memory_force)
 
 
+# ---- long-range recall (eval='longrange') ----
+
+def longrange_documents(path: str, split: str, tokenizer, limit: int | None = None) -> list[dict]:
+    """The documents of a long-range dataset (passkey, facts_long) with their queries; each query gets
+    `span`, the positions of the tokens that spell its answer (the char offsets of longrange_{split}.jsonl
+    mapped onto tokens, so any tokenizer works)."""
+    path_records = os.path.join(path, f"longrange_{split}.jsonl")
+    if not os.path.isfile(path_records):
+        raise DataError(f"{path_records} is missing: eval='longrange' needs a dataset prepared by passkey or "
+                        "facts_long (python prepare.py passkey)")
+    with open(path_records) as f:
+        records = [json.loads(line) for line in f]
+    docs = split_documents(path, split)
+    if len(docs) != len(records):
+        raise DataError(f"{path}: {len(docs)} documents in {split}.bin but {len(records)} lines in "
+                        f"{path_records}; prepare the dataset again")
+    out = []
+    for tokens, rec in list(zip(docs, records))[:limit]:
+        if getattr(tokenizer, "name", None) == "char":  # one token per character
+            ends = np.arange(1, len(tokens) + 1)
+        else:
+            ends = np.cumsum([len(tokenizer.decode([int(t)])) for t in tokens])
+        starts = np.r_[0, ends[:-1]]
+        queries = []
+        for q in rec["queries"]:
+            a, b = q["answer_start"], q["answer_start"] + len(q["answer"])
+            span = np.nonzero((starts < b) & (ends > a))[0]
+            if len(span) == 0 or span[0] == 0 or q["answer"] not in tokenizer.decode([int(t) for t in tokens[span]]):
+                raise DataError(f"{path}: a query's answer {q['answer']!r} is not where {path_records} says")
+            queries.append({**q, "span": span})
+        out.append({"tokens": tokens, "queries": queries, "record": rec})
+    return out
+
+
+@torch.no_grad()
+def windowed_pass(model, docs: list, batch_size: int, device, keep: list | None = None, on_window=None):
+    """Greedy next-token predictions at every position of each document (int64 arrays), read as training
+    reads them: windows of block_size from the document's start, each batch row's trainable memories
+    (memorizing layer, MNM block) starting empty with its document. Returns a list of (n - 1,) int arrays;
+    with keep (positions per document) also, per document, the last block's MLP input at every position
+    (the kNN-LM key, (n - 1, n_embd)) and the logits at the kept positions."""
+    T = model.config.block_size
+    mems = list(row_memories(model).values())
+    preds, hs, kept = [None] * len(docs), [None] * len(docs), [None] * len(docs)
+    order = sorted(range(len(docs)), key=lambda i: len(docs[i]))
+    for g in range(0, len(order), batch_size):
+        group = order[g:g + batch_size]
+        n = max(len(docs[i]) for i in group) - 1
+        X = torch.zeros(len(group), n, dtype=torch.long)
+        for r, i in enumerate(group):
+            X[r, :len(docs[i]) - 1] = torch.from_numpy(docs[i][:-1])
+        for m in mems:
+            m.reset()
+        out, hout, lout = [], [], []
+        for w in range(0, n, T):
+            x = X[:, w:w + T].to(device)
+            if on_window is not None:  # diagnostics: which documents' window w is read next
+                on_window(w, group)
+            if keep is not None:
+                h, logits = last_mlp_input(model, x, x)
+                hout.append(h.float().cpu())
+                lout.append(logits.float().cpu())
+            else:
+                logits, _ = model(x, x)  # targets: logits at every position
+            out.append(logits.argmax(-1).cpu())
+        P = torch.cat(out, 1).numpy()
+        for r, i in enumerate(group):
+            preds[i] = P[r, :len(docs[i]) - 1]
+        if keep is not None:
+            H = torch.cat(hout, 1)
+            for r, i in enumerate(group):
+                hs[i] = H[r, :len(docs[i]) - 1]
+                pos = torch.as_tensor(keep[i], dtype=torch.long)
+                kept[i] = torch.cat([lg[r:r + 1] for lg in lout], 1)[0, pos]
+        del hout, lout
+    for m in mems:
+        m.reset()
+    return (preds, hs, kept) if keep is not None else preds
+
+
+def answer_positions(doc) -> list[int]:
+    """The positions whose next-token prediction is an answer token, in order."""
+    return sorted({int(s) - 1 for q in doc["queries"] for s in q["span"]})
+
+
+def score_queries(docs: list, preds: list) -> list[list[tuple[bool, float]]]:
+    """(exact, share of answer tokens right) per query of each document, from greedy predictions: the
+    prediction at position p - 1 is the token at p. With the answer's earlier tokens given (teacher
+    forcing), every answer token right is exactly what greedy decoding would write."""
+    out = []
+    for d, p in zip(docs, preds):
+        row = []
+        for q in d["queries"]:
+            ok = p[q["span"] - 1] == d["tokens"][q["span"]]
+            row.append((bool(ok.all()), float(ok.mean())))
+        out.append(row)
+    return out
+
+
+@torch.no_grad()
+def knn_memory_predictions(model, docs: list, settings: KNNSettings, meta: dict, tokenizer, device) -> list:
+    """The persistent kNN memory (knn.KNNMemory, untrained) as a long-range memory: for every window that
+    predicts an answer token, a memory built from the document's earlier windows (all of them: the store is
+    as large as the document) is attached and the window is read; elsewhere predictions are -1."""
+    T = model.config.block_size
+    preds = []
+    for d in tqdm(docs, desc="knn memory", disable=None, leave=False):
+        tokens = d["tokens"]
+        p = np.full(len(tokens) - 1, -1)
+        for w in sorted({int(s - 1) // T for q in d["queries"] for s in q["span"]}):
+            KNNMemory.detach(model)
+            mem = KNNMemory.create(model, settings, meta, tokenizer)
+            if w > 0:
+                mem.add_tokens(model, tokens[:w * T].tolist(), source="earlier windows")
+                mem.attach(model)
+            x = torch.from_numpy(tokens[w * T:min((w + 1) * T, len(tokens) - 1)])[None].to(device)
+            logits, _ = model(x, x)
+            p[w * T:w * T + x.size(1)] = logits[0].argmax(-1).cpu().numpy()
+            KNNMemory.detach(model)
+        preds.append(p)
+    return preds
+
+
+def knnlm_predictions(docs: list, hs: list, logits: list, lam: float, k: int, temperature: float,
+                      window: int | None = None) -> list:
+    """kNN-LM over the document's own past: at each answer position, p = lam p_kNN + (1 - lam) p_LM, p_kNN
+    over the k nearest of the (key, next token) pairs of the document's earlier windows (window: their
+    length; None: of every earlier position whose next token is already read). Keys: the last block's MLP
+    input as the model computed it window by window; softmax of minus the squared distance / temperature.
+    logits[i]: the model's at answer_positions(docs[i]). Predictions elsewhere are -1."""
+    preds = []
+    for d, h, lg in zip(docs, hs, logits):
+        tokens = torch.from_numpy(d["tokens"])
+        p = np.full(len(tokens) - 1, -1)
+        for j, pos in enumerate(answer_positions(d)):
+            lp = F.log_softmax(lg[j].float(), -1)
+            n = pos if window is None else pos // window * window  # entries i < n: next token i + 1 <= pos is read
+            if n > 0:
+                dist = ((h[:n] - h[pos]) ** 2).sum(-1)
+                top = dist.topk(min(k, n), largest=False)
+                w = F.softmax(-top.values / temperature, -1)
+                p_knn = torch.zeros(lp.size(-1)).scatter_add_(0, tokens[1:n + 1][top.indices], w)
+                lp = knnlm_mix(lg[j], p_knn, lam)
+            p[pos] = int(lp.argmax(-1))
+        preds.append(p)
+    return preds
+
+
+@torch.no_grad()
+def memorizing_diagnostics(model, docs: list, batch_size: int, device) -> dict:
+    """Does the memorizing layer retrieve what the answer copies? For every answer token whose source token
+    (the same character of the stated value) lies in an earlier window, read the documents as in training
+    and record, per head, whether the source entry is among the query's top-k and the attention weight it
+    gets; by nominal distance, with the gates sigmoid(gate_bias). Memory slots are document positions
+    (the memory is emptied per document and must hold a whole one)."""
+    layer = memorizing_layer(model)
+    H = layer.n_head
+    if max(len(d["tokens"]) for d in docs) > layer.size:
+        raise ConfigError(f"diagnostics need a memory holding whole documents: knn_memory_size {layer.size} < "
+                          f"{max(len(d['tokens']) for d in docs)} tokens")
+    targets = {}  # (doc, position) -> (source position, distance bucket)
+    for i, d in enumerate(docs):
+        for q in d["queries"]:
+            src_pos = q["source_start"] - q["answer_start"] + q["span"]  # char tokenizer: one token per character
+            for s, sp in zip(q["span"], src_pos):
+                targets[(i, int(s) - 1)] = (int(sp), q["windows"])
+    stats = {}  # bucket -> [count, hits per head (H,), weight per head (H,), any-head hits]
+    state = {}
+
+    def on_window(w, group):
+        state["w"], state["group"] = w, group
+
+    def probe(ids, p):
+        w, group = state["w"], state["group"]
+        for r, i in enumerate(group):
+            for t in range(ids.size(1)):
+                hit = targets.get((i, w + t))
+                if hit is None or hit[0] >= w:  # not an answer position, or its source is in the local window
+                    continue
+                src_pos, bucket = hit
+                g = torch.arange(r * H, (r + 1) * H)
+                found = ids[g, t] == src_pos  # (H, k)
+                b = stats.setdefault(bucket, [0, np.zeros(H), np.zeros(H), 0])
+                b[0] += 1
+                b[1] += found.any(-1).numpy()
+                b[2] += (p[g, t].float() * found).sum(-1).numpy()
+                b[3] += bool(found.any())
+
+    layer.probe = probe
+    try:
+        windowed_pass(model, [d["tokens"] for d in docs], batch_size, device, on_window=on_window)
+    finally:
+        layer.probe = None
+    return {"gates": torch.sigmoid(layer.gate_bias).tolist(), "topk": layer.topk,
+            "by_distance": [{"windows": w, "answer_tokens": b[0], "retrieved_any_head": b[3] / b[0],
+                             "retrieved_per_head": (b[1] / b[0]).tolist(), "weight_per_head": (b[2] / b[0]).tolist()}
+                            for w, b in sorted(stats.items())]}
+
+
+def memory_kind(model) -> str:
+    mems = row_memories(model)
+    if "knn_memory" in mems:
+        return f"memorizing layer {model.memory_args['knn_layer']}"
+    if "mnm_memory" in mems:
+        return f"MNM block {model.memory_args['mnm_layer']}"
+    return "no memory"
+
+
+def eval_longrange(cfg, device) -> tuple[dict, object]:
+    """Accuracy of recalling answers by distance (eval_dataset's val documents, longrange_val.jsonl): every
+    checkpoint of out_dirs read window after window as in training, and, untrained, the persistent kNN memory
+    filled with the document's earlier windows and kNN-LM over the document's own past, on longrange_base's
+    model. All arms answer the same queries of the same documents, greedily (no sampling, so no seeds)."""
+    models = {}
+    for out_dir in cfg.out_dirs:
+        model, tokenizer, meta, source = load_model("resume", out_dir, device)
+        if isinstance(model, Seq2Seq):
+            raise ConfigError(f"{out_dir} holds a seq2seq chatbot; eval='longrange' reads GPT checkpoints")
+        models[out_dir] = (model, tokenizer, meta)
+    first_meta = next(iter(models.values()))[2]
+    path = eval_dataset_dir(cfg, first_meta)
+    for out_dir, (_, _, meta) in models.items():
+        check_meta_compatible(meta, load_meta(path))
+    tokenizer = next(iter(models.values()))[1]
+    docs = longrange_documents(path, "val", tokenizer, cfg.eval_items)
+    gen_path = os.path.join(path, "generator.json")
+    generator = json.loads(open(gen_path).read()) if os.path.isfile(gen_path) else {}
+    arms = []
+
+    def add(name, kind, source, preds, seconds):
+        arms.append({"name": name, "kind": kind, "source": source, "scores": score_queries(docs, preds),
+                     "seconds": round(seconds, 1)})
+        print(f"{name}: {seconds:.0f} s")
+
+    tokens = [d["tokens"] for d in docs]
+    if "checkpoints" in cfg.longrange_arms:
+        for out_dir, (model, _, _) in models.items():
+            t0 = time.perf_counter()
+            kind = memory_kind(model)
+            name = f"{os.path.basename(os.path.normpath(out_dir))} ({kind}, context {model.config.block_size})"
+            add(name, kind, out_dir, windowed_pass(model, tokens, cfg.batch_size, device), time.perf_counter() - t0)
+            if memorizing_layer(model) is not None and getattr(tokenizer, "name", None) == "char":
+                arms[-1]["retrieval"] = memorizing_diagnostics(model, docs, cfg.batch_size, device)
+    base = cfg.longrange_base or next((o for o, (m, _, _) in models.items() if not row_memories(m)), None)
+    untrained = [a for a in ("knn", "knnlm") if a in cfg.longrange_arms]
+    if untrained and base is None:
+        raise ConfigError("the kNN memory and kNN-LM arms need a model without a trainable memory: add one to "
+                          "out_dirs or set longrange_base (or drop them from longrange_arms)")
+    if untrained and base not in models:
+        model, tok_b, meta_b, _ = load_model("resume", base, device)
+        check_meta_compatible(meta_b, load_meta(path))
+        models[base] = (model, tok_b, meta_b)
+    base_name = os.path.basename(os.path.normpath(base)) if base else None
+    if "knn" in cfg.longrange_arms:
+        settings = KNNSettings.from_config(cfg)
+        if settings.layers:
+            t0 = time.perf_counter()
+            model, tok_b, meta_b = models[base]
+            preds = knn_memory_predictions(model, docs, settings, meta_b, tok_b, device)
+            add(f"kNN memory of earlier windows, knn={settings.knn} ({base_name})", "knn memory", base, preds,
+                time.perf_counter() - t0)
+        else:
+            print("skipping the kNN memory arm: set knn (one k per layer) to run it")
+    if "knnlm" in cfg.longrange_arms:
+        t0 = time.perf_counter()
+        model = models[base][0]
+        _, hs, logits = windowed_pass(model, tokens, cfg.batch_size, device, keep=[answer_positions(d) for d in docs])
+        seconds = time.perf_counter() - t0
+        for lam in [l for l in cfg.knnlm_lambdas if l > 0]:
+            t0 = time.perf_counter()
+            preds = knnlm_predictions(docs, hs, logits, lam, cfg.knnlm_k, cfg.knnlm_temperature, model.config.block_size)
+            add(f"kNN-LM over the document's earlier windows, lambda {lam} ({base_name})", "knnlm", base, preds,
+                seconds + time.perf_counter() - t0)
+    return longrange_report(cfg, docs, arms, generator)
+
+
+def longrange_report(cfg, docs: list, arms: list, generator: dict) -> tuple[dict, object]:
+    """Accuracy by nominal distance (in windows of the generator's block_size) per arm: a table, the
+    result dict and a plot of exact accuracy against distance, one line per arm."""
+    distances = sorted({q["windows"] for d in docs for q in d["queries"]})
+    rows = []
+    for arm in arms:
+        by = {}
+        for d, scores in zip(docs, arm["scores"]):
+            for q, (exact, tok_acc) in zip(d["queries"], scores):
+                b = by.setdefault(q["windows"], [0, 0, 0.0])
+                b[0] += 1
+                b[1] += exact
+                b[2] += tok_acc
+        n_all = sum(b[0] for b in by.values())
+        if "retrieval" in arm:
+            diag = arm["retrieval"]
+            print(f"{arm['name']}: gates {', '.join(f'{g:.3f}' for g in diag['gates'])}; source token retrieved "
+                  "(any head, top-{}): ".format(diag["topk"])
+                  + ", ".join(f"{b['windows']:g}w {b['retrieved_any_head']:.0%}" for b in diag["by_distance"]))
+        rows.append({"arm": arm["name"], "kind": arm["kind"], "source": arm["source"], "seconds": arm["seconds"],
+                     **({"retrieval": arm["retrieval"]} if "retrieval" in arm else {}),
+                     "exact": sum(b[1] for b in by.values()) / n_all,
+                     "by_distance": [{"windows": w, "queries": by[w][0], "exact": by[w][1] / by[w][0],
+                                      "token_accuracy": by[w][2] / by[w][0]} for w in distances]})
+    width = max(len(r["arm"]) for r in rows)
+    print(f"\nexact recall by distance (windows of {generator.get('block_size', '?')} tokens), "
+          f"{len(docs)} documents, {sum(len(d['queries']) for d in docs)} queries")
+    print(f"{'arm':<{width}} | " + " | ".join(f"{w:>6g}" for w in distances))
+    for r in rows:
+        print(f"{r['arm']:<{width}} | " + " | ".join(f"{b['exact']:6.1%}" for b in r["by_distance"]))
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ax.plot([b["windows"] for b in r["by_distance"]], [b["exact"] for b in r["by_distance"]], "o-", label=r["arm"])
+    if distances and min(distances) > 0:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(distances)
+    ax.set_xticklabels([f"{w:g}" for w in distances])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(f"distance from the stated value to the answer (windows of {generator.get('block_size', '?')} tokens)")
+    ax.set_ylabel("exact recall")
+    ax.set_title(f"{cfg.eval_dataset} ({generator.get('task', '?')}): {len(docs)} held-out documents")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    result = {"rows": rows, "documents": len(docs), "queries": sum(len(d["queries"]) for d in docs),
+              "distances": distances, "generator": generator,
+              "per_document": {r["arm"]: [[int(e) for e, _ in s] for s in a["scores"]] for r, a in zip(rows, arms)}}
+    return result, fig
+
+
 def main(cfg: EvalConfig) -> dict:
     """Run the evaluation cfg.eval asks for; returns its result (also written as JSON and PNG)."""
     cfg.validate()  # load_config ran it already; an EvalConfig built in code gets it here
     device, dtype = resolve_device(cfg.device, cfg.dtype)
     print(f"settings:\n{format_config(cfg)}")
+    if cfg.eval == "longrange":  # loads its models itself: every checkpoint of out_dirs
+        return write_eval(cfg, ", ".join(cfg.out_dirs), *eval_longrange(cfg, device))
     model, tokenizer, meta, source = load_model(cfg.init_from, cfg.out_dir, device)
     if (cfg.eval == "dialog") != isinstance(model, Seq2Seq):
         raise ConfigError(f"eval='dialog' is for a seq2seq chatbot (train.py task='dialog') and eval='ppl'/'knnlm' "

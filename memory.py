@@ -98,6 +98,7 @@ def add_memorizing_layer(model, layer: int, topk: int, size: int, search_dtype: 
     model.memory_args.update(knn_layer=layer, knn_topk=topk, knn_memory_size=size, knn_search_dtype=search_dtype)
     model.attentions[layer].memory = MemorizingMemory(cfg.n_head, cfg.n_embd // cfg.n_head, topk, size,
                                                       search_dtype).to(next(model.parameters()).device)
+    model.attentions[layer].memory.bind(model.attentions[layer])
 
 
 class MemorizingMemory(nn.Module):
@@ -116,6 +117,15 @@ class MemorizingMemory(nn.Module):
     the next forward pass reads and writes (None: the first B).
     """
 
+    # Training knobs (class attributes, like MNM.write_loss_weight; a config file may set them before training,
+    # `import memory; memory.MemorizingMemory.grad_windows = 1`). Neither changes what a trained model computes.
+    gate_init = MEMORIZING_GATE_INIT  # the gates' starting logit
+    # the paper's memory is detached: stored keys and values learn only through local attention. With
+    # grad_windows = G > 0, while training the entries of a row's G most recent windows are recomputed from
+    # those windows' attention inputs (kept, detached) with the current weights, so the retrieval's loss also
+    # trains the layer's key and value projections (the layers below it still see no gradient from there)
+    grad_windows = 0
+
     def __init__(self, n_head: int, head_size: int, topk: int, size: int, search_dtype: str = "float32"):
         super().__init__()
         if topk < 1 or size < 1:
@@ -124,12 +134,16 @@ class MemorizingMemory(nn.Module):
             raise ValueError(f"knn_search_dtype={search_dtype!r}; choose 'float32' or 'bfloat16'")
         self.n_head, self.head_size, self.topk, self.size = n_head, head_size, topk, size
         self.search_dtype = getattr(torch, search_dtype)
-        self.gate_bias = nn.Parameter(torch.full((n_head,), MEMORIZING_GATE_INIT))
+        self.gate_bias = nn.Parameter(torch.full((n_head,), float(self.gate_init)))
+        self._x = None  # the attention input of the current forward pass (grad_windows), set by a pre-hook
+        self._hooked = None  # id() of the attention module it is bound to (not the module: no submodule cycle)
         self.write = True  # append each forward pass's window to the memory
         self.read = True  # False: only write (reading a text into memory; layer L's keys do not depend on reads at L)
         self.rows = None  # slice of memory rows used by the next forward pass
         self.n_rows = None
         self.mem = None  # {"keys": (R, H, C, d) unit keys, "norms": (R, H, C), "values": (R, H, C, d), "written": (R,)}
+        self.probe = None  # probe(ids, weights): called by retrieve with the retrieved slots and their attention
+        # weights, both (B * H, T, topk), for diagnostics (evaluate.py memorizing_diagnostics)
 
     def reset(self, n_rows: int | None = None):
         """Forget everything; the next forward pass allocates n_rows rows (None: its batch size)."""
@@ -159,11 +173,33 @@ class MemorizingMemory(nn.Module):
         if self.mem is not None:
             self.n_rows = self.mem["written"].numel()
 
+    def bind(self, attn):
+        """Keep the input of the attention this memory sits in (grad_windows recomputes entries from it)."""
+        if self._hooked != id(attn):
+            attn.register_forward_pre_hook(self._keep_input)
+            self._hooked = id(attn)
+
+    def _keep_input(self, module, args):
+        self._x = args[0]
+
+    def _grad_active(self, attn) -> bool:
+        if self.grad_windows <= 0 or not (self.training and torch.is_grad_enabled()):
+            return False
+        if attn.rotary is not None or attn.n_kv_head != attn.n_head:
+            raise RuntimeError("grad_windows recomputes keys with learned positions and one key head per query head")
+        if self._hooked != id(attn):
+            raise RuntimeError("grad_windows needs the memory bound to its attention: memory.bind(attn)")
+        return True
+
     def forward(self, attn, q, k, v, attend):
         B, H, T, d = q.shape
+        grad = self._grad_active(attn)
         y_local = attend(q, k, v)  # (B, H, T, d)
         if self.mem is None:
             self._alloc(B, k.detach())
+        if grad and "recent_x" not in self.mem:
+            R, C = self.mem["written"].numel(), self._x.size(-1)
+            self.mem["recent_x"] = self._x.new_zeros(R, self.grad_windows * T, C)
         rows = self.rows if self.rows is not None else slice(0, B)  # a slice: the memory rows are views
         rid = torch.arange(self.mem["written"].numel(), device=q.device)[rows]  # (B,) memory rows of the batch
         if rid.numel() != B:
@@ -172,7 +208,8 @@ class MemorizingMemory(nn.Module):
         n_used = int(count.max())
         y = y_local
         if n_used > 0 and self.read:
-            y_mem = self.retrieve(q, rows, count, n_used)
+            recent = self._recent_kv(attn, rows, B, T) if grad else None
+            y_mem = self.retrieve(q, rows, count, n_used, recent)
             g = torch.sigmoid(self.gate_bias).to(y_local.dtype).view(1, H, 1, 1)
             # exactly y_local where a row's memory is empty; g = 0 gives y_local bit for bit
             y = torch.where((count > 0).view(B, 1, 1, 1), (1 - g) * y_local + g * y_mem, y_local)
@@ -180,10 +217,21 @@ class MemorizingMemory(nn.Module):
             y = y_local + 0 * torch.sigmoid(self.gate_bias).sum()  # in the graph: DDP expects a gradient for it
         if self.write:
             self.append(rid, k[:, :, -T:], v[:, :, -T:])
+            if grad:  # the row's attention inputs of its grad_windows latest windows, oldest first
+                recent = self.mem["recent_x"]
+                recent[rid] = torch.cat([recent[rid, T:], self._x[:, -T:].detach().to(recent.dtype)], 1)
         return y
 
-    def retrieve(self, q, rows, count, n_used):
-        """Attention of every query over its topk nearest memory entries: (B, H, T, d)."""
+    def _recent_kv(self, attn, rows, B, T):
+        """Keys and values (B, H, G*T, d) of the rows' G latest windows, recomputed with gradients."""
+        x = self.mem["recent_x"][rows].clone()  # (B, G*T, C); a copy: the ring is written in place after this
+        H, d = self.n_head, self.head_size
+        _, k, v = attn.c_attn(x).split([H * d, H * d, H * d], dim=2)
+        return k.view(B, -1, H, d).transpose(1, 2), v.view(B, -1, H, d).transpose(1, 2)
+
+    def retrieve(self, q, rows, count, n_used, recent=None):
+        """Attention of every query over its topk nearest memory entries: (B, H, T, d). recent: the keys
+        and values of the rows' latest windows with gradients (grad_windows), used for those entries."""
         B, H, T, d = q.shape
         G = B * H
         keys = self.mem["keys"][rows, :, :n_used]  # (B, H, n, d), a view
@@ -196,10 +244,22 @@ class MemorizingMemory(nn.Module):
         norms = self.mem["norms"][rows, :, :n_used].reshape(G, n_used)[g_idx, ids]  # (G, T, kk)
         k_ret = keys.reshape(G, n_used, d)[g_idx, ids] * norms[..., None]  # raw keys (G, T, kk, d)
         v_ret = self.mem["values"][rows, :, :n_used].reshape(G, n_used, d)[g_idx, ids]  # (G, T, kk, d)
+        if recent is not None:  # entries of the latest windows: the recomputed keys and values, with gradients
+            k_rec, v_rec = (t.reshape(G, -1, d) for t in recent)
+            span = k_rec.size(1)
+            written = self.mem["written"][rows].repeat_interleave(H)[:, None, None]  # (G, 1, 1)
+            newest = written - 1 - ((written - 1 - ids) % self.size)  # the entry's index in its row's stream
+            off = newest - (written - span)  # position among the latest span entries
+            mine = off >= 0
+            off = off.clamp(min=0)
+            k_ret = torch.where(mine[..., None], k_rec[g_idx, off], k_ret)
+            v_ret = torch.where(mine[..., None], v_rec[g_idx, off], v_ret)
         logits = (k_ret @ q.reshape(G, T, d, 1)).squeeze(-1) / math.sqrt(d)  # (G, T, kk)
         # entries beyond a row's count are empty slots; a row with none keeps finite zeros (gated out)
         empty = (ids >= count.repeat_interleave(H)[:, None, None]) & (count.repeat_interleave(H) > 0)[:, None, None]
         p = F.softmax(logits.float().masked_fill(empty, float("-inf")), dim=-1).to(q.dtype)
+        if self.probe is not None:
+            self.probe(ids, p.detach())
         return (p.unsqueeze(-2) @ v_ret).squeeze(-2).view(B, H, T, d)
 
     @torch.no_grad()

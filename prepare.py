@@ -14,11 +14,13 @@ on-disk format is defined in one place.
 """
 import argparse
 import json
+import math
 import os
 import random
 import re
 import sys
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -906,6 +908,307 @@ def load_dialogs(input, val_frac, seed):
                   TextDocs(lambda: texts["val"], len(texts["val"])), files)
 
 
+# -----------------------------------------------------------------------------
+# long-range recall: documents whose answer sits many context windows after the text it copies
+#
+# Each document is read by the docs loader (train.py loader='docs') window after window of block_size
+# from its start, so a model sees the question's window and, of the earlier windows, only what its
+# memory kept. longrange_{train,val}.jsonl holds one line per document (same order as the .bin
+# files): {"queries": [{"answer", "answer_start", "source_start", "distance", "windows"}], ...}. Offsets
+# are characters of the document's text (tokens with the default char tokenizer): answer_start is the
+# answer's first character, source_start the first character of the value it copies, distance their
+# difference and windows the nominal distance in windows of the generator's block_size (the bucket the
+# evaluation reports; passkey's distance is exactly round(windows * block_size) beyond the shortest).
+# generator.json records the generator's settings.
+
+LONGRANGE_BLOCK = 128  # the window the distances are counted in (the recipes' block_size)
+LONGRANGE_EVAL_WINDOWS = (0.5, 1, 2, 4, 8, 16)  # val: the same number of documents at each distance
+PASSKEY_FILLER = [  # no digits, no "pass key": the key is the only number in a document
+    "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.",
+    "The river runs to the sea.", "A bird sings in the tree.", "The wind is cold today.", "The road is long.",
+    "We walk on and on.", "The hills are quiet.", "Clouds drift over the town.",
+]
+# the filler of the original pass-key test (Mohtashami & Jaggi 2023): these five sentences over and over, from
+# a random one on; all but the key is then predictable, so the answer's digits are what is left to learn
+PASSKEY_CYCLE = ["The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."]
+PASSKEY_STATEMENT = "The pass key is {key}. Remember it. "
+PASSKEY_QUESTION = "What is the pass key? The pass key is "
+PASSKEY_TRAIN_DOCS = 10000
+PASSKEY_VAL_PER_DISTANCE = 50
+
+
+def longrange_options(options, **defaults):
+    """The generator's settings: defaults updated by options (prepare.py --option KEY=VALUE), checked."""
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise DataError(f"unknown generator option(s) {sorted(unknown)}; this dataset takes {sorted(defaults)}")
+    out = {**defaults, **options}
+    lo, hi = out["windows"]
+    if not (0 <= lo <= hi) or out["block_size"] < 8:
+        raise DataError(f"windows must be (low, high) with 0 <= low <= high, block_size >= 8; got {out}")
+    return out
+
+
+def filler_text(rng, n, sentences=PASSKEY_FILLER, corpus=None, cycle=False):
+    """Exactly n characters of filler ending in a space ('' for n = 0): random sentences, the sentences in
+    turn from a random one (cycle), or a random slice of corpus (a text without digits) when one is given."""
+    if n <= 0:
+        return ""
+    if corpus is not None:
+        a = rng.randrange(max(1, len(corpus) - n))
+        text = (corpus[a:a + n] * (n // max(1, len(corpus)) + 1))[:n]
+    elif cycle:
+        i, out, size = rng.randrange(len(sentences)), [], 0
+        while size < n:
+            out.append(sentences[i % len(sentences)] + " ")
+            size += len(out[-1])
+            i += 1
+        text = "".join(out)[:n]
+    else:
+        out, size = [], 0
+        while size < n:
+            s = rng.choice(sentences) + " "
+            out.append(s)
+            size += len(s)
+        text = "".join(out)[:n]
+    return text[:-1] + " "
+
+
+def passkey_document(rng, key: str, windows: float, block_size: int, corpus=None, filler="cycle",
+                     fit: bool = False) -> tuple[str, dict]:
+    """A random lead of filler (so the key falls anywhere in its window), the key stated once, filler,
+    the question and the answer. The answer's first digit is round(windows * block_size) characters
+    after the key's first (or the shortest distance the sentences allow, 58 characters). filler: 'cycle'
+    (PASSKEY_CYCLE in turn), 'random' (PASSKEY_FILLER sentences drawn at random); corpus: a text instead.
+    fit: the lead is short enough for the whole document to fit in one window (where it can be)."""
+    if filler not in ("cycle", "random"):
+        raise DataError(f"passkey filler={filler!r}; choose 'cycle' or 'random' (or --input a text file)")
+    sentences, cycle = (PASSKEY_CYCLE, True) if filler == "cycle" else (PASSKEY_FILLER, False)
+    statement = PASSKEY_STATEMENT.format(key=key)
+    fixed = len(statement) - PASSKEY_STATEMENT.index("{key}") + len(PASSKEY_QUESTION)
+    gap = max(0, round(windows * block_size) - fixed)
+    rest = len(statement) + gap + len(PASSKEY_QUESTION) + len(key) + 1
+    lead = filler_text(rng, rng.randrange(max(1, block_size - rest) if fit else block_size), sentences, corpus, cycle)
+    source_start = len(lead) + PASSKEY_STATEMENT.index("{key}")
+    text = lead + statement + filler_text(rng, gap, sentences, corpus, cycle) + PASSKEY_QUESTION + key + "."
+    answer_start = len(text) - len(key) - 1
+    query = {"answer": key, "answer_start": answer_start, "source_start": source_start,
+             "distance": answer_start - source_start, "windows": windows}
+    # the windows the key is read in and the answer's first digit is predicted in (from the token before it)
+    return text, {"queries": [query], "key_window": source_start // block_size,
+                  "answer_window": (answer_start - 1) // block_size}
+
+
+def log_uniform(rng, lo, hi):
+    return lo if lo == hi else math.exp(rng.uniform(math.log(lo), math.log(hi)))
+
+
+def passkey_corpus_filler(input, val_frac):
+    """(train, val) filler texts from a local text file: digits dropped, whitespace made single spaces;
+    val filler comes from the file's last val_frac."""
+    text = re.sub(r"\s+", " ", re.sub(r"[0-9]", "", read_text(text_files(input)[0])))
+    cut = int(len(text) * (1 - val_frac))
+    if cut < 200 or len(text) - cut < 200:
+        raise DataError(f"--input {input}: too little text for filler ({len(text)} characters)")
+    return text[:cut], text[cut:]
+
+
+def load_passkey(input, val_frac, seed, **options):
+    """The pass-key retrieval task: a random 5-digit key stated once, filler, then the question and the
+    key. Training distances are log-uniform in `windows` (in windows of block_size); val has
+    n_val documents at each of eval_windows. Keys are held out: val keys never occur in training.
+    filler: 'cycle' (the original test's five sentences in turn) or 'random' (twelve sentences drawn at
+    random); --input: a text file to draw filler from instead. fit: training documents short enough for
+    one window start within it (a curriculum's first stage: every key in its question's window).
+    drill > 0: training documents are copy drills instead, drill keys each written `repeats` times in
+    turn: drill_style 'numbers' writes nothing else ("48213 48213 48213 48213. 90211 ..."), 'statements'
+    writes "The pass key is 48213." each time, after 0 to `spread` characters of filler; 'windows' writes a
+    random string of block_size digits `repeats` times, so that each window repeats the one before it:
+    only a memory of the previous window predicts it (the Memorizing layer's test in isolation)."""
+    o = longrange_options(options, block_size=LONGRANGE_BLOCK, windows=(0.5, 16.0), eval_windows=LONGRANGE_EVAL_WINDOWS,
+                         n_train=PASSKEY_TRAIN_DOCS, n_val=PASSKEY_VAL_PER_DISTANCE, filler="cycle", fit=False,
+                         drill=0, repeats=2, drill_style="numbers", spread=48)
+    rng = random.Random(seed)
+    keys = [str(k) for k in range(10000, 100000)]
+    rng.shuffle(keys)
+    held = len(keys) // 10  # val keys: a tenth of all 5-digit numbers, never used in training
+    pools = {"val": keys[:held], "train": keys[held:]}
+    fillers = passkey_corpus_filler(input, val_frac) if input else (None, None)
+    docs = {"train": [], "val": []}
+    for i in range(o["n_train"]):
+        if o["drill"]:  # copy drills, no question (see the docstring)
+            keys_i = [rng.choice(pools["train"]) for _ in range(o["drill"])]
+            if o["drill_style"] == "windows":  # a random digit string of one window, then its copies: window w
+                block = "".join(rng.choice("0123456789") for _ in range(o["block_size"]))  # is window w - 1 again
+                docs["train"].append((block * o["repeats"], {"queries": [], "drill": "windows"}))
+                continue
+            if o["drill_style"] == "numbers":
+                text = " ".join(" ".join([k] * o["repeats"]) + "." for k in keys_i)
+            else:
+                text = "".join(filler_text(rng, rng.randint(0, o["spread"]), PASSKEY_CYCLE, None, True)
+                               + f"The pass key is {k}. " for k in keys_i for _ in range(o["repeats"]))
+            docs["train"].append((text.strip(), {"queries": [], "drill": keys_i}))
+            continue
+        w = round(log_uniform(rng, *o["windows"]), 3)
+        docs["train"].append(passkey_document(rng, rng.choice(pools["train"]), w, o["block_size"], fillers[0],
+                                              o["filler"], o["fit"]))
+    for i in range(o["n_val"] * len(o["eval_windows"])):  # distances interleaved: any prefix covers them all
+        if o["drill"] and o["drill_style"] == "windows":  # val is window copies too: each copy an answer
+            T = o["block_size"]
+            block = "".join(rng.choice("0123456789") for _ in range(T))
+            queries = [{"answer": block, "answer_start": w * T, "source_start": (w - 1) * T, "distance": T,
+                        "windows": 1.0} for w in range(1, o["repeats"])]
+            docs["val"].append((block * o["repeats"], {"queries": queries}))
+            continue
+        w = float(o["eval_windows"][i % len(o["eval_windows"])])
+        docs["val"].append(passkey_document(rng, rng.choice(pools["val"]), w, o["block_size"], fillers[1], o["filler"]))
+    return longrange_corpus("built-in" if not input else str(input), docs, {"task": "passkey", "seed": seed, **o})
+
+
+# facts with open-set values: every attribute value is an invented word (or a number), drawn afresh for each
+# person, and the values of val (and of recall.jsonl) are never used in training, so answering means copying
+# the value from the facts, never recalling it from the weights
+FACTS_OPEN_SYLLABLES = {"city": (2, 3), "pet": (1, 2), "pet_name": (2, 2), "colour": (2, 2), "job": (2, 3)}
+FACTS_OPEN_CAPITALIZED = ("city", "pet_name")
+
+
+def value_is_heldout(value: str) -> bool:
+    """The split of the open value set: a fifth of all values (by a hash) belongs to val only."""
+    return zlib.crc32(value.encode()) % 5 == 0
+
+
+def open_value(rng, attribute: str, heldout: bool) -> str:
+    while True:
+        if attribute == "age":
+            value = str(rng.randint(10, 99))
+        else:
+            lo, hi = FACTS_OPEN_SYLLABLES[attribute]
+            value = "".join(rng.choice(NAME_ONSETS) + rng.choice(NAME_VOWELS) for _ in range(rng.randint(lo, hi)))
+            value += rng.choice(NAME_CODAS)
+            if attribute in FACTS_OPEN_CAPITALIZED:
+                value = value.capitalize()
+        if value_is_heldout(value) == heldout:
+            return value
+
+
+def facts_open_scene(names, rng, heldout: bool):
+    """facts_scene with open values: (the facts line, its questions), each question with "source_start",
+    the offset of its value in the line."""
+    sentences = []  # (sentence, [(attribute, value, person name)])
+    for name in names:
+        person = {attribute: open_value(rng, attribute, heldout) for attribute in FACTS_VALUES}
+        for topic in rng.sample(list(FACTS_TEMPLATES), rng.randint(*FACTS_TOPICS)):
+            attributes = ("pet", "pet_name") if topic == "pet" else (topic,)
+            sentences.append((rng.choice(FACTS_TEMPLATES[topic]).format(name=name, **person),
+                              [(a, person[a], name) for a in attributes]))
+    rng.shuffle(sentences)
+    qas, pos = [], 0
+    for sentence, facts in sentences:
+        for attribute, value, name in facts:
+            m = re.search(rf"\b{re.escape(value)}\b", sentence[len(name):])  # every template starts with the name
+            qas.append({"question": FACTS_QUESTIONS[attribute].format(name=name), "answer": value, "entity": name,
+                        "attribute": attribute, "source_start": pos + len(name) + m.start()})
+        pos += len(sentence) + 1
+    return " ".join(s for s, _ in sentences), qas
+
+
+def facts_open_document(rng, names, heldout: bool):
+    """A facts document (facts line, then 4-6 Q/A lines) with open values, and its longrange record."""
+    facts, qas = facts_open_scene(rng.sample(names, rng.randint(1, 3)), rng, heldout)
+    asked = rng.sample(qas, min(len(qas), rng.randint(*FACTS_QAS)))
+    return facts_with_questions(facts + "\n", asked, 0)
+
+
+def facts_with_questions(head: str, asked, windows):
+    """head, then a Q/A line per question; the record's offsets point into the result."""
+    text, queries = head, []
+    for i, qa in enumerate(asked):
+        line = facts_prompt(qa["question"]) + " "
+        start = len(text) + len(line)
+        queries.append({"answer": qa["answer"], "answer_start": start, "source_start": qa["source_start"],
+                        "distance": start - qa["source_start"], "windows": windows, "attribute": qa["attribute"],
+                        "entity": qa["entity"]})
+        text += line + qa["answer"] + ("\n" if i < len(asked) - 1 else "")
+    return text, {"queries": queries}
+
+
+def load_facts_open(input, val_frac, seed):
+    """The facts corpus with open-set values (invented words and numbers, val's never seen in training); the
+    same sizes as facts, so the quickstart's budget trains it. recall.jsonl / recall_tune.jsonl: the facts
+    recall items (sample.py eval='recall'), with held-out people and values."""
+    if input:
+        raise DataError("facts_open is generated, not read: drop --input (use --seed for a different corpus)")
+    rng = random.Random(seed)
+    train_names = facts_train_names(FACTS_TRAIN_PEOPLE, rng)
+    heldout_names = [f"{f} {l}" for f in FACTS_HELDOUT_NAMES for l in FACTS_LAST_NAMES]
+    n_val = max(1, round(FACTS_DOCS * val_frac))
+    docs = {"train": [facts_open_document(rng, train_names, False) for _ in range(FACTS_DOCS - n_val)],
+            "val": [facts_open_document(rng, heldout_names, True) for _ in range(n_val)]}
+    corpus = longrange_corpus("built-in", docs, {"task": "facts_open", "seed": seed})
+    for file in ("recall.jsonl", "recall_tune.jsonl"):
+        items = []
+        for _ in range(FACTS_RECALL_ITEMS):
+            memory, qas = facts_open_scene(rng.sample(heldout_names, rng.randint(1, 2)), rng, True)
+            qa = rng.choice(qas)
+            items.append({"memory": memory, "prompt": facts_prompt(qa["question"]), "answers": [qa["answer"]],
+                          "entity": qa["entity"], "attribute": qa["attribute"]})
+        corpus.extra_files[file] = "".join(json.dumps(item) + "\n" for item in items)
+    return corpus
+
+
+FACTS_LONG_TRAIN_DOCS = 10000
+FACTS_LONG_BLOCK = 256  # a facts line is up to ~400 characters: windows of 256 keep most in one or two
+FACTS_LONG_VAL_PER_DISTANCE = 50
+
+
+def facts_long_document(rng, names, windows: float, block_size: int, heldout: bool):
+    """Facts about 1-2 people, then round(windows * block_size) characters of other people's facts and
+    questions (whole facts documents, the last one cut), then 2-4 questions about the first people."""
+    targets = rng.sample(names, rng.randint(1, 2))
+    facts, qas = facts_open_scene(targets, rng, heldout)
+    asked = rng.sample(qas, min(len(qas), rng.randint(2, 4)))
+    gap = round(windows * block_size)
+    filler = ""
+    while len(filler) < gap:
+        others = [n for n in rng.sample(names, 4) if n not in targets][:rng.randint(1, 3)]
+        scene, other_qas = facts_open_scene(others, rng, heldout)
+        lines = [facts_prompt(q["question"]) + " " + q["answer"] for q in rng.sample(other_qas, min(len(other_qas), 3))]
+        filler += "\n".join([scene] + lines) + "\n"
+    filler = filler[:gap - 1] + "\n" if gap else ""
+    return facts_with_questions(facts + "\n" + filler, asked, windows)
+
+
+def load_facts_long(input, val_frac, seed, **options):
+    """Facts and their questions separated by 1-16 windows (of block_size) of other people's facts and
+    questions; open-set values, val's people and values never seen in training. A fraction `near` of the
+    training documents has no gap (the facts corpus's layout); the rest log-uniform in `windows`. val:
+    n_val documents at each of eval_windows (0: the questions follow the facts)."""
+    if input:
+        raise DataError("facts_long is generated, not read: drop --input (use --seed for a different corpus)")
+    o = longrange_options(options, block_size=FACTS_LONG_BLOCK, windows=(1.0, 16.0), near=0.25,
+                         eval_windows=(0,) + LONGRANGE_EVAL_WINDOWS[1:], n_train=FACTS_LONG_TRAIN_DOCS,
+                         n_val=FACTS_LONG_VAL_PER_DISTANCE)
+    rng = random.Random(seed)
+    train_names = facts_train_names(FACTS_TRAIN_PEOPLE, rng)
+    heldout_names = [f"{f} {l}" for f in FACTS_HELDOUT_NAMES for l in FACTS_LAST_NAMES]
+    docs = {"train": [], "val": []}
+    for _ in range(o["n_train"]):
+        w = 0.0 if rng.random() < o["near"] else round(log_uniform(rng, *o["windows"]), 3)
+        docs["train"].append(facts_long_document(rng, train_names, w, o["block_size"], False))
+    for i in range(o["n_val"] * len(o["eval_windows"])):
+        w = float(o["eval_windows"][i % len(o["eval_windows"])])
+        docs["val"].append(facts_long_document(rng, heldout_names, w, o["block_size"], True))
+    return longrange_corpus("built-in", docs, {"task": "facts_long", "seed": seed, **o})
+
+
+def longrange_corpus(source, docs, settings):
+    files = {f"longrange_{s}.jsonl": "".join(json.dumps(r) + "\n" for _, r in docs[s]) for s in ("train", "val")}
+    files["generator.json"] = json.dumps(settings, indent=1) + "\n"
+    texts = {s: [t for t, _ in docs[s]] for s in ("train", "val")}
+    return Corpus(source, TextDocs(lambda: texts["train"], len(texts["train"])),
+                  TextDocs(lambda: texts["val"], len(texts["val"])), files)
+
+
 # name -> (default tokenizer, loader(input, val_frac, seed) -> Corpus)
 DATASETS = {
     "shakespeare_char": ("char", load_shakespeare),
@@ -917,6 +1220,9 @@ DATASETS = {
     "dialogs": ("word", load_dialogs),
     "shakespeare_plays": ("char", load_shakespeare_plays),
     "wikitext2_docs": ("char", load_wikitext2_docs),
+    "passkey": ("char", load_passkey),
+    "facts_open": ("char", load_facts_open),
+    "facts_long": ("char", load_facts_long),
 }
 
 
@@ -941,14 +1247,16 @@ def write_tokens(f, pieces, separator, dtype, starts=None):
     return count
 
 
-def prepare(name, input=None, tokenizer=None, out_dir=None, val_frac=0.1, seed=1337):
+def prepare(name, input=None, tokenizer=None, out_dir=None, val_frac=0.1, seed=1337, options=None):
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if not 0 < val_frac < 1:
         raise DataError(f"val_frac must be between 0 and 1, got {val_frac}")
     default_tokenizer, load = DATASETS[name]
     tokenizer = tokenizer or default_tokenizer
-    corpus = load(input, val_frac, seed)
+    if options and name not in GENERATOR_OPTIONS:
+        raise DataError(f"{name} takes no generator options; {', '.join(sorted(GENERATOR_OPTIONS))} do")
+    corpus = load(input, val_frac, seed, **options) if options else load(input, val_frac, seed)
 
     if tokenizer == "char":
         chars = {"\n"}  # always encodable, as it makes the blank line between documents
@@ -1013,6 +1321,24 @@ def prepare(name, input=None, tokenizer=None, out_dir=None, val_frac=0.1, seed=1
     return meta
 
 
+GENERATOR_OPTIONS = {"passkey", "facts_long"}  # datasets whose loader takes generator settings (prepare.py --option)
+
+
+def parse_options(items) -> dict:
+    """["block_size=256", "windows=(1, 4)"] -> {"block_size": 256, "windows": (1, 4)} (values are Python literals)."""
+    import ast
+    options = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise DataError(f"--option {item!r} needs the form KEY=VALUE")
+        try:
+            options[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            raise DataError(f"--option {item!r}: {raw!r} is not a Python literal (a number, a tuple...)") from None
+    return options
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=DATASETS)
@@ -1022,8 +1348,17 @@ def main(argv=None):
     parser.add_argument("--out_dir", help="default: data/NAME")
     parser.add_argument("--val_frac", type=float, default=0.1, help="fraction of the text held out for val")
     parser.add_argument("--seed", type=int, default=1337, help="for the facts corpus and the openwebtext split")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a generator setting of passkey, facts_long (e.g. --option block_size=256 "
+                        "--option windows=(0.5,4)); repeatable")
+
+    def run(args):
+        options = parse_options(args.option)
+        del args.option
+        prepare(**vars(args), options=options)
+
     # a DataError or Ctrl-C ends it with one line (a killed run's temp files go in prepare's finally)
-    cli(lambda args: prepare(**vars(args)), lambda: parser.parse_args(argv), DataError)
+    cli(run, lambda: parser.parse_args(argv), DataError)
 
 
 if __name__ == "__main__":

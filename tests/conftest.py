@@ -146,3 +146,17 @@ def torchrun_train(settings: dict, nproc: int = 2):
                         "train.py", *[f"--{k}={v}" for k, v in settings.items()]], cwd=ROOT, capture_output=True,
                        text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert r.returncode == 0, f"stdout:\n{r.stdout[-2000:]}\nstderr:\n{r.stderr[-3000:]}"
+
+
+@pytest.fixture(autouse=True)
+def _restore_memory_knobs():
+    """Training knobs are class attributes that a config file may set when it is loaded (e.g.
+    config/train_passkey_knn_fix.py sets MemorizingMemory.grad_windows): put them back after every test,
+    so that loading a config in one test changes no other."""
+    import memory
+    knobs = [(memory.MemorizingMemory, "gate_init"), (memory.MemorizingMemory, "grad_windows"),
+             (memory.MNM, "write_loss_weight"), (memory.MNM, "beta_offset")]
+    saved = [(cls, name, getattr(cls, name)) for cls, name in knobs]
+    yield
+    for cls, name, value in saved:
+        setattr(cls, name, value)

@@ -103,11 +103,13 @@ def test_sample_settings_out_of_range(tmp_path, name, value, words):
 
 
 EVAL_BAD = [
-    ("batch_size", 0, ">= 1"), ("eval", "recall", "is not allowed: eval must be 'ppl', 'knnlm' or 'dialog' .*sample.py's"),
+    ("batch_size", 0, ">= 1"),
+    ("eval", "recall", "is not allowed: eval must be 'ppl', 'knnlm', 'dialog' or 'longrange' .*sample.py's"),
     ("eval_memory_sizes", [], "is empty: give the memory sizes to compare"), ("eval_memory_sizes", [1024, 0], ">= 1"),
     ("knnlm_lambdas", [0.5, 1.0], r"in \[0, 1\)"), ("eval_tokens", 1, ">= 2"), ("knnlm_max_tokens", 0, ">= 2"),
     ("knnlm_k", 0, ">= 1"), ("seed", -1, ">= 0"), ("data_dir", "", "is empty"), ("eval_file", "", "is empty"),
-    ("knn_nlist", -1, ">= 0"), ("eval_baseline", "", "is empty"),
+    ("knn_nlist", -1, ">= 0"), ("eval_baseline", "", "is empty"), ("longrange_base", "", "is empty"),
+    ("longrange_arms", ["knn", "oracle"], "is not allowed: longrange_arms must be 'checkpoints', 'knn' or 'knnlm'"),
 ]
 
 

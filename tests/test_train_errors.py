@@ -108,6 +108,8 @@ def test_every_choice_setting_is_checked(cls, name):
     (bench.BenchConfig, dict(suite=["smollm2"], knn_config="nope.py"), "knn_config='nope.py' is not a file"),
     (bench.BenchConfig, dict(suite=["knn", "smollm2"]), "suite 'smollm2' times a pretrained model"),
     (bench.BenchConfig, dict(pretrained="resume"), "pretrained='resume' is not pretrained weights"),
+    (bench.BenchConfig, dict(suite=["recipes"], mnm_layer=6), "mnm_layer < n_layer=6"),
+    (bench.BenchConfig, dict(suite=["recipes"], mnm_heads=5), "mnm_heads=5 must divide n_embd=384"),
 ])
 def test_limits_are_named_with_the_allowed_range(cls, settings, needle):
     assert needle in refused(cls, **settings)

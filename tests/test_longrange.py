@@ -1,0 +1,322 @@
+"""Long-range recall: the passkey / facts_long generators, the docs loader feeding them, and
+evaluate.py eval='longrange' (tiny settings: a few seconds)."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import prepare
+import train
+from conftest import tiny_train_config
+from data import DocStream
+from memory import MemorizingMemory
+
+TINY = dict(block_size=32, windows=(2.0, 4.0), eval_windows=(2, 4), n_train=40, n_val=3)
+
+
+def records(corpus, split):
+    return [json.loads(line) for line in corpus.extra_files[f"longrange_{split}.jsonl"].splitlines()]
+
+
+def texts(corpus, split):
+    return list(getattr(corpus, split))
+
+
+@pytest.fixture(scope="module")
+def passkey_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "passkey"
+    prepare.prepare("passkey", out_dir=str(out), options=TINY)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# generators
+
+def test_passkey_is_deterministic_and_holds_keys_out():
+    a, b = (prepare.load_passkey(None, 0.1, 7, **TINY) for _ in range(2))
+    assert texts(a, "train") == texts(b, "train") and texts(a, "val") == texts(b, "val")
+    assert records(a, "val") == records(b, "val")
+    other = prepare.load_passkey(None, 0.1, 8, **TINY)
+    assert texts(other, "train") != texts(a, "train")
+    big = prepare.load_passkey(None, 0.1, 7, **{**TINY, "n_train": 2000, "n_val": 100})
+    train_keys = {q["answer"] for r in records(big, "train") for q in r["queries"]}
+    val_keys = {q["answer"] for r in records(big, "val") for q in r["queries"]}
+    assert len(train_keys) > 1900 and len(val_keys) > 190
+    assert not train_keys & val_keys  # no val key is ever seen in training
+
+
+@pytest.mark.parametrize("filler", ["cycle", "random"])
+def test_passkey_distances_are_as_recorded(filler):
+    corpus = prepare.load_passkey(None, 0.1, 3, **TINY, filler=filler)
+    T = TINY["block_size"]
+    for split in ("train", "val"):
+        for text, rec in zip(texts(corpus, split), records(corpus, split)):
+            (q,) = rec["queries"]
+            key = q["answer"]
+            assert re.fullmatch(r"\d{5}", key)
+            assert text[q["source_start"]:q["source_start"] + 5] == key == text[q["answer_start"]:q["answer_start"] + 5]
+            assert re.findall(r"\d+", text) == [key, key]  # the key is the only number: stated once, answered once
+            assert text.endswith(prepare.PASSKEY_QUESTION + key + ".")
+            assert q["distance"] == q["answer_start"] - q["source_start"] == max(round(q["windows"] * T), 58)
+            assert rec["key_window"] == q["source_start"] // T and rec["answer_window"] == (q["answer_start"] - 1) // T
+            lo, hi = TINY["windows"]
+            assert (lo <= q["windows"] <= hi) if split == "train" else q["windows"] in TINY["eval_windows"]
+    # val: the same number of documents at every distance, interleaved
+    assert [r["queries"][0]["windows"] for r in records(corpus, "val")] == [2, 4] * 3
+    sentences = prepare.PASSKEY_CYCLE if filler == "cycle" else prepare.PASSKEY_FILLER
+    words = {w for s in sentences for w in s.split()}
+    for text in texts(corpus, "train"):
+        for segment in re.split(r"The pass key is \d+\. Remember it\.|What is the pass key\? The pass key is \d+\.", text):
+            assert set(segment.split()[:-1]) <= words  # whole sentences, but for a cut last word
+            if filler == "cycle":  # the sentences in turn, from any of them
+                found = [s for s in re.findall(r"[A-Z][^.]*\.", segment) if s in sentences]
+                assert all(sentences.index(b) == (sentences.index(a) + 1) % 5 for a, b in zip(found, found[1:]))
+
+
+def test_passkey_filler_from_a_corpus(tmp_path):
+    src = tmp_path / "book.txt"
+    src.write_text("Chapter 1. It was 1999 and the sea was grey.\n" * 200)
+    corpus = prepare.load_passkey(str(src), 0.1, 1, **{**TINY, "eval_windows": (8,)})
+    for text, rec in zip(texts(corpus, "val"), records(corpus, "val")):
+        assert "sea was grey" in text and "The grass is green" not in text
+        assert re.findall(r"\d+", text) == [rec["queries"][0]["answer"]] * 2  # the corpus's digits are dropped
+
+
+def test_generator_options_are_checked(tmp_path):
+    assert prepare.parse_options(["block_size=256", "windows=(1, 4)"]) == {"block_size": 256, "windows": (1, 4)}
+    with pytest.raises(DataError := prepare.DataError, match="unknown generator option"):
+        prepare.load_passkey(None, 0.1, 1, size=3)
+    with pytest.raises(DataError, match="takes no generator options"):
+        prepare.prepare("facts", out_dir=str(tmp_path), options={"block_size": 64})
+    with pytest.raises(DataError, match="KEY=VALUE"):
+        prepare.parse_options(["block_size"])
+    with pytest.raises(SystemExit, match="^error: --option 'block_size' needs the form KEY=VALUE$"):  # one line
+        prepare.main(["passkey", "--out_dir", str(tmp_path / "p"), "--option", "block_size"])
+
+
+def test_prepared_passkey_matches_its_records(passkey_dir):
+    meta = prepare.load_meta(passkey_dir)
+    tok = prepare.get_tokenizer(meta)
+    docs = evaluate.split_documents(str(passkey_dir), "val")
+    recs = [json.loads(line) for line in open(passkey_dir / "longrange_val.jsonl")]
+    assert len(docs) == len(recs) == 6
+    for d, r in zip(docs, recs):
+        q = r["queries"][0]
+        assert tok.decode(d[q["answer_start"]:q["answer_start"] + 5]) == q["answer"]
+    gen = json.loads((passkey_dir / "generator.json").read_text())
+    assert gen["task"] == "passkey" and gen["block_size"] == 32
+
+
+# -----------------------------------------------------------------------------
+# the docs loader and the memory
+
+def test_loader_feeds_each_document_in_order_and_the_memory_is_cleared_between_them(passkey_dir, monkeypatch):
+    """Row by row, the windows DocStream hands out spell the row's documents from start to end, and in
+    training a memorizing layer's row holds exactly its document's earlier windows (empty at each start)."""
+    meta = prepare.load_meta(passkey_dir)
+    data = prepare.open_split(passkey_dir, "train", meta)
+    starts = prepare.load_doc_starts(passkey_dir, "train", len(data))
+    T, rows = 32, 4
+    s = DocStream(data, starts, rows, T, seed=5)
+    ends = np.r_[starts[1:], len(data)]
+    for g in range(rows):
+        read, docs = [], []
+        for it in range(60):
+            x, y, last = s.batch(it, [g], "cpu")
+            doc, w = s.locate(it, g)
+            if w == 0:
+                docs.append(doc)
+            read.extend(x[0][y[0] >= 0].tolist())
+            if last[0]:
+                a, b = starts[doc], ends[doc]
+                assert read == data[a:b - 1].tolist()  # the whole document, in order (its last token is a target)
+                read = []
+        assert len(docs) >= 2
+
+    seen = []
+    forward = MemorizingMemory.forward
+
+    def spy(self, attn, q, k, v, attend):
+        if self.training:
+            seen.append(self.mem["written"][self.rows].tolist() if self.mem is not None else [0] * q.size(0))
+        return forward(self, attn, q, k, v, attend)
+
+    monkeypatch.setattr(MemorizingMemory, "forward", spy)
+    cfg = tiny_train_config(passkey_dir.parent, passkey_dir.parent / "out", dataset="passkey", loader="docs",
+                            knn_layer=1, knn_topk=4, knn_memory_size=4096, max_iters=25, eval_interval=1000,
+                            block_size=T, batch_size=2)
+    train.main(cfg)
+    stream = DocStream(data, starts, 2, T, cfg.seed)
+    fresh = 0
+    for it, held in enumerate(seen):
+        for r, n in enumerate(held):
+            w = stream.locate(it, r)[1]
+            assert n == w * T  # the document's earlier windows and nothing else
+            fresh += w == 0 and it > 0
+    assert fresh > 0
+
+
+# -----------------------------------------------------------------------------
+# the evaluation
+
+@pytest.fixture(scope="module")
+def checkpoints(passkey_dir):
+    outs = {}
+    for name, extra in (("base", {}), ("knn", dict(knn_layer=1, knn_topk=4, knn_memory_size=4096))):
+        out = passkey_dir.parent / f"out-{name}"
+        train.main(tiny_train_config(passkey_dir.parent, out, dataset="passkey", loader="docs", block_size=32,
+                                     max_iters=4, eval_interval=4, eval_iters=1, batch_size=2, **extra))
+        outs[name] = str(out)
+    return outs
+
+
+def test_longrange_eval_writes_json_and_png_with_every_arm_on_the_same_documents(passkey_dir, checkpoints, tmp_path):
+    from configurator import load_config
+    cfg = load_config(evaluate.EvalConfig, [], eval="longrange", eval_dataset="passkey",
+                      data_dir=str(passkey_dir.parent), out_dirs=[checkpoints["base"], checkpoints["knn"]],
+                      eval_out=str(tmp_path / "ev"), device="cpu", dtype="float32", batch_size=4,
+                      knn=[0, 3], knn_query="query", knn_metric="ip", knn_recompute=False, bookkeeping_frac=0.0,
+                      mem_frac=1000.0, knnlm_lambdas=[0.5], knnlm_k=4)
+    result = evaluate.main(cfg)
+    saved = json.loads((tmp_path / "ev" / "longrange.json").read_text())
+    assert (tmp_path / "ev" / "longrange.png").stat().st_size > 1000
+    assert [r["arm"] for r in saved["rows"]] == [r["arm"] for r in result["rows"]]
+    assert len(saved["rows"]) == 4  # two checkpoints, the kNN memory, kNN-LM
+    assert {r["kind"] for r in saved["rows"]} == {"no memory", "memorizing layer 1", "knn memory", "knnlm"}
+    for r in saved["rows"]:  # every arm answered the same queries
+        assert [(b["windows"], b["queries"]) for b in r["by_distance"]] == [(2, 3), (4, 3)]
+        assert 0 <= r["exact"] <= 1
+    assert "retrieval" in saved["rows"][1] and len(saved["rows"][1]["retrieval"]["gates"]) == 2
+    assert len({len(v) for v in saved["per_document"].values()}) == 1
+
+
+def test_longrange_eval_needs_checkpoints_before_any_work():
+    from configurator import ConfigError, load_config
+    with pytest.raises(ConfigError, match=r"^out_dirs=\[\] is empty: eval='longrange' needs the checkpoints"):
+        load_config(evaluate.EvalConfig, [], eval="longrange", eval_dataset="passkey")
+
+
+def test_windowed_pass_equals_training_reads(passkey_dir, checkpoints):
+    """The evaluation's reading (windows from the document start, memory empty per document) gives the
+    same predictions one document at a time as in a batch of documents of different lengths."""
+    from checkpoint import load_model
+    model, tok, meta, _ = load_model("resume", checkpoints["knn"], "cpu")
+    docs = evaluate.split_documents(str(passkey_dir), "val")
+    batched = evaluate.windowed_pass(model, docs, 6, "cpu")
+    for d, p in zip(docs, batched):
+        assert np.array_equal(evaluate.windowed_pass(model, [d], 1, "cpu")[0], p)
+
+
+def test_score_queries_is_greedy_exactness():
+    doc = {"tokens": np.array([5, 1, 2, 3, 9]), "queries": [{"span": np.array([2, 3])}]}
+    assert evaluate.score_queries([doc], [np.array([0, 2, 3, 0])]) == [[(True, 1.0)]]
+    assert evaluate.score_queries([doc], [np.array([0, 2, 4, 0])]) == [[(False, 0.5)]]
+
+
+# -----------------------------------------------------------------------------
+# facts with open values, facts_long
+
+FACTS_TINY = dict(block_size=32, windows=(1.0, 4.0), eval_windows=(0, 2, 4), n_train=60, n_val=4)
+
+
+def check_queries(text, rec):
+    for q in rec["queries"]:
+        a = q["answer"]
+        assert text[q["answer_start"]:q["answer_start"] + len(a)] == a == text[q["source_start"]:q["source_start"] + len(a)]
+        assert q["distance"] == q["answer_start"] - q["source_start"] > 0
+        assert text[q["answer_start"] - 3:q["answer_start"]] == "A: "
+
+
+def test_facts_long_is_deterministic_holds_out_and_records_distances():
+    a, b = (prepare.load_facts_long(None, 0.1, 5, **FACTS_TINY) for _ in range(2))
+    assert texts(a, "val") == texts(b, "val") and texts(a, "train") == texts(b, "train")
+    assert records(a, "train") == records(b, "train")
+    T = FACTS_TINY["block_size"]
+    values = {}
+    for split in ("train", "val"):
+        values[split] = set()
+        for text, rec in zip(texts(a, split), records(a, split)):
+            check_queries(text, rec)
+            w = rec["queries"][0]["windows"]
+            # between the facts line and the first question: exactly round(w * T) characters of other people's facts
+            facts_end = text.index("\n") + 1
+            first_q = text.rfind("Q: ", 0, rec["queries"][0]["answer_start"])
+            assert first_q - facts_end == round(w * T)
+            assert all(q["entity"] not in text[facts_end:first_q] for q in rec["queries"])  # distractors only
+            for q in rec["queries"]:
+                values[split].add(q["answer"])
+                assert prepare.value_is_heldout(q["answer"]) == (split == "val")
+                assert any(name in q["entity"] for name in prepare.FACTS_HELDOUT_NAMES) == (split == "val")
+    assert not values["train"] & values["val"]
+    assert [r["queries"][0]["windows"] for r in records(a, "val")] == [0, 2, 4] * 4
+    assert 0 < sum(r["queries"][0]["windows"] == 0 for r in records(a, "train")) < 60  # some without a gap
+
+
+def test_facts_open_values_are_copied_not_known(tmp_path):
+    rng = __import__("random").Random(0)
+    for heldout in (False, True):
+        for attribute in prepare.FACTS_VALUES:
+            v = prepare.open_value(rng, attribute, heldout)
+            assert prepare.value_is_heldout(v) == heldout and not re.search(r"\s", v)
+    facts, qas = prepare.facts_open_scene(["Ann Reed", "Bo Lamb"], rng, True)
+    for qa in qas:
+        assert facts[qa["source_start"]:qa["source_start"] + len(qa["answer"])] == qa["answer"]
+    text, rec = prepare.facts_open_document(rng, ["Ann Reed", "Bo Lamb", "Cy Moss"], True)
+    check_queries(text, rec)
+
+
+def test_recipes_bench_suite(tmp_path, capsys):
+    import bench
+    from configurator import load_config
+    out = tmp_path / "bench.json"
+    cfg = load_config(bench.BenchConfig, [], n_layer=2, n_head=2, n_embd=16, block_size=32, vocab_size=64,
+                      batch_size=2, bench_iters=1, device="cpu", dtype="float32", suite=["recipes"], knn_layer=1,
+                      knn_memory_size=128, mnm_heads=2, mnm_key_size=8, mnm_hidden=8, bench_json=str(out))
+    bench.main(cfg)
+    res = json.loads(out.read_text())["recipes"]
+    assert list(res) == ["no memory", "memorizing layer 1, 128 entries, top 32", "MNM block 1 (local, 2 heads, hidden 8)"]
+    assert all(r["tokens_per_s"] > 0 for r in res.values())
+    assert "x the time of no memory" in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# memorizing layer: gradients through the latest windows' keys (grad_windows)
+
+def test_grad_windows_keeps_the_forward_and_trains_the_key_projection(monkeypatch):
+    from memory import MemoryConfig, attach_memories, memorizing_layer
+    from model import GPT, GPTConfig
+
+    def run(grad_windows):
+        monkeypatch.setattr(MemorizingMemory, "grad_windows", grad_windows)
+        torch.manual_seed(0)
+        model = attach_memories(GPT(GPTConfig(block_size=16, vocab_size=30, n_layer=2, n_head=2, n_embd=16)),
+                                MemoryConfig(knn_layer=1, knn_topk=8, knn_memory_size=20)).train()
+        mem = memorizing_layer(model)
+        with torch.no_grad():
+            mem.gate_bias.fill_(0.0)
+        x = torch.randint(0, 30, (3, 64), generator=torch.Generator().manual_seed(1))
+        outs = []
+        for w in range(4):  # 4 windows, 64 entries through a ring of 20: the oldest are overwritten
+            model.zero_grad()
+            logits, loss = model(x[:, w * 16:(w + 1) * 16], x[:, w * 16:(w + 1) * 16])
+            loss.backward()
+            outs.append(logits.detach())
+        return outs, model.transformer.h[1].attn.c_attn.weight.grad.clone()
+
+    (plain, g0), (recomputed, g1) = run(0), run(1)
+    for a, b in zip(plain, recomputed):
+        assert torch.allclose(a, b, atol=1e-5)  # same weights: the recomputed entries equal the stored ones
+    H = 16  # c_attn's rows: queries [0, 16), keys [16, 32), values [32, 48)
+    assert not torch.allclose(g0[H:], g1[H:])  # keys and values now learn from the retrieval too
+
+
+def test_fix_config_sets_the_knobs_for_its_run_only():
+    from configurator import load_config
+    from train import TrainConfig
+    assert (MemorizingMemory.grad_windows, MemorizingMemory.gate_init) == (0, -3.0)
+    cfg = load_config(TrainConfig, ["config/train_passkey_knn_fix.py"])
+    assert cfg.knn_layer == 2 and cfg.out_dir == "out-passkey-knn-fix"
+    assert (MemorizingMemory.grad_windows, MemorizingMemory.gate_init) == (1, 0.0)  # conftest puts them back
