@@ -13,6 +13,7 @@ import train
 from conftest import tiny_train_config
 from data import DocStream
 from memory import MemorizingMemory
+from test_memorizing import record_memory_fill
 
 TINY = dict(block_size=32, windows=(2.0, 4.0), eval_windows=(2, 4), n_train=40, n_val=3)
 
@@ -136,15 +137,7 @@ def test_loader_feeds_each_document_in_order_and_the_memory_is_cleared_between_t
                 read = []
         assert len(docs) >= 2
 
-    seen = []
-    forward = MemorizingMemory.forward
-
-    def spy(self, attn, q, k, v, attend):
-        if self.training:
-            seen.append(self.mem["written"][self.rows].tolist() if self.mem is not None else [0] * q.size(0))
-        return forward(self, attn, q, k, v, attend)
-
-    monkeypatch.setattr(MemorizingMemory, "forward", spy)
+    seen = record_memory_fill(monkeypatch)
     cfg = tiny_train_config(passkey_dir.parent, passkey_dir.parent / "out", dataset="passkey", loader="docs",
                             knn_layer=1, knn_topk=4, knn_memory_size=4096, max_iters=25, eval_interval=1000,
                             block_size=T, batch_size=2)

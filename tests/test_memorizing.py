@@ -231,7 +231,9 @@ def rows_windows(data, cfg, seen):
             yield it, h, stream.locate(it, micro * 2 + b)[1]
 
 
-def test_memory_holds_exactly_the_rows_earlier_windows(short_docs, tmp_path, monkeypatch):
+def record_memory_fill(monkeypatch) -> list:
+    """A list that receives, at every training forward of a Memorizing layer, how many entries each row's
+    memory holds."""
     seen = []
     forward = MemorizingMemory.forward
 
@@ -241,6 +243,11 @@ def test_memory_holds_exactly_the_rows_earlier_windows(short_docs, tmp_path, mon
         return forward(self, attn, q, k, v, attend)
 
     monkeypatch.setattr(MemorizingMemory, "forward", spy)
+    return seen
+
+
+def test_memory_holds_exactly_the_rows_earlier_windows(short_docs, tmp_path, monkeypatch):
+    seen = record_memory_fill(monkeypatch)
     cfg = tiny_train_config(short_docs, tmp_path, dataset="docs", loader="docs", knn_layer=1,
                             knn_topk=4, knn_memory_size=48, max_iters=12, eval_interval=100, block_size=64,
                             batch_size=2, gradient_accumulation_steps=2)
