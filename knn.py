@@ -477,6 +477,14 @@ class Column:
     def view(self):
         return self.buf[: self.n]  # (n, *row)
 
+    def rows(self, pos, heads):
+        """buf[pos, heads[:, None]] for a (N, H, d) column, pos (M, k), heads (M,): (M, k, d). One index_select
+        on the flattened buffer: advanced indexing over two dimensions is ~8x slower on CPU, and this gather
+        is the largest cost of a search re-ranked from 100k entries."""
+        H, d = self.buf.size(1), self.buf.size(-1)
+        flat = (pos * H + heads[:, None]).reshape(-1)
+        return self.buf.view(-1, d).index_select(0, flat).view(*pos.shape, d)
+
     def _own(self):
         if self.source is not None:  # mapped read-only: copy into RAM before the first change
             self.buf, self.source = self.view().clone(), None
@@ -856,15 +864,19 @@ class KNNMemory:
         kc = min(n if index.labels_are_positions else index.ntotal,
                  k if getattr(index, "exact", False) else k * index.refine + self._dead.get(layer, 0))
         labels = index.search(heads, vecs, kc).cpu()
+        ids = self.entry_ids
         if index.labels_are_positions:
             p = labels
+        elif ids[-1] - ids[0] == n - 1:  # nothing forgotten (ids are a range): position = id - first id
+            p = labels - ids[0]
+            p = torch.where((labels >= 0) & (p < n), p, torch.full_like(p, -1))
         else:  # stable ids -> positions; ids no longer stored (HNSW tombstones) and faiss's -1 drop out
-            p = torch.searchsorted(self.entry_ids, labels).clamp(max=n - 1)
-            p = torch.where((labels >= 0) & (self.entry_ids[p] == labels), p, torch.full_like(p, -1))
+            p = torch.searchsorted(ids, labels).clamp(max=n - 1)
+            p = torch.where((labels >= 0) & (ids[p] == labels), p, torch.full_like(p, -1))
         if getattr(index, "exact", False) and self.shard is None and kc == k:
             # exact, unsharded: the index's own order is the answer; scores are needed only to merge shards
-            return None, self.entry_ids[p], p
-        cand = self._keys[layer].buf[p.clamp(min=0), heads[:, None]].float()  # (M, kc, d)
+            return None, ids[p], p
+        cand = self._keys[layer].rows(p.clamp(min=0), heads).float()  # (M, kc, d)
         if self.settings.knn_metric == "l2":
             sc = -((cand - vecs[:, None]) ** 2).sum(-1)
         else:
@@ -892,9 +904,9 @@ class KNNMemory:
     def _search(self, layer, heads, vecs, k):
         scores, ids, pos = self._local_search(layer, heads, vecs, k)
         if self.local_count:
-            h, p = heads.cpu()[:, None], pos.clamp(min=0)
-            ck = self._keys[layer].buf[p, h].float()  # (M, k, d)
-            cv = self._values[layer].buf[p, h].float()
+            h, p = heads.cpu(), pos.clamp(min=0)
+            ck = self._keys[layer].rows(p, h).float()  # (M, k, d)
+            cv = self._values[layer].rows(p, h).float()
         else:  # an empty shard: only padding (score -inf), which the merge drops
             ck, cv = torch.zeros(*pos.shape, self.head_size), torch.zeros(*pos.shape, self.value_size)
         if self.shard is not None and self.shard[1] > 1:

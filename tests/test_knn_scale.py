@@ -98,6 +98,24 @@ def test_approximate_search_grows_and_forgets_without_rebuilding():
                        exact.search(1, torch.zeros(20, dtype=torch.long), qs, 5)[2])  # all 16 lists probed: exact
 
 
+def test_forgetting_a_middle_document_keeps_ids_and_results_right():
+    """After a document in the middle is forgotten the stable ids have a gap (positions are then found
+    by search, not by subtraction): IVF with every list probed still returns what exact search does."""
+    model, mem = filled(1000, knn_backend="faiss-ivf", knn_nlist=16, knn_nprobe=16)
+    middle = mem.add_entries({1: clustered(300, 9)}, {1: torch.randn(H, 300, D)})
+    mem.add_entries({1: clustered(200, 10)}, {1: torch.randn(H, 200, D)})
+    mem.index(1)
+    mem.remove(middle)
+    assert mem.entry_ids[999].item() == 999 and mem.entry_ids[1000].item() == 1300  # a gap of 300
+    exact = KNNMemory(mem.settings, [1], H, D, "x", {}, 0)
+    exact.settings = settings(knn_backend="torch")
+    exact.add_entries({1: mem.keys[1]}, {1: mem.values[1]})
+    heads, qs = torch.arange(20) % H, torch.randn(20, D)
+    got, want = mem.search(1, heads, qs, 5), exact.search(1, heads, qs, 5)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])  # the same keys and values
+    assert torch.equal(got[2], mem.entry_ids[want[2]])  # under their stable ids
+
+
 def test_hnsw_forgets_by_tombstones_then_rebuilds():
     model, mem = filled(1000, knn_backend="faiss-hnsw", knn_hnsw_m=8)
     graph = mem.index(1)
