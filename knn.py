@@ -110,6 +110,8 @@ class KNNSettings:
     # tuned at build to the fewest reaching knn_recall_target; 'always': for any approximate backend; 'never': as set
     knn_mmap: bool = True  # load maps keys and values from the folder (read on first touch) instead of reading them
     knn_shard_block: int = 65536  # a sharded memory gives rank r the entries whose id // block % world == r
+    knn_documents: int = 0  # >0: each row reads only the N stored documents its context matches best (every key
+    # of the context votes for the document of its nearest stored key, at the first memory layer); 0: all of them
 
     def check(self, n_layer: int):
         if self.knn and len(self.knn) != n_layer:
@@ -117,6 +119,8 @@ class KNNSettings:
                                f"give one k per layer, e.g. knn={[0] * (n_layer - 1) + [5]}")
         if any(k < 0 for k in self.knn):
             raise KNNMemoryError(f"knn entries must be >= 0, got {self.knn}")
+        if self.knn_documents < 0:
+            raise KNNMemoryError(f"knn_documents={self.knn_documents} must be >= 0 (0: read every document)")
         for name, value, allowed in (("knn_query", self.knn_query, ("key", "query")),
                                      ("knn_metric", self.knn_metric, ("l2", "ip")),
                                      ("knn_backend", self.knn_backend, BACKENDS),
@@ -590,6 +594,7 @@ class KNNMemory:
     blocks of knn_shard_block ids; search() then merges every rank's top k (torch.distributed)."""
     KIND = "knn-attention-memory"  # the manifest's kind; KNNLMDatastore keeps the same folder format
     doc_ids = IdColumn()  # (N,) the document of every entry
+    selection = None  # with knn_documents: per batch row, the positions of the entries its context chose
     entry_ids = IdColumn()  # (N,) stable, increasing ids
 
     def __init__(self, settings: KNNSettings, layers: list[int], n_head: int, head_size: int, fingerprint: str,
@@ -924,12 +929,49 @@ class KNNMemory:
         dev = self.device
         return ck.to(dev), cv.to(dev), ids.to(dev)
 
+    # -- reading only some documents ---------------------------------------------
+
+    def select_documents(self, layer: int, keys, n: int) -> list:
+        """For each row of a context's unrotated keys (B, H, T, d) at `layer`: the positions of the entries of
+        the n documents it matches best (None: all of them). Every key votes for the document of its nearest stored key of the
+        same head; ties go to the older document. Rare tokens (a name) find their twins in one document,
+        common ones scatter their votes, so the document that shares the context's rare words wins."""
+        B, H, T, d = keys.shape
+        heads = torch.arange(H).repeat_interleave(T)
+        selection = []
+        for row in keys.detach().float().cpu():  # (H, T, d)
+            with one_thread():
+                _, _, pos = self._local_search(layer, heads, row.reshape(H * T, d), 1)
+            docs = self.doc_ids[pos[pos >= 0]]
+            votes = torch.bincount(docs, minlength=int(self.doc_ids.max()) + 1)
+            order = torch.sort(votes, descending=True, stable=True).indices
+            chosen = order[:n][votes[order[:n]] > 0]
+            if len(chosen) == 0 or len(chosen) == len(self.documents):  # no key voted, or every document
+                selection.append(None)  # won: the row searches the whole memory, through its index
+            else:
+                selection.append(torch.isin(self.doc_ids, chosen).nonzero().squeeze(1))
+        return selection
+
+    def search_within(self, layer: int, heads, vecs, k: int, positions):
+        """search() among the entries at `positions` only (a row's selected documents): exact, the same
+        search as a memory holding just those entries; (keys (M, k', d), values (M, k', dv), ids (M, k'))
+        with k' = min(k, len(positions))."""
+        index = TorchIndex(self._keys[layer].buf[positions].permute(1, 0, 2), self.settings.knn_metric)
+        h = heads.cpu()
+        pos = positions[index.search(h, vecs.detach().float().cpu(), min(k, len(positions)))]  # (M, k')
+        dev = self.device
+        return (self._keys[layer].rows(pos, h).float().to(dev), self._values[layer].rows(pos, h).float().to(dev),
+                self.entry_ids[pos].to(dev))
+
     # -- the hook --------------------------------------------------------------
 
     def attach(self, model):
         """Plug into the model's attention at every layer with k > 0."""
         self._check_model(model)
         self.settings.check(model.config.n_layer)
+        if self.settings.knn_documents and self.shard is not None:
+            raise KNNMemoryError("knn_documents needs every document's entries on every process: use it with an "
+                                 "unsharded memory (or knn_documents=0)")
         missing = [L for L in self.settings.layers if L not in self.layers]
         if missing:
             raise KNNMemoryError(f"knn asks for layers {missing}, but this memory holds layers {self.layers}: "
@@ -1346,6 +1388,11 @@ class KNNAttention:
         g = H // Hkv  # query heads per key/value head
         rot = getattr(attn, "rotary", None)
         scale = 1.0 / math.sqrt(d)
+        if s.knn_documents and T == Tk and self.layer == s.layers[0]:
+            # a pass over the whole context (not a cached step): each row chooses its documents from its keys
+            ctx = k if rot is None else rot.rotate(k, -torch.arange(Tk, device=k.device))
+            self.memory.selection = self.memory.select_documents(self.layer, ctx[:, :, s.remove_bookkeeping:],
+                                                                 s.knn_documents)
         if self.recompute:
             assert T == Tk, "reference mode needs every position's query: generate recomputes (see KVCache)"
             rows = q[:, :, -1:]  # only the newest token's attention row decides
@@ -1378,7 +1425,7 @@ class KNNAttention:
             k_j = rot.rotate(k_j, -j)
             q_r = rot.rotate(q_r, -(Tk - R + r))
             mix_q = rot.rotate(mix_q, -j) if own_query else q_r
-        mixed = self.mix(kh, k_j, v_j, k_j if s.knn_query == "key" else q_r, mix_q)  # (M, d)
+        mixed = self.mix(b, kh, k_j, v_j, k_j if s.knn_query == "key" else q_r, mix_q)  # (M, d)
         if self.recompute:
             # 7. the unchanged attention pattern applied to the new values (per query head)
             if g == 1:
@@ -1392,12 +1439,24 @@ class KNNAttention:
         delta = att[b, h, r, j][:, None] * (mixed - v_j)
         return y.index_put((b, h, r), delta.to(y.dtype), accumulate=True)
 
-    def mix(self, h, k_j, v_j, probe, mix_q):
-        """Steps 3-6 for M chosen pairs of stored (key/value) heads h: search, candidates, softmax mix,
-        residual."""
+    def mix(self, rows, h, k_j, v_j, probe, mix_q):
+        """Steps 3-6 for M chosen pairs of batch rows `rows` and stored (key/value) heads h: search (among
+        each row's selected documents, with knn_documents), candidates, softmax mix, residual."""
         mem, s = self.memory, self.memory.settings
-        kk = min(self.k, len(mem))
-        cand_k, cand_v, _ = mem.search(self.layer, h, probe, kk)  # (M, kk, d) each
+        if not s.knn_documents or mem.selection is None or all(sel is None for sel in mem.selection):
+            cand_k, cand_v, _ = mem.search(self.layer, h, probe, min(self.k, len(mem)))  # (M, kk, d) each
+            return self.blend(cand_k, cand_v, k_j, v_j, mix_q)
+        mixed = torch.empty_like(v_j)
+        for row in rows.unique().tolist():  # rows differ in how many entries their documents hold
+            m, sel = rows == row, mem.selection[row]
+            cand_k, cand_v, _ = (mem.search(self.layer, h[m], probe[m], min(self.k, len(mem))) if sel is None else
+                                 mem.search_within(self.layer, h[m], probe[m], self.k, sel))
+            mixed[m] = self.blend(cand_k, cand_v, k_j[m], v_j[m], mix_q[m])
+        return mixed
+
+    def blend(self, cand_k, cand_v, k_j, v_j, mix_q):
+        """Steps 4-6: candidates (M, c, d) mixed by softmax weights against mix_q, then the residual."""
+        s = self.memory.settings
         if not s.resid_only:  # the current pair is a candidate too
             cand_k = torch.cat([cand_k, k_j[:, None]], 1)
             cand_v = torch.cat([cand_v, v_j[:, None]], 1)

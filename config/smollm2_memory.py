@@ -20,3 +20,8 @@ knn_softmax_influence = 1.0
 resid_only = True
 resid_frac = 0.0
 knn_recompute = False
+# A memory of many texts (other people's facts beside the asked person's): each row first picks the one text
+# its prompt matches best (knn_documents, a vote of the prompt's keys) and reads only that. On the tune items
+# with 23 other paragraphs in the memory: 12 of 12 with it, 0 of 12 without, 7 of 12 reading the best 2.
+# A memory of one text is read as before.
+knn_documents = 1

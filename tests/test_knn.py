@@ -1,5 +1,6 @@
 import math
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -415,3 +416,57 @@ def test_auto_backend_follows_the_measured_rule():
     assert mem.backend == "faiss-flat"  # large, one query per head
     mem.settings.mem_frac = 5.0
     assert mem.backend == "torch"  # many queries per head
+
+
+OTHERS = ("a red kite flew over misty hills at dawn while crows watched", "seven silver spoons sat in a drawer")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_knn_documents_reads_only_the_document_the_context_matches(arch, recompute):
+    """A memory of three documents with knn_documents=1, asked with the start of the second: it chooses the
+    second and generates exactly what a memory holding only that document does; reading all three differs."""
+    model = tiny(seed=5, arch=arch)
+    s = settings(knn=[0, 3, 3], knn_documents=1, knn_recompute=recompute, mem_frac=5.0)
+    three = build(model, s, (TEXT,) + OTHERS)
+    alone = build(model, replace(s, knn_documents=0), OTHERS[:1])
+    prompt = torch.tensor([TOK.encode("\n" + OTHERS[0][:14])])
+    with torch.no_grad():
+        three.attach(model)
+        chose = model.generate(prompt, 8, temperature=0)
+        picked = set(three.doc_ids[three.selection[0]].tolist())
+        logits_chosen = model(prompt)[0]
+        three.settings = replace(s, knn_documents=0)
+        three.attach(model)
+        logits_all = model(prompt)[0]
+        alone.attach(model)
+        assert torch.equal(model.generate(prompt, 8, temperature=0), chose)
+        assert torch.equal(model(prompt)[0], logits_chosen)
+    KNNMemory.detach(model)
+    assert picked == {1}
+    assert not torch.allclose(logits_all, logits_chosen)
+
+
+def test_knn_documents_chooses_per_row():
+    """Rows asking about different documents choose each their own; a row equals its run alone."""
+    model = tiny(seed=6, arch="llama")
+    mem = build(model, settings(knn=[0, 3, 3], knn_documents=1, knn_recompute=False), (TEXT,) + OTHERS)
+    mem.attach(model)
+    prompts = [TOK.encode("\n" + t[:12]) for t in (OTHERS[1], TEXT)]
+    with torch.no_grad():
+        both = model.generate(torch.tensor(prompts), 6, temperature=0)
+        assert [set(mem.doc_ids[p].tolist()) for p in mem.selection] == [{2}, {0}]
+        for row, p in enumerate(prompts):
+            assert torch.equal(model.generate(torch.tensor([p]), 6, temperature=0)[0], both[row])
+    KNNMemory.detach(model)
+    one = build(model, mem.settings)  # a single document: nothing to choose, the ordinary search runs
+    one.attach(model)
+    with torch.no_grad():
+        model(torch.tensor(prompts))
+    assert one.selection == [None, None]
+    KNNMemory.detach(model)
+    with pytest.raises(KNNMemoryError, match="knn_documents=-1 must be >= 0"):
+        settings(knn_documents=-1).check(3)
+    mem.shard = (0, 2)  # a process's share of a sharded memory cannot vote for documents it does not hold
+    with pytest.raises(KNNMemoryError, match="knn_documents needs every document's entries on every process"):
+        mem.attach(model)

