@@ -10,7 +10,7 @@
 # query row decides for itself (causal mode), so the ordinary KV cache applies.
 # The search is by L2 distance: on the tune splits it did as well as inner product (sentiment and recall
 # alike), and an IVF index finds L2 neighbours probing 1-2 of its lists, where inner product needed nearly
-# all of them (bench.py config/bench_smollm2.py: 1.4x against 4x the time of memory off at 100k entries).
+# all of them (at 100k entries, batch 1: 1.3x against 4.1x the time of memory off; docs/RESULTS.md).
 knn = [0] * 15 + [32] * 10 + [0] * 5
 knn_query = "query"
 knn_metric = "l2"
