@@ -48,6 +48,13 @@ class MemoryConfig:
     # on GPUs), at the price of near-ties ranking differently; the attention over what is retrieved stays
     # in the model's dtype
     knn_search_dtype: str = "float32"
+    # training the layer: the gates' starting logit (sigmoid(-3) = 0.047: the memory starts with a small share),
+    # and knn_grad_windows = G > 0: while training, the entries of a row's G most recent windows are recomputed
+    # from those windows' attention inputs (kept, detached) with the current weights, so the retrieval's loss
+    # also trains the layer's key and value projections (the paper's memory is detached: stored keys and values
+    # learn only through local attention). Neither changes what a trained model computes.
+    knn_gate_init: float = -3.0  # = MEMORIZING_GATE_INIT
+    knn_grad_windows: int = 0
     # metalearned neural memory (MNMBlock) after this layer's block, written window by window with each
     # batch row's document
     mnm_layer: int = -1
@@ -60,7 +67,8 @@ class MemoryConfig:
 def attach_memories(model, cfg: MemoryConfig):
     """Give a GPT the trainable memories cfg asks for (none when both layers are -1)."""
     if cfg.knn_layer >= 0:
-        add_memorizing_layer(model, cfg.knn_layer, cfg.knn_topk, cfg.knn_memory_size, cfg.knn_search_dtype)
+        add_memorizing_layer(model, cfg.knn_layer, cfg.knn_topk, cfg.knn_memory_size, cfg.knn_search_dtype,
+                             cfg.knn_gate_init, cfg.knn_grad_windows)
     if cfg.mnm_layer >= 0:
         add_mnm_block(model, cfg.mnm_layer, cfg.mnm_heads, cfg.mnm_key_size, cfg.mnm_hidden, cfg.mnm_write)
     return model
@@ -90,14 +98,16 @@ def memorizing_layer(model):
     return None
 
 
-def add_memorizing_layer(model, layer: int, topk: int, size: int, search_dtype: str = "float32"):
+def add_memorizing_layer(model, layer: int, topk: int, size: int, search_dtype: str = "float32",
+                         gate_init: float = MEMORIZING_GATE_INIT, grad_windows: int = 0):
     """Give a GPT (e.g. pretrained GPT-2) a memorizing layer at `layer`; recorded in model.memory_args."""
     cfg = model.config
     if not 0 <= layer < cfg.n_layer:
         raise ValueError(f"knn_layer={layer}, but the model has layers 0..{cfg.n_layer - 1}")
-    model.memory_args.update(knn_layer=layer, knn_topk=topk, knn_memory_size=size, knn_search_dtype=search_dtype)
-    model.attentions[layer].memory = MemorizingMemory(cfg.n_head, cfg.n_embd // cfg.n_head, topk, size,
-                                                      search_dtype).to(next(model.parameters()).device)
+    model.memory_args.update(knn_layer=layer, knn_topk=topk, knn_memory_size=size, knn_search_dtype=search_dtype,
+                             knn_gate_init=gate_init, knn_grad_windows=grad_windows)
+    model.attentions[layer].memory = MemorizingMemory(cfg.n_head, cfg.n_embd // cfg.n_head, topk, size, search_dtype,
+                                                      gate_init, grad_windows).to(next(model.parameters()).device)
     model.attentions[layer].memory.bind(model.attentions[layer])
 
 
@@ -117,16 +127,9 @@ class MemorizingMemory(nn.Module):
     the next forward pass reads and writes (None: the first B).
     """
 
-    # Training knobs (class attributes, like MNM.write_loss_weight; a config file may set them before training,
-    # `import memory; memory.MemorizingMemory.grad_windows = 1`). Neither changes what a trained model computes.
-    gate_init = MEMORIZING_GATE_INIT  # the gates' starting logit
-    # the paper's memory is detached: stored keys and values learn only through local attention. With
-    # grad_windows = G > 0, while training the entries of a row's G most recent windows are recomputed from
-    # those windows' attention inputs (kept, detached) with the current weights, so the retrieval's loss also
-    # trains the layer's key and value projections (the layers below it still see no gradient from there)
-    grad_windows = 0
-
-    def __init__(self, n_head: int, head_size: int, topk: int, size: int, search_dtype: str = "float32"):
+    def __init__(self, n_head: int, head_size: int, topk: int, size: int, search_dtype: str = "float32",
+                 gate_init: float = MEMORIZING_GATE_INIT, grad_windows: int = 0):
+        """gate_init, grad_windows: MemoryConfig's knn_gate_init and knn_grad_windows (training only)."""
         super().__init__()
         if topk < 1 or size < 1:
             raise ValueError(f"knn_topk={topk} and knn_memory_size={size} must both be >= 1")
@@ -134,7 +137,8 @@ class MemorizingMemory(nn.Module):
             raise ValueError(f"knn_search_dtype={search_dtype!r}; choose 'float32' or 'bfloat16'")
         self.n_head, self.head_size, self.topk, self.size = n_head, head_size, topk, size
         self.search_dtype = getattr(torch, search_dtype)
-        self.gate_bias = nn.Parameter(torch.full((n_head,), float(self.gate_init)))
+        self.gate_bias = nn.Parameter(torch.full((n_head,), float(gate_init)))
+        self.grad_windows = grad_windows
         self._x = None  # the attention input of the current forward pass (grad_windows), set by a pre-hook
         self._hooked = None  # id() of the attention module it is bound to (not the module: no submodule cycle)
         self.write = True  # append each forward pass's window to the memory

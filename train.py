@@ -30,7 +30,7 @@ from chat import Seq2Seq, Seq2SeqConfig
 from checkpoint import CheckpointError, load_checkpoint, memory_args, model_args, model_from_checkpoint
 from common import (atomic_save, autocast_context, cli, ddp_info, get_lr, get_rng_state, print0, pyplot,
                     resolve_device, save_figure, set_rng_state)
-from configurator import ConfigError, at_least, format_config, load_program, need, one_of
+from configurator import ConfigError, at_least, format_config, load_program, need, one_of, within
 from data import Dialogs, DocStreams, Layout, RandomWindows
 from memory import MNM, MemoryConfig, attach_memories
 from model import GPT, GPTConfig, pretrained_tokenizer_meta
@@ -73,6 +73,8 @@ class TrainConfig(LoopConfig):
     knn_topk: int = 32
     knn_memory_size: int = 16384  # entries per batch row and head
     knn_search_dtype: str = "float32"  # 'bfloat16': about 2x faster retrieval on CPUs with AVX512-BF16 (see MemoryConfig)
+    knn_gate_init: float = -3.0  # the layer's gates' starting logit (sigmoid: the memory's starting share)
+    knn_grad_windows: int = 0  # >0: gradients through the entries of each row's latest windows (MemoryConfig)
     # metalearned neural memory (memory.MNMBlock) after this layer's block, written window by window with each
     # row's document, -1 = none; shaped by mnm_heads, mnm_key_size, mnm_hidden, mnm_write
     mnm_layer: int = -1
@@ -90,6 +92,8 @@ class TrainConfig(LoopConfig):
         one_of(self, "mnm_write", MNM.WRITES)
         at_least(self, -1, "knn_layer", "mnm_layer")
         at_least(self, 1, "knn_topk", "knn_memory_size", "mnm_heads", "mnm_key_size", "mnm_hidden")
+        at_least(self, 0, "knn_grad_windows")
+        within(self, -10, 10, "knn_gate_init")
         if self.init_from == "scratch":
             need(max(self.knn_layer, self.mnm_layer) < self.n_layer, f"knn_layer={self.knn_layer} and mnm_layer="
                  f"{self.mnm_layer} must be < n_layer={self.n_layer} (a layer of the model) or -1 (none)")

@@ -1,12 +1,10 @@
-# config/train_passkey_knn.py with the two training fixes of memory.MemorizingMemory: gradients through the
-# previous window's memory entries (grad_windows = 1: their keys and values are recomputed with the current
+# config/train_passkey_knn.py with the two training fixes of the memorizing layer: gradients through the
+# previous window's memory entries (knn_grad_windows = 1: their keys and values are recomputed with the current
 # weights, so retrieval trains the layer's key and value projections) and the gates starting open
-# (gate_init = 0: sigmoid 0.5 instead of 0.047). Same data, stages and commands as the other passkey recipes.
+# (knn_gate_init = 0: sigmoid 0.5 instead of 0.047). Same data, stages and commands as the other passkey recipes.
 from pathlib import Path
-
-import memory
 
 exec((Path(__file__).parent / "train_passkey_knn.py").read_text())
 out_dir = "out-passkey-knn-fix"
-memory.MemorizingMemory.grad_windows = 1
-memory.MemorizingMemory.gate_init = 0.0
+knn_grad_windows = 1
+knn_gate_init = 0.0

@@ -1,9 +1,7 @@
 # config/train_wcopy_knn.py with gradients through the previous window's memory entries
-# (memory.MemorizingMemory.grad_windows = 1: their keys and values are recomputed with the current weights).
+# (knn_grad_windows = 1: their keys and values are recomputed with the current weights).
 from pathlib import Path
-
-import memory
 
 exec((Path(__file__).parent / "train_wcopy_knn.py").read_text())
 out_dir = "out-wcopy-knn-grad"
-memory.MemorizingMemory.grad_windows = 1
+knn_grad_windows = 1

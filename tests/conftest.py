@@ -150,12 +150,10 @@ def torchrun_train(settings: dict, nproc: int = 2):
 
 @pytest.fixture(autouse=True)
 def _restore_memory_knobs():
-    """Training knobs are class attributes that a config file may set when it is loaded (e.g.
-    config/train_passkey_knn_fix.py sets MemorizingMemory.grad_windows): put them back after every test,
-    so that loading a config in one test changes no other."""
+    """The MNM's training knobs are class attributes that a test may change: put them back after every
+    test, so that one test changes no other."""
     import memory
-    knobs = [(memory.MemorizingMemory, "gate_init"), (memory.MemorizingMemory, "grad_windows"),
-             (memory.MNM, "write_loss_weight"), (memory.MNM, "beta_offset")]
+    knobs = [(memory.MNM, "write_loss_weight"), (memory.MNM, "beta_offset")]
     saved = [(cls, name, getattr(cls, name)) for cls, name in knobs]
     yield
     for cls, name, value in saved:

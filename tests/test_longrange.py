@@ -2,6 +2,7 @@
 evaluate.py eval='longrange' (tiny settings: a few seconds)."""
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +13,10 @@ import prepare
 import train
 from conftest import tiny_train_config
 from data import DocStream
-from memory import MemorizingMemory
+from memory import memorizing_layer
 from test_memorizing import record_memory_fill
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = dict(block_size=32, windows=(2.0, 4.0), eval_windows=(2, 4), n_train=40, n_val=3)
 
@@ -278,15 +281,15 @@ def test_recipes_bench_suite(tmp_path, capsys):
 # -----------------------------------------------------------------------------
 # memorizing layer: gradients through the latest windows' keys (grad_windows)
 
-def test_grad_windows_keeps_the_forward_and_trains_the_key_projection(monkeypatch):
-    from memory import MemoryConfig, attach_memories, memorizing_layer
+def test_grad_windows_keeps_the_forward_and_trains_the_key_projection():
+    from memory import MemoryConfig, attach_memories
     from model import GPT, GPTConfig
 
     def run(grad_windows):
-        monkeypatch.setattr(MemorizingMemory, "grad_windows", grad_windows)
         torch.manual_seed(0)
         model = attach_memories(GPT(GPTConfig(block_size=16, vocab_size=30, n_layer=2, n_head=2, n_embd=16)),
-                                MemoryConfig(knn_layer=1, knn_topk=8, knn_memory_size=20)).train()
+                                MemoryConfig(knn_layer=1, knn_topk=8, knn_memory_size=20,
+                                             knn_grad_windows=grad_windows)).train()
         mem = memorizing_layer(model)
         with torch.no_grad():
             mem.gate_bias.fill_(0.0)
@@ -306,10 +309,16 @@ def test_grad_windows_keeps_the_forward_and_trains_the_key_projection(monkeypatc
     assert not torch.allclose(g0[H:], g1[H:])  # keys and values now learn from the retrieval too
 
 
-def test_fix_config_sets_the_knobs_for_its_run_only():
+def test_fix_config_sets_the_training_settings_of_its_run(tmp_path):
+    """The fixes are settings: they reach the layer of the model trained, and its checkpoint's memory_args,
+    and change nothing for any other run."""
     from configurator import load_config
     from train import TrainConfig
-    assert (MemorizingMemory.grad_windows, MemorizingMemory.gate_init) == (0, -3.0)
-    cfg = load_config(TrainConfig, ["config/train_passkey_knn_fix.py"])
-    assert cfg.knn_layer == 2 and cfg.out_dir == "out-passkey-knn-fix"
-    assert (MemorizingMemory.grad_windows, MemorizingMemory.gate_init) == (1, 0.0)  # conftest puts them back
+    cfg = load_config(TrainConfig, [str(ROOT / "config/train_passkey_knn_fix.py")])
+    assert (cfg.knn_layer, cfg.knn_grad_windows, cfg.knn_gate_init, cfg.out_dir) == (2, 1, 0.0, "out-passkey-knn-fix")
+    model = cfg.new_model(vocab_size=20)
+    layer = memorizing_layer(model)
+    assert layer.grad_windows == 1 and torch.all(layer.gate_bias == 0.0)
+    assert model.memory_args["knn_grad_windows"] == 1 and model.memory_args["knn_gate_init"] == 0.0
+    plain = memorizing_layer(load_config(TrainConfig, [], knn_layer=2, loader="docs").new_model(vocab_size=20))
+    assert plain.grad_windows == 0 and torch.all(plain.gate_bias == -3.0)
