@@ -199,6 +199,7 @@ def test_data_with_ids_beyond_meta_vocab_size_is_refused(char_data, tmp_path):
     assert not (tmp_path / "out" / "ckpt.pt").exists()
 
 
+@pytest.mark.needs_data("gpt2/tiktoken_cache")  # the corpus is tokenized with GPT-2's BPE
 def test_meta_vocab_larger_than_the_model_is_refused(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
     from prepare import prepare
