@@ -933,9 +933,10 @@ class KNNMemory:
 
     def select_documents(self, layer: int, keys, n: int) -> list:
         """For each row of a context's unrotated keys (B, H, T, d) at `layer`: the positions of the entries of
-        the n documents it matches best (None: all of them). Every key votes for the document of its nearest stored key of the
-        same head; ties go to the older document. Rare tokens (a name) find their twins in one document,
-        common ones scatter their votes, so the document that shares the context's rare words wins."""
+        the n documents it matches best (None: all of them). Every key votes for the document of its nearest
+        stored key of the same head; ties go to the older document. Rare tokens (a name) find their twins in
+        one document, common ones scatter their votes, so the document that shares the context's rare words
+        wins."""
         B, H, T, d = keys.shape
         heads = torch.arange(H).repeat_interleave(T)
         selection = []
