@@ -493,7 +493,8 @@ def bench_knn_scale(model, cfg, device, dtype) -> dict:
         return median(speeds), median(ratios)
 
     rows, runs = [], []
-    if not cfg.knn_scale_dir:
+    own_dir = not cfg.knn_scale_dir  # a temp folder of its own, removed at the end
+    if own_dir:
         import tempfile
         cfg = replace(cfg, knn_scale_dir=tempfile.mkdtemp(prefix="knn_scale_"))
 
@@ -622,6 +623,8 @@ def bench_knn_scale(model, cfg, device, dtype) -> dict:
         del mem, opened
         shutil.rmtree(folder, ignore_errors=True)
     print_table([(" | ".join(r[:2]), r[3], " | ".join(r[2:3] + r[4:])) for r in rows], "tok/s")
+    if own_dir:
+        shutil.rmtree(cfg.knn_scale_dir, ignore_errors=True)
     return {"runs": runs, "columns": header, "gen_tokens": n, "layer": L, "heads": H, "head_size": d}
 
 

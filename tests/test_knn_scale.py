@@ -372,6 +372,19 @@ def test_knn_scale_bench_suite(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "mem" / "m3000").exists()  # the on-disk memory is removed after its rows
 
 
+def test_knn_scale_bench_leaves_no_temp_folder(tmp_path, monkeypatch):
+    import tempfile
+    import bench
+    from configurator import load_config
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    cfg = load_config(bench.BenchConfig, [], n_layer=2, n_head=2, n_embd=16, block_size=64, vocab_size=256,
+                      gen_tokens=2, prompt_len=4, device="cpu", dtype="float32", suite=["knn_scale"], knn_layer=1,
+                      knn_scale_sizes=[200], knn_scale_compare=[], knn_scale_repeats=1, knn_scale_build_tokens=20,
+                      bench_json=str(tmp_path / "bench.json"))
+    bench.main(cfg)
+    assert os.listdir(tmp_path) == ["bench.json"]
+
+
 def test_knn_scale_bench_times_a_head_subset(tmp_path, monkeypatch):
     """A memory of one head standing in for all the model's heads (sizes too large to build whole)."""
     import bench
