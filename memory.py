@@ -37,6 +37,9 @@ from knn import exact_search
 from model import KVCache, append_next, init_weights
 
 
+MEMORIZING_GATE_INIT = -3.0  # sigmoid(-3) ~ 0.05: the memory starts with a small but nonzero share
+
+
 @dataclass
 class MemoryConfig:
     """The trainable memories of a GPT; -1 = none. Checkpoints keep these as memory_args."""
@@ -53,7 +56,7 @@ class MemoryConfig:
     # from those windows' attention inputs (kept, detached) with the current weights, so the retrieval's loss
     # also trains the layer's key and value projections (the paper's memory is detached: stored keys and values
     # learn only through local attention). Neither changes what a trained model computes.
-    knn_gate_init: float = -3.0  # = MEMORIZING_GATE_INIT
+    knn_gate_init: float = MEMORIZING_GATE_INIT
     knn_grad_windows: int = 0
     # metalearned neural memory (MNMBlock) after this layer's block, written window by window with each
     # batch row's document
@@ -86,8 +89,6 @@ def row_memories(model) -> dict:
 # One attention layer (GPTConfig.knn_layer) whose heads also attend to the top-k of their own past
 # (key, value) pairs, kept per batch row in a FIFO ring: one (row, head) group of the shared exact
 # search (exact_search) per pair, all rows and heads in one batched matrix product.
-
-MEMORIZING_GATE_INIT = -3.0  # sigmoid(-3) ~ 0.05: the memory starts with a small but nonzero share
 
 
 def memorizing_layer(model):

@@ -32,7 +32,7 @@ from common import (atomic_save, autocast_context, cli, ddp_info, get_lr, get_rn
                     resolve_device, save_figure, set_rng_state)
 from configurator import ConfigError, at_least, format_config, load_program, need, one_of, within
 from data import Dialogs, DocStreams, Layout, RandomWindows
-from memory import MNM, MemoryConfig, attach_memories
+from memory import MEMORIZING_GATE_INIT, MNM, MemoryConfig, attach_memories
 from model import GPT, GPTConfig, pretrained_tokenizer_meta
 from prepare import DataError, check_meta_compatible, load_meta
 from runs import MetricsLog, OutDirError, RunConfig, check_init_from, prepare_out_dir, read_metrics
@@ -73,7 +73,7 @@ class TrainConfig(LoopConfig):
     knn_topk: int = 32
     knn_memory_size: int = 16384  # entries per batch row and head
     knn_search_dtype: str = "float32"  # 'bfloat16': about 2x faster retrieval on CPUs with AVX512-BF16 (see MemoryConfig)
-    knn_gate_init: float = -3.0  # the layer's gates' starting logit (sigmoid: the memory's starting share)
+    knn_gate_init: float = MEMORIZING_GATE_INIT  # the gates' starting logit (sigmoid: the memory's first share)
     knn_grad_windows: int = 0  # >0: gradients through the entries of each row's latest windows (MemoryConfig)
     # metalearned neural memory (memory.MNMBlock) after this layer's block, written window by window with each
     # row's document, -1 = none; shaped by mnm_heads, mnm_key_size, mnm_hidden, mnm_write
