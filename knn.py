@@ -931,12 +931,12 @@ class KNNMemory:
 
     # -- reading only some documents ---------------------------------------------
 
-    def select_documents(self, layer: int, keys, n: int) -> list:
-        """For each row of a context's unrotated keys (B, H, T, d) at `layer`: the positions of the entries of
-        the n documents it matches best (None: all of them). Every key votes for the document of its nearest
-        stored key of the same head; ties go to the older document. Rare tokens (a name) find their twins in
-        one document, common ones scatter their votes, so the document that shares the context's rare words
-        wins."""
+    def select_documents(self, layer: int, keys, n: int):
+        """Set self.selection: for each row of a context's unrotated keys (B, H, T, d) at `layer`, the positions
+        of the entries of the n documents it matches best (None: all of them). Every key votes for the document
+        of its nearest stored key of the same head; ties go to the older document. Rare tokens (a name) find
+        their twins in one document, common ones scatter their votes, so the document that shares the
+        context's rare words wins."""
         B, H, T, d = keys.shape
         heads = torch.arange(H).repeat_interleave(T)
         selection = []
@@ -951,13 +951,19 @@ class KNNMemory:
                 selection.append(None)  # won: the row searches the whole memory, through its index
             else:
                 selection.append(torch.isin(self.doc_ids, chosen).nonzero().squeeze(1))
-        return selection
+        self.selection = selection
+        self._within = {}  # (layer, row) -> exact index over that row's selected entries, built on first use
 
-    def search_within(self, layer: int, heads, vecs, k: int, positions):
-        """search() among the entries at `positions` only (a row's selected documents): exact, the same
-        search as a memory holding just those entries; (keys (M, k', d), values (M, k', dv), ids (M, k'))
-        with k' = min(k, len(positions))."""
-        index = TorchIndex(self._keys[layer].buf[positions].permute(1, 0, 2), self.settings.knn_metric)
+    def search_within(self, layer: int, heads, vecs, k: int, row: int):
+        """search() among the entries batch row `row` selected (select_documents) only: exact, the same search
+        as a memory holding just those entries; (keys (M, k', d), values (M, k', dv), ids (M, k')) with
+        k' = min(k, entries selected). The index is kept until the next selection: every generated token
+        searches the same entries at every memory layer."""
+        positions = self.selection[row]
+        if (layer, row) not in self._within:
+            self._within[layer, row] = TorchIndex(self._keys[layer].buf[positions].permute(1, 0, 2),
+                                                  self.settings.knn_metric)
+        index = self._within[layer, row]
         h = heads.cpu()
         pos = positions[index.search(h, vecs.detach().float().cpu(), min(k, len(positions)))]  # (M, k')
         dev = self.device
@@ -1392,8 +1398,7 @@ class KNNAttention:
         if s.knn_documents and T == Tk and self.layer == s.layers[0]:
             # a pass over the whole context (not a cached step): each row chooses its documents from its keys
             ctx = k if rot is None else rot.rotate(k, -torch.arange(Tk, device=k.device))
-            self.memory.selection = self.memory.select_documents(self.layer, ctx[:, :, s.remove_bookkeeping:],
-                                                                 s.knn_documents)
+            self.memory.select_documents(self.layer, ctx[:, :, s.remove_bookkeeping:], s.knn_documents)
         if self.recompute:
             assert T == Tk, "reference mode needs every position's query: generate recomputes (see KVCache)"
             rows = q[:, :, -1:]  # only the newest token's attention row decides
@@ -1449,9 +1454,11 @@ class KNNAttention:
             return self.blend(cand_k, cand_v, k_j, v_j, mix_q)
         mixed = torch.empty_like(v_j)
         for row in rows.unique().tolist():  # rows differ in how many entries their documents hold
-            m, sel = rows == row, mem.selection[row]
-            cand_k, cand_v, _ = (mem.search(self.layer, h[m], probe[m], min(self.k, len(mem))) if sel is None else
-                                 mem.search_within(self.layer, h[m], probe[m], self.k, sel))
+            m = rows == row
+            if mem.selection[row] is None:
+                cand_k, cand_v, _ = mem.search(self.layer, h[m], probe[m], min(self.k, len(mem)))
+            else:
+                cand_k, cand_v, _ = mem.search_within(self.layer, h[m], probe[m], self.k, row)
             mixed[m] = self.blend(cand_k, cand_v, k_j[m], v_j[m], mix_q[m])
         return mixed
 
