@@ -17,12 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn import functional as F
 
 from chat import DialogBatches, grow_vocab, prune_vocab
 from common import print0, seeded_generator
 from configurator import ConfigError
 from memory import MNM, mnm_block, row_memories
-from prepare import DataError, WordVocab, load_doc_starts, open_split
+from prepare import DataError, WordVocab, answer_positions, load_doc_starts, open_split
 
 
 def get_batch(data, rows, block_size, device):
@@ -42,10 +43,13 @@ class DocStream:
     block_size after another: at iteration i a row reads the i-th window of its endless sequence.
     Windows never cross a document end; the last one of a document is padded (targets -1, ignored
     by the loss). Like batch_offsets, a pure function of (seed, iteration): resumed runs and any
-    world size read the same rows."""
+    world size read the same rows. answers: sorted offsets of the tokens that spell a query's answer
+    (prepare.answer_positions), marked in each batch for the answer loss."""
 
-    def __init__(self, data, starts, n_rows: int, block_size: int, seed: int, shuffle: bool = True):
+    def __init__(self, data, starts, n_rows: int, block_size: int, seed: int, shuffle: bool = True,
+                 answers: np.ndarray | None = None):
         self.data, self.T = data, block_size
+        self.answers = answers if answers is not None else np.zeros(0, dtype=np.int64)
         ends = np.r_[starts[1:], len(data)]
         keep = ends - starts >= 2  # a document needs a token to predict
         self.starts, self.ends = starts[keep], ends[keep]
@@ -68,10 +72,12 @@ class DocStream:
         return int(self.docs[row][j]), int(r - cum[j])
 
     def batch(self, it: int, rows, device: str):
-        """x, y (len(rows), T) on device, and last (len(rows),) bool: the window ends its document."""
+        """x, y (len(rows), T) on device; last (len(rows),) bool: the window ends its document; ans
+        (len(rows), T) bool on device: the target is a token of a query's answer."""
         T = self.T
         x = np.zeros((len(rows), T), dtype=np.int64)
         y = np.full((len(rows), T), -1, dtype=np.int64)
+        ans = np.zeros((len(rows), T), dtype=bool)
         last = np.zeros(len(rows), dtype=bool)
         for i, g in enumerate(rows):
             doc, w = self.locate(it, g)
@@ -79,11 +85,13 @@ class DocStream:
             n = min(T, self.ends[doc] - 1 - a)  # positions with a next token in this document
             x[i, :n] = self.data[a:a + n]
             y[i, :n] = self.data[a + 1:a + 1 + n]
+            lo, hi = np.searchsorted(self.answers, [a + 1, a + 1 + n])
+            ans[i, self.answers[lo:hi] - (a + 1)] = True
             last[i] = w == self.windows[doc] - 1
         x, y = torch.from_numpy(x), torch.from_numpy(y)
         if device.startswith("cuda"):
             x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.to(device), y.to(device), torch.from_numpy(last)
+        return x.to(device), y.to(device), torch.from_numpy(last), torch.from_numpy(ans).to(device)
 
 
 def batch_offsets(seed: int, stream: int, index: int, n_rows: int, data_len: int, block_size: int):
@@ -277,20 +285,25 @@ class DocStreams(Source):
     """Every batch row reads its own documents window after window (DocStream), for the per-row
     memories of a GPT (memory.row_memories: a memorizing layer, an MNM block). Each micro-step's rows
     use their own slice of the memory rows; a row's memory empties when its document ends; training
-    adds the MNM's write loss. The memories of every rank go into the checkpoint, in global row order."""
+    adds the MNM's write loss, and answer_loss > 0 the mean loss over the batch's answer tokens (of a
+    long-range dataset's queries) times answer_loss. The memories of every rank go into the checkpoint,
+    in global row order."""
     name = "docs"
 
-    def __init__(self, data_path, meta, layout, seed, eval_iters):
+    def __init__(self, data_path, meta, layout, seed, eval_iters, answer_loss: float = 0.0):
         super().__init__(layout, seed, eval_iters)
         self.splits = open_checked(data_path, meta)
         self.starts = {s: load_doc_starts(data_path, s, len(d)) for s, d in self.splits.items()}
         self.meta, self.vocab_size = meta, meta["vocab_size"]
+        self.answer_loss = answer_loss
+        self.answers = answer_positions(data_path, "train", meta) if answer_loss > 0 else None
 
     def bind(self, model):
         super().bind(model)
         check_model_vocab(model, self.meta)
         L, T = self.layout, model.config.block_size
-        self.streams = {s: DocStream(self.splits[s], self.starts[s], L.global_rows, T, self.seed, shuffle=s == "train")
+        self.streams = {s: DocStream(self.splits[s], self.starts[s], L.global_rows, T, self.seed, shuffle=s == "train",
+                                  answers=self.answers if s == "train" else None)
                         for s in self.splits}
         self.mems, self.mnm = row_memories(model), mnm_block(model)
         for m in self.mems.values():
@@ -305,14 +318,17 @@ class DocStreams(Source):
 
     def loss(self, model, batch, train=True):
         """Forward one micro-step's rows with their memory rows; rows whose document ended start empty."""
-        X, Y, last, micro = batch
+        X, Y, last, ans, micro = batch
         B = self.layout.batch_size
         for m in self.mems.values():
             m.rows = slice(micro * B, (micro + 1) * B)
         with self.layout.ctx:
-            _, loss = model(X, Y)
+            logits, loss = model(X, Y)
             if train and self.mnm is not None:  # the MNM's write path learns from its write loss
                 loss = loss + MNM.write_loss_weight * self.mnm.write_loss
+            if train and self.answer_loss > 0:  # a few answer tokens among many predictable ones: weigh them up
+                nll = F.cross_entropy(logits[ans].float(), Y[ans], reduction="sum") / ans.sum().clamp(min=1)
+                loss = loss + self.answer_loss * nll
         for m in self.mems.values():
             m.clear_rows(micro * B + last.nonzero().squeeze(1))
         return loss

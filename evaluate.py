@@ -29,7 +29,7 @@ from common import cli, pyplot, resolve_device, write_eval
 from configurator import ConfigError, at_least, format_config, load_config, need, one_of, within
 from knn import KNNLMDatastore, KNNMemory, KNNMemoryError, KNNSettings, knn_probs, knnlm_mix, last_mlp_input
 from memory import memorizing_layer, row_memories
-from prepare import DataError, check_meta_compatible, load_doc_starts, load_meta, open_split
+from prepare import DataError, check_meta_compatible, load_meta, longrange_documents, open_split, split_documents
 from runs import CheckedSettings, not_empty
 
 # what evaluate.py stops on with one line instead of a traceback
@@ -89,15 +89,6 @@ class EvalConfig(CheckedSettings):
         at_least(self, 1, "eval_memory_sizes")
         at_least(self, 2, "eval_tokens", "knnlm_max_tokens")
         within(self, 0, 1, "knnlm_lambdas")
-
-
-def split_documents(data_dir: str, split: str) -> list:
-    """The documents of a prepared split, as int64 arrays."""
-    meta = load_meta(data_dir)
-    data = open_split(data_dir, split, meta)
-    starts = load_doc_starts(data_dir, split, len(data))
-    ends = list(starts[1:]) + [len(data)]
-    return [np.asarray(data[a:b], dtype=np.int64) for a, b in zip(starts, ends)]
 
 
 def eval_dataset_dir(cfg, meta) -> str:
@@ -249,38 +240,6 @@ def knnlm_datastore(cfg, model, meta) -> KNNLMDatastore:
 
 
 # ---- long-range recall (eval='longrange') ----
-
-def longrange_documents(path: str, split: str, tokenizer, limit: int | None = None) -> list[dict]:
-    """The documents of a long-range dataset (passkey, facts_long) with their queries; each query gets
-    `span`, the positions of the tokens that spell its answer (the char offsets of longrange_{split}.jsonl
-    mapped onto tokens, so any tokenizer works)."""
-    path_records = os.path.join(path, f"longrange_{split}.jsonl")
-    if not os.path.isfile(path_records):
-        raise DataError(f"{path_records} is missing: eval='longrange' needs a dataset prepared by passkey or "
-                        "facts_long (python prepare.py passkey)")
-    with open(path_records) as f:
-        records = [json.loads(line) for line in f]
-    docs = split_documents(path, split)
-    if len(docs) != len(records):
-        raise DataError(f"{path}: {len(docs)} documents in {split}.bin but {len(records)} lines in "
-                        f"{path_records}; prepare the dataset again")
-    out = []
-    for tokens, rec in list(zip(docs, records))[:limit]:
-        if getattr(tokenizer, "name", None) == "char":  # one token per character
-            ends = np.arange(1, len(tokens) + 1)
-        else:
-            ends = np.cumsum([len(tokenizer.decode([int(t)])) for t in tokens])
-        starts = np.r_[0, ends[:-1]]
-        queries = []
-        for q in rec["queries"]:
-            a, b = q["answer_start"], q["answer_start"] + len(q["answer"])
-            span = np.nonzero((starts < b) & (ends > a))[0]
-            if len(span) == 0 or span[0] == 0 or q["answer"] not in tokenizer.decode([int(t) for t in tokens[span]]):
-                raise DataError(f"{path}: a query's answer {q['answer']!r} is not where {path_records} says")
-            queries.append({**q, "span": span})
-        out.append({"tokens": tokens, "queries": queries, "record": rec})
-    return out
-
 
 @torch.no_grad()
 def windowed_pass(model, docs: list, batch_size: int, device, keep: list | None = None, on_window=None):
@@ -528,15 +487,21 @@ def longrange_report(cfg, docs: list, arms: list, generator: dict) -> tuple[dict
     """Accuracy by nominal distance (in windows of the generator's block_size) per arm: a table, the
     result dict and a plot of exact accuracy against distance, one line per arm."""
     distances = sorted({q["windows"] for d in docs for q in d["queries"]})
+    T = generator.get("block_size")
     rows = []
     for arm in arms:
-        by = {}
+        by, where = {}, {"same window": [0, 0], "earlier window": [0, 0]}
         for d, scores in zip(docs, arm["scores"]):
             for q, (exact, tok_acc) in zip(d["queries"], scores):
                 b = by.setdefault(q["windows"], [0, 0, 0.0])
                 b[0] += 1
                 b[1] += exact
                 b[2] += tok_acc
+                if T:  # the value stated in the window the answer is predicted in (a model without memory can copy
+                    # it), or in an earlier one (only a memory can); the generator's windows, in characters
+                    w = where["same window" if q["source_start"] // T == (q["answer_start"] - 1) // T else "earlier window"]
+                    w[0] += 1
+                    w[1] += exact
         n_all = sum(b[0] for b in by.values())
         if "retrieval" in arm:
             diag = arm["retrieval"]
@@ -547,13 +512,17 @@ def longrange_report(cfg, docs: list, arms: list, generator: dict) -> tuple[dict
                      **({"retrieval": arm["retrieval"]} if "retrieval" in arm else {}),
                      "exact": sum(b[1] for b in by.values()) / n_all,
                      "by_distance": [{"windows": w, "queries": by[w][0], "exact": by[w][1] / by[w][0],
-                                      "token_accuracy": by[w][2] / by[w][0]} for w in distances]})
+                                      "token_accuracy": by[w][2] / by[w][0]} for w in distances],
+                     "by_window": {k: {"queries": n, "exact": e / n} for k, (n, e) in where.items() if n}})
     width = max(len(r["arm"]) for r in rows)
     print(f"\nexact recall by distance (windows of {generator.get('block_size', '?')} tokens), "
           f"{len(docs)} documents, {sum(len(d['queries']) for d in docs)} queries")
-    print(f"{'arm':<{width}} | " + " | ".join(f"{w:>6g}" for w in distances))
+    print(f"{'arm':<{width}} | " + " | ".join(f"{w:>6g}" for w in distances) + " | same window | earlier windows")
     for r in rows:
-        print(f"{r['arm']:<{width}} | " + " | ".join(f"{b['exact']:6.1%}" for b in r["by_distance"]))
+        split = [f"{r['by_window'][k]['exact']:6.1%} of {r['by_window'][k]['queries']}" if k in r["by_window"] else "-"
+                 for k in ("same window", "earlier window")]
+        print(f"{r['arm']:<{width}} | " + " | ".join(f"{b['exact']:6.1%}" for b in r["by_distance"])
+              + f" | {split[0]:>11} | {split[1]:>15}")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:

@@ -354,6 +354,57 @@ def load_doc_starts(data_dir, split, n_tokens):
     return starts
 
 
+def split_documents(data_dir: str, split: str) -> list:
+    """The documents of a prepared split, as int64 arrays."""
+    meta = load_meta(data_dir)
+    data = open_split(data_dir, split, meta)
+    starts = load_doc_starts(data_dir, split, len(data))
+    ends = list(starts[1:]) + [len(data)]
+    return [np.asarray(data[a:b], dtype=np.int64) for a, b in zip(starts, ends)]
+
+
+
+def longrange_documents(path: str, split: str, tokenizer, limit: int | None = None) -> list[dict]:
+    """The documents of a long-range dataset (passkey, facts_long) with their queries; each query gets
+    `span`, the positions of the tokens that spell its answer (the char offsets of longrange_{split}.jsonl
+    mapped onto tokens, so any tokenizer works)."""
+    path_records = os.path.join(path, f"longrange_{split}.jsonl")
+    if not os.path.isfile(path_records):
+        raise DataError(f"{path_records} is missing: it is written by the long-range generators; a dataset prepared by passkey or "
+                        "facts_long (python prepare.py passkey)")
+    with open(path_records) as f:
+        records = [json.loads(line) for line in f]
+    docs = split_documents(path, split)
+    if len(docs) != len(records):
+        raise DataError(f"{path}: {len(docs)} documents in {split}.bin but {len(records)} lines in "
+                        f"{path_records}; prepare the dataset again")
+    out = []
+    for tokens, rec in list(zip(docs, records))[:limit]:
+        if getattr(tokenizer, "name", None) == "char":  # one token per character
+            ends = np.arange(1, len(tokens) + 1)
+        else:
+            ends = np.cumsum([len(tokenizer.decode([int(t)])) for t in tokens])
+        starts = np.r_[0, ends[:-1]]
+        queries = []
+        for q in rec["queries"]:
+            a, b = q["answer_start"], q["answer_start"] + len(q["answer"])
+            span = np.nonzero((starts < b) & (ends > a))[0]
+            if len(span) == 0 or span[0] == 0 or q["answer"] not in tokenizer.decode([int(t) for t in tokens[span]]):
+                raise DataError(f"{path}: a query's answer {q['answer']!r} is not where {path_records} says")
+            queries.append({**q, "span": span})
+        out.append({"tokens": tokens, "queries": queries, "record": rec})
+    return out
+
+
+def answer_positions(path: str, split: str, meta: dict) -> np.ndarray:
+    """Sorted offsets, in {split}.bin, of every token that spells a long-range query's answer (passkey,
+    facts_long): what train.py's answer_loss weighs."""
+    docs = longrange_documents(path, split, get_tokenizer(meta))
+    starts = load_doc_starts(path, split, len(open_split(path, split, meta)))
+    return np.sort(np.concatenate([starts[i] + q["span"] for i, d in enumerate(docs) for q in d["queries"]]
+                                  + [np.zeros(0, dtype=np.int64)])).astype(np.int64)
+
+
 # -----------------------------------------------------------------------------
 # document streams: each split is a sequence of documents, tokenized into pieces (new_doc, ids)
 

@@ -12,6 +12,7 @@ from knn import KNNLM, KNNLMDatastore, KNNMemoryError, KNNSettings, knnlm_log_pr
 from memory import MemoryConfig, MemorizingMemory, attach_memories, generate_any, memorizing_layer, mnm_block
 from checkpoint import load_checkpoint
 from data import DocStream
+from prepare import split_documents
 from model import GPT, GPTConfig
 
 
@@ -190,7 +191,7 @@ def test_doc_stream_reads_each_rows_documents_in_order():
     s = DocStream(data, starts, n_rows=3, block_size=8, seed=0, shuffle=False)
     got = {g: [] for g in range(3)}
     for it in range(12):
-        x, y, last = s.batch(it, range(3), "cpu")
+        x, y, last, _ = s.batch(it, range(3), "cpu")
         for g in range(3):
             got[g].append((x[g].tolist(), y[g].tolist(), bool(last[g])))
     # row 0 reads document 0 (tokens 0..29: 4 windows), then document 3 (80..99: 3 windows), then 0 again;
@@ -415,7 +416,7 @@ def test_ppl_eval_with_the_gate_shut_equals_the_layer_off(short_docs, tmp_path):
                       data_dir=str(short_docs), eval_context=True, eval_memory_sizes=[16, 64], batch_size=4)
     rows = evaluate.main(cfg)["rows"]
     assert [r["memory"] for r in rows] == [0, 16, 64]
-    assert rows[0]["tokens"] == sum(len(d) - 1 for d in evaluate.split_documents(str(short_docs / "docs"), "val")) + 6
+    assert rows[0]["tokens"] == sum(len(d) - 1 for d in split_documents(str(short_docs / "docs"), "val")) + 6
     assert rows[1]["nll"] == pytest.approx(rows[0]["nll"], rel=1e-6) == rows[2]["nll"]
     assert (tmp_path / "eval_ppl" / "ppl.png").exists()
 
