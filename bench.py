@@ -45,7 +45,7 @@ from common import autocast_context, cli, resolve_device, write_json
 from dnc import DNC, DNC_EPS
 from knn import (BACKENDS, KEY_DTYPES, KNNLMDatastore, KNNMemory, KNNSettings, FaissIndex, TorchIndex,
                  knnlm_log_probs, last_mlp_input)
-from memory import MNM, MemoryConfig, attach_memories, memorizing_layer, mnm_block
+from memory import MNM, MemoryConfig, attach_memories, memorizing_layer, mnm_block, row_memories
 from model import PACKAGED_GGUF, GPT, GPTConfig, gguf_folder, pretrained_tokenizer_meta
 from prepare import get_tokenizer
 from runs import check_init_from, check_shape_and_device
@@ -177,6 +177,7 @@ TRAINING_ONLY = ("out_dir", "eval_interval", "log_interval", "eval_iters", "eval
                  "init_from", "overwrite", "wandb_log", "wandb_project", "wandb_run_name",
                  "gradient_accumulation_steps", "loader", "dropout", "max_iters", "grad_clip", "decay_lr",
                  "warmup_iters", "lr_decay_iters", "min_lr", "knn_search_dtype", "knn_gate_init", "knn_grad_windows",
+                 "mnm_grad_windows", "answer_loss", "pos",
                  "n_enc_layer", "memory", "mnm_read", "mnm_tbptt", "dialog_slots", "vocab_prune_every", "vocab_min_count", "vocab_capacity", "optimizer",
                  "min_len", "max_len", "min_repeats", "max_repeats", "item_len", "baseline", "n_tasks", "datasets",
                  "classifier", "methods", "replay_capacity", "replay_every", "replay_store", "replay_batch",
@@ -708,13 +709,38 @@ def bench_recipes(cfg, device, dtype, vocab_size) -> tuple[dict, list]:
              dict(mnm_layer=mnm_layer, mnm_heads=cfg.mnm_heads, mnm_key_size=cfg.mnm_key_size,
                   mnm_hidden=cfg.mnm_hidden, mnm_write=cfg.mnm_write)))
     for label, extra in arms:
-        speed[label] = bench_training(memory_model(cfg, vocab_size, device, **extra), cfg, device, dtype)
+        model = memory_model(cfg, vocab_size, device, **extra)
+        speed[label] = bench_training(model, cfg, device, dtype)
         ratio = speed["no memory"]["tokens_per_s"] / speed[label]["tokens_per_s"]
         speed[label]["slowdown"] = ratio
         rows.append((f"train (batch {cfg.batch_size} x {cfg.block_size}), {label}",
                      f"{speed[label]['tokens_per_s']:,.0f} tok/s",
                      f"{speed[label]['ms_per_iter']:.1f} ms/iter" + (f", {ratio:.2f}x the time of no memory" if extra else "")))
+    for label, extra in arms:
+        read = bench_reading(memory_model(cfg, vocab_size, device, **extra), cfg, device, windows=17)
+        speed[label]["eval_tokens_per_s"] = read
+        ratio = speed["no memory"]["eval_tokens_per_s"] / read
+        rows.append((f"evaluate (batch {cfg.batch_size}, 17 windows: 16 in memory), {label}", f"{read:,.0f} tok/s",
+                     f"{ratio:.2f}x the time of no memory" if extra else ""))
     return speed, rows
+
+
+@torch.no_grad()
+def bench_reading(model, cfg, device, windows: int) -> float:
+    """Tokens/s of reading a document of `windows` windows as the evaluation does (no gradients), every
+    row's memories starting empty, so the last window reads windows - 1 windows of memory."""
+    model.eval()
+    T, B = model.config.block_size, cfg.batch_size
+    x = torch.randint(0, model.config.vocab_size, (B, windows * T), device=device)
+
+    def read():
+        for m in row_memories(model).values():
+            m.reset(B)
+        for w in range(windows):
+            model(x[:, w * T:(w + 1) * T])
+        sync(device)
+
+    return B * windows * T / timed(read, max(1, cfg.bench_iters // windows))
 
 
 def bench_smollm2(cfg, device, dtype) -> tuple[dict, list]:

@@ -65,6 +65,10 @@ class MemoryConfig:
     mnm_key_size: int = 32
     mnm_hidden: int = 64  # width of the fast-weight MLP's hidden layer, per head
     mnm_write: str = "local"  # 'local' (learned local rule), 'grad' (gradient step), 'titans' (momentum + forgetting)
+    # 1: while training, the previous window's write is recomputed from its inputs (kept, detached) with the
+    # current weights, so a window's task loss also trains the write path (keys, values, strengths) of the
+    # window before it; 0: the write path learns from the write loss alone. Changes no trained model's output.
+    mnm_grad_windows: int = 0
 
 
 def attach_memories(model, cfg: MemoryConfig):
@@ -73,7 +77,8 @@ def attach_memories(model, cfg: MemoryConfig):
         add_memorizing_layer(model, cfg.knn_layer, cfg.knn_topk, cfg.knn_memory_size, cfg.knn_search_dtype,
                              cfg.knn_gate_init, cfg.knn_grad_windows)
     if cfg.mnm_layer >= 0:
-        add_mnm_block(model, cfg.mnm_layer, cfg.mnm_heads, cfg.mnm_key_size, cfg.mnm_hidden, cfg.mnm_write)
+        add_mnm_block(model, cfg.mnm_layer, cfg.mnm_heads, cfg.mnm_key_size, cfg.mnm_hidden, cfg.mnm_write,
+                      cfg.mnm_grad_windows)
     return model
 
 
@@ -116,7 +121,9 @@ class MemorizingMemory(nn.Module):
     """The kNN-attention memory of one layer, at the attention seam (model.py).
 
     Every head attends causally to its local window (the layer's own attention) and to the topk
-    (key, value) pairs retrieved from its memory of past windows; retrieval ranks by cosine
+    (key, value) pairs retrieved from its memory of past windows. With rotary positions (pos='rope')
+    the memory keeps keys unrotated and reads them with unrotated queries: a past window's entry is
+    scored as if at relative distance 0, the paper's memory without positions. Retrieval ranks by cosine
     (normalised queries and keys), the retrieved pairs are attended to with the ordinary scaled
     dot product; a learned per-head gate g = sigmoid(gate_bias) mixes: y = (1 - g) y_local + g y_mem.
     After a forward pass with `write` set, the window's keys and values are appended (detached)
@@ -190,16 +197,20 @@ class MemorizingMemory(nn.Module):
     def _grad_active(self, attn) -> bool:
         if self.grad_windows <= 0 or not (self.training and torch.is_grad_enabled()):
             return False
-        if attn.rotary is not None or attn.n_kv_head != attn.n_head:
-            raise RuntimeError("grad_windows recomputes keys with learned positions and one key head per query head")
         if self._hooked != id(attn):
             raise RuntimeError("grad_windows needs the memory bound to its attention: memory.bind(attn)")
         return True
 
     def forward(self, attn, q, k, v, attend):
         B, H, T, d = q.shape
+        if attn.n_kv_head != attn.n_head:
+            raise RuntimeError("a memorizing layer keeps one key head per query head: grouped-query attention "
+                               "(n_kv_head < n_head) is not supported")
         grad = self._grad_active(attn)
         y_local = attend(q, k, v)  # (B, H, T, d)
+        k = k[:, :, -T:]  # the new tokens' keys (with a KV cache, k also holds the cached past)
+        if attn.rotary is not None:  # unrotated: the memory has no positions (see the class docstring)
+            q, k = attn.rotary.rotate(q, -attn.q_pos), attn.rotary.rotate(k, -attn.q_pos)
         if self.mem is None:
             self._alloc(B, k.detach())
         if grad and "recent_x" not in self.mem:
@@ -221,7 +232,7 @@ class MemorizingMemory(nn.Module):
         elif self.training:
             y = y_local + 0 * torch.sigmoid(self.gate_bias).sum()  # in the graph: DDP expects a gradient for it
         if self.write:
-            self.append(rid, k[:, :, -T:], v[:, :, -T:])
+            self.append(rid, k, v[:, :, -T:])
             if grad:  # the row's attention inputs of its grad_windows latest windows, oldest first
                 recent = self.mem["recent_x"]
                 recent[rid] = torch.cat([recent[rid, T:], self._x[:, -T:].detach().to(recent.dtype)], 1)
@@ -478,18 +489,20 @@ def mnm_block(model):
     return next((b for b in model.transformer.h if isinstance(b, MNMBlock)), None)
 
 
-def add_mnm_block(model, layer: int, heads: int, key_size: int, hidden: int, write: str):
+def add_mnm_block(model, layer: int, heads: int, key_size: int, hidden: int, write: str, grad_windows: int = 0):
     """Give a GPT (e.g. pretrained GPT-2) an MNMBlock at `layer`; recorded in model.memory_args."""
     cfg = model.config
     if not 0 <= layer < cfg.n_layer:
         raise ValueError(f"mnm_layer={layer}, but the model has layers 0..{cfg.n_layer - 1}")
+    if grad_windows not in (0, 1):
+        raise ValueError(f"mnm_grad_windows={grad_windows}: 0 (the write path learns from its write loss) or 1")
     model.memory_args.update(mnm_layer=layer, mnm_heads=heads, mnm_key_size=key_size, mnm_hidden=hidden,
-                             mnm_write=write)
+                             mnm_write=write, mnm_grad_windows=grad_windows)
     mnm = MNM(cfg.n_embd, heads, key_size, hidden, write)
     mnm.apply(init_weights)
     nn.init.normal_(mnm.c_proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))  # a residual projection
     mnm.match_read_keys()
-    model.transformer.h[layer] = MNMBlock(model.transformer.h[layer], mnm).to(next(model.parameters()).device)
+    model.transformer.h[layer] = MNMBlock(model.transformer.h[layer], mnm, grad_windows).to(next(model.parameters()).device)
 
 
 class MNMBlock(nn.Module):
@@ -505,15 +518,18 @@ class MNMBlock(nn.Module):
     segment boundary, so a document's graph never grows past one segment. Within a segment the task
     loss reaches the read path (the read-key part of c_mem, c_proj) and, in rows whose document starts
     here, the initial fast weights w1, w2 they read; the write path (write keys, values, strengths,
-    the rule's own parameters) learns from write_loss, which the trainer adds to the task loss.
+    the rule's own parameters) learns from write_loss, which the trainer adds to the task loss. With
+    grad_windows = 1, while training, the previous segment's write is done again from the state before
+    it and its inputs (both kept, detached) with the current weights: the same state, now with a graph,
+    so the task loss also trains the write path one segment back.
 
     Rows follow MemorizingMemory's protocol (train.py keeps one row per batch row of every micro-step):
     reset(n_rows), `rows` (the slice of rows the next call reads and writes), clear_rows(rows) (those
     rows' documents ended: they go back to the learned initial weights), get_state / set_state."""
 
-    def __init__(self, block: nn.Module, mnm: MNM):
+    def __init__(self, block: nn.Module, mnm: MNM, grad_windows: int = 0):
         super().__init__()
-        self.block, self.mnm = block, mnm
+        self.block, self.mnm, self.grad_windows = block, mnm, grad_windows
         self.write_loss = None
         self.write = True  # False: read only (generation reads a window's tokens one by one, then writes it whole)
         self.reset()
@@ -526,6 +542,7 @@ class MNMBlock(nn.Module):
         """Forget every row; the next call allocates n_rows rows (None: its batch size)."""
         self.n_rows, self.rows, self.state = n_rows, None, None
         self.fresh = None  # (R,) bool: the row holds the initial weights (read live, so they get the gradient)
+        self.previous = None  # grad_windows: each row's state before its last write, and that write's input
 
     def clear_rows(self, rows):
         """Send these rows (indices or a bool mask, of all rows) back to the learned initial weights."""
@@ -562,9 +579,39 @@ class MNMBlock(nn.Module):
             raise RuntimeError(f"the memory has rows {lo}..{hi - 1} for a batch of {B}: reset() it or set .rows")
         state = self._start_fresh({k: v[lo:hi] for k, v in self.state.items()}, self.fresh[lo:hi].clone())
         live = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        before = state
+        if self.grad_windows and self.training and torch.is_grad_enabled():
+            state = self._rewrite_previous(state, lo, hi, x.size(1))
         reads, new, self.write_loss = self.mnm(x, live, state, read_first=True)
         if self.write:
+            if self.grad_windows and self.training:
+                self._keep_previous(before, x, lo, hi)
             self.state = {k: torch.cat([v[:lo], new[k].detach(), v[hi:]]) for k, v in self.state.items()}
             self.fresh[lo:hi] = False
         return x + reads
+
+    def _keep_previous(self, state, x, lo, hi):
+        """Keep the rows' state before this write and the write's input (grad_windows), detached."""
+        if self.previous is None or self.previous["x"].shape[1:] != x.shape[1:]:
+            R = self.fresh.numel()
+            self.previous = {"x": x.new_zeros(R, *x.shape[1:]), "state": {k: v.detach().clone() for k, v in self.state.items()},
+                             "written": torch.zeros(R, dtype=torch.bool, device=x.device)}
+        self.previous["x"][lo:hi] = x.detach()
+        for k, v in state.items():
+            self.previous["state"][k][lo:hi] = v.detach()
+        self.previous["written"][lo:hi] = True
+
+    def _rewrite_previous(self, state, lo, hi, S):
+        """The rows' state after their previous write, recomputed with a graph (rows with no previous write
+        in this document keep theirs)."""
+        prev = self.previous
+        if prev is None or prev["x"].size(1) != S:
+            return state
+        redo = prev["written"][lo:hi] & ~self.fresh[lo:hi]  # (B,): the state holds that write (not a new document)
+        if not bool(redo.any()):
+            return state
+        live = torch.ones(hi - lo, S, dtype=torch.bool, device=state["w1"].device)
+        # copies: the kept tensors are overwritten in place by this window's write, before the backward pass
+        _, again, _ = self.mnm(prev["x"][lo:hi].clone(), live, {k: v[lo:hi].clone() for k, v in prev["state"].items()})
+        return {k: torch.where(redo.view(-1, *[1] * (v.dim() - 1)), again[k], v) for k, v in state.items()}
 

@@ -67,6 +67,10 @@ class TrainConfig(LoopConfig):
     task: str = "lm"  # the program: 'lm', 'dialog', or one of tasks.py's (tasks.TaskConfig)
     loader: str = "random"  # 'random': windows at random offsets; 'docs': every batch row reads its own
     # documents window after window (data.DocStreams), which the memories below need
+    # > 0 (loader='docs', a long-range dataset: passkey, facts_long): add answer_loss x the mean loss over the
+    # tokens of the queries' answers; a handful among ~1,000 predictable tokens a batch, they teach the lookup
+    # slowly otherwise (docs/long-range.md)
+    answer_loss: float = 0.0
     # Memorizing Transformer layer: kNN attention over each batch row's memory of its document's earlier
     # windows at this layer, -1 = none
     knn_layer: int = -1
@@ -82,17 +86,23 @@ class TrainConfig(LoopConfig):
     mnm_key_size: int = 32
     mnm_hidden: int = 64
     mnm_write: str = "local"  # 'local', 'grad' or 'titans'
+    mnm_grad_windows: int = 0  # 1: the task loss also trains the previous window's write (MemoryConfig)
+    pos: str = "learned"  # positions of a new model: 'learned' (GPT-2's table) or 'rope' (rotary, as Llama)
 
     def validate(self):
         super().validate()
         one_of(self, "task", ("lm",))
+        one_of(self, "pos", ("learned", "rope"))
         check_init_from(self.init_from)
         one_of(self, "loader", ("random", "docs"))
         one_of(self, "knn_search_dtype", ("float32", "bfloat16"))
         one_of(self, "mnm_write", MNM.WRITES)
         at_least(self, -1, "knn_layer", "mnm_layer")
         at_least(self, 1, "knn_topk", "knn_memory_size", "mnm_heads", "mnm_key_size", "mnm_hidden")
-        at_least(self, 0, "knn_grad_windows")
+        at_least(self, 0, "knn_grad_windows", "answer_loss")
+        one_of(self, "mnm_grad_windows", (0, 1))
+        need(self.loader == "docs" or self.answer_loss == 0, "answer_loss weighs the answers of a long-range "
+             "dataset's queries, which only loader='docs' reads: set loader='docs' or answer_loss=0")
         within(self, -10, 10, "knn_gate_init")
         if self.init_from == "scratch":
             need(max(self.knn_layer, self.mnm_layer) < self.n_layer, f"knn_layer={self.knn_layer} and mnm_layer="
@@ -105,12 +115,12 @@ class TrainConfig(LoopConfig):
         return MemoryConfig(**{f.name: getattr(self, f.name) for f in fields(MemoryConfig)})
 
     def new_model(self, vocab_size):
-        return attach_memories(GPT(GPTConfig(vocab_size=vocab_size, **self.shape())), self.memory_config())
+        return attach_memories(GPT(GPTConfig(vocab_size=vocab_size, pos=self.pos, **self.shape())), self.memory_config())
 
     def shape_keys(self, saved: dict) -> tuple:
         """The settings a resumed checkpoint must agree with."""
         mnm = ("mnm_heads", "mnm_key_size", "mnm_hidden", "mnm_write") if saved.get("mnm_layer", -1) >= 0 else ()
-        return ("n_layer", "n_head", "n_embd", "block_size", "bias", "knn_layer", "mnm_layer") + mnm
+        return ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos", "knn_layer", "mnm_layer") + mnm
 
 
 @dataclass
@@ -308,8 +318,9 @@ def open_source(cfg, data_path: str, meta: dict, layout: Layout):
     if isinstance(cfg, DialogConfig):
         return Dialogs(data_path, layout, cfg.seed, cfg.eval_iters, cfg.dialog_slots, cfg.block_size,
                        (cfg.vocab_prune_every, cfg.vocab_min_count, cfg.vocab_capacity))
-    kind = DocStreams if cfg.loader == "docs" else RandomWindows
-    return kind(data_path, meta, layout, cfg.seed, cfg.eval_iters)
+    if cfg.loader == "docs":
+        return DocStreams(data_path, meta, layout, cfg.seed, cfg.eval_iters, cfg.answer_loss)
+    return RandomWindows(data_path, meta, layout, cfg.seed, cfg.eval_iters)
 
 
 def init_model(cfg, source, meta: dict, ckpt: dict | None):

@@ -1,8 +1,8 @@
 # Facts recall across windows, no memory: a small char-level GPT reads facts_long documents (facts about
 # 1-2 people, then 1-16 windows of 256 characters of other people's facts and questions, then questions
 # about the first people; open-set values, held out) window after window. Two stages, as the passkey
-# recipes: 2,000 iterations on gaps of 1-2 windows (half the documents with none), then on to 4,000 on
-# the full corpus:
+# recipes (rotary positions, the answers weighed up by answer_loss): 3,000 iterations on gaps of 1-2
+# windows (half the documents with none), then on to 5,000 on the full corpus:
 #   python prepare.py facts_long && python prepare.py facts_long --option "windows=(1,2)" --option near=0.5 --out_dir data/facts_long_short
 #   python train.py config/train_facts_long_base.py
 #   python train.py config/train_facts_long_base.py config/train_facts_long_stage2.py
@@ -10,6 +10,8 @@
 out_dir = "out-facts-long-base"
 dataset = "facts_long_short"
 loader = "docs"
+answer_loss = 10.0
+pos = "rope"
 n_layer = 4
 n_head = 4
 n_embd = 128
@@ -18,8 +20,8 @@ batch_size = 4
 dropout = 0.0
 learning_rate = 2e-3
 min_lr = 2e-4
-max_iters = 2000  # stage 1; config/train_facts_long_stage2.py continues the same schedule to 4,000
-lr_decay_iters = 4000
+max_iters = 3000  # stage 1; config/train_facts_long_stage2.py continues the same schedule to 5,000
+lr_decay_iters = 5000
 warmup_iters = 100
 beta2 = 0.99
 eval_interval = 500

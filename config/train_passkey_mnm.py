@@ -2,7 +2,6 @@
 # row's document is written into the row's fast weights, and the next windows read them. Same model, data
 # and stages as config/train_passkey_base.py:
 #   python train.py config/train_passkey_mnm.py
-#   python train.py config/train_passkey_mnm.py config/train_passkey_stage1.py
 #   python train.py config/train_passkey_mnm.py config/train_passkey_stage2.py
 from pathlib import Path
 

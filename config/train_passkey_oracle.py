@@ -4,7 +4,6 @@
 # (2 x 512 characters per iteration: the other recipes' tokens per iteration):
 #   python prepare.py passkey --option "windows=(0.5,2)" --out_dir data/passkey_short
 #   python train.py config/train_passkey_oracle.py
-#   python train.py config/train_passkey_oracle.py config/train_passkey_stage1.py
 #   python train.py config/train_passkey_oracle.py config/train_passkey_stage2.py --dataset=passkey_short
 # In config/eval_passkey.py its rows at 0.5-2 windows are the in-context reference; longer documents
 # exceed its context (it reads them in windows of 512 like any model, so those rows are no oracle).

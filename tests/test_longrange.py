@@ -1,7 +1,9 @@
 """Long-range recall: the passkey / facts_long generators, the docs loader feeding them, and
 evaluate.py eval='longrange' (tiny settings: a few seconds)."""
+import contextlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +106,7 @@ def test_generator_options_are_checked(tmp_path):
 def test_prepared_passkey_matches_its_records(passkey_dir):
     meta = prepare.load_meta(passkey_dir)
     tok = prepare.get_tokenizer(meta)
-    docs = evaluate.split_documents(str(passkey_dir), "val")
+    docs = prepare.split_documents(str(passkey_dir), "val")
     recs = [json.loads(line) for line in open(passkey_dir / "longrange_val.jsonl")]
     assert len(docs) == len(recs) == 6
     for d, r in zip(docs, recs):
@@ -129,7 +131,7 @@ def test_loader_feeds_each_document_in_order_and_the_memory_is_cleared_between_t
     for g in range(rows):
         read, docs = [], []
         for it in range(60):
-            x, y, last = s.batch(it, [g], "cpu")
+            x, y, last, _ = s.batch(it, [g], "cpu")
             doc, w = s.locate(it, g)
             if w == 0:
                 docs.append(doc)
@@ -185,6 +187,8 @@ def test_longrange_eval_writes_json_and_png_with_every_arm_on_the_same_documents
     for r in saved["rows"]:  # every arm answered the same queries
         assert [(b["windows"], b["queries"]) for b in r["by_distance"]] == [(2, 3), (4, 3)]
         assert 0 <= r["exact"] <= 1
+        # keys 2 and 4 windows back: every value was stated in an earlier window than its answer's
+        assert r["by_window"] == {"earlier window": {"queries": 6, "exact": r["exact"]}}
     assert "retrieval" in saved["rows"][1] and len(saved["rows"][1]["retrieval"]["gates"]) == 2
     assert len({len(v) for v in saved["per_document"].values()}) == 1
 
@@ -200,7 +204,7 @@ def test_windowed_pass_equals_training_reads(passkey_dir, checkpoints):
     same predictions one document at a time as in a batch of documents of different lengths."""
     from checkpoint import load_model
     model, tok, meta, _ = load_model("resume", checkpoints["knn"], "cpu")
-    docs = evaluate.split_documents(str(passkey_dir), "val")
+    docs = prepare.split_documents(str(passkey_dir), "val")
     batched = evaluate.windowed_pass(model, docs, 6, "cpu")
     for d, p in zip(docs, batched):
         assert np.array_equal(evaluate.windowed_pass(model, [d], 1, "cpu")[0], p)
@@ -274,20 +278,25 @@ def test_recipes_bench_suite(tmp_path, capsys):
     bench.main(cfg)
     res = json.loads(out.read_text())["recipes"]
     assert list(res) == ["no memory", "memorizing layer 1, 128 entries, top 32", "MNM block 1 (local, 2 heads, hidden 8)"]
-    assert all(r["tokens_per_s"] > 0 for r in res.values())
-    assert "x the time of no memory" in capsys.readouterr().out
+    assert all(r["tokens_per_s"] > 0 and r["eval_tokens_per_s"] > 0 for r in res.values())
+    printed = capsys.readouterr().out
+    assert "x the time of no memory" in printed and "evaluate (batch 2, 17 windows: 16 in memory)" in printed
+    model = bench.memory_model(cfg, 64, "cpu", knn_layer=1, knn_memory_size=1024)
+    bench.bench_reading(model, cfg, "cpu", windows=17)  # each row read its 17 windows from an empty memory
+    assert memorizing_layer(model).counts().tolist() == [17 * 32] * 2
 
 
 # -----------------------------------------------------------------------------
 # memorizing layer: gradients through the latest windows' keys (grad_windows)
 
-def test_grad_windows_keeps_the_forward_and_trains_the_key_projection():
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_grad_windows_keeps_the_forward_and_trains_the_key_projection(pos):
     from memory import MemoryConfig, attach_memories
     from model import GPT, GPTConfig
 
     def run(grad_windows):
         torch.manual_seed(0)
-        model = attach_memories(GPT(GPTConfig(block_size=16, vocab_size=30, n_layer=2, n_head=2, n_embd=16)),
+        model = attach_memories(GPT(GPTConfig(block_size=16, vocab_size=30, n_layer=2, n_head=2, n_embd=16, pos=pos)),
                                 MemoryConfig(knn_layer=1, knn_topk=8, knn_memory_size=20,
                                              knn_grad_windows=grad_windows)).train()
         mem = memorizing_layer(model)
@@ -322,3 +331,142 @@ def test_fix_config_sets_the_training_settings_of_its_run(tmp_path):
     assert model.memory_args["knn_grad_windows"] == 1 and model.memory_args["knn_gate_init"] == 0.0
     plain = memorizing_layer(load_config(TrainConfig, [], knn_layer=2, loader="docs").new_model(vocab_size=20))
     assert plain.grad_windows == 0 and torch.all(plain.gate_bias == -3.0)
+
+
+def test_rope_memory_keeps_unrotated_keys_and_reads_without_positions():
+    """With rotary positions the memorizing layer stores each key as the layer computes it before rotation,
+    and a window's reading of the memory does not depend on where in the window the stored keys sat."""
+    from memory import MemoryConfig, attach_memories
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = attach_memories(GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=2, n_head=2, n_embd=16, pos="rope")),
+                            MemoryConfig(knn_layer=1, knn_topk=4, knn_memory_size=64)).eval()
+    mem, attn = memorizing_layer(model), model.attentions[1]
+    seen = {}
+    attn.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0]))
+    x = torch.randint(0, 20, (1, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        mem.reset(1)
+        model(x)
+        _, k, _ = attn.c_attn(seen["x"]).split(16, dim=2)
+        k = k.view(1, 8, 2, 8).transpose(1, 2)  # (B, nh, T, hs), never rotated
+        stored = mem.mem["keys"][0, :, :8] * mem.mem["norms"][0, :, :8, None]
+        assert torch.allclose(stored, k[0], atol=1e-5)
+        # the same entries written in the other order give the same reading: the memory has no positions
+        q = torch.randn(1, 2, 8, 8)
+        attn.q_pos = torch.arange(8)
+        out = mem.retrieve(q, slice(0, 1), mem.counts(), 8)
+        perm = torch.randperm(8)
+        for key in ("keys", "norms", "values"):
+            mem.mem[key][0, :, :8] = mem.mem[key][0, :, :8][:, perm]
+        assert torch.allclose(mem.retrieve(q, slice(0, 1), mem.counts(), 8), out, atol=1e-6)
+
+
+def test_grouped_query_attention_is_refused_by_the_memorizing_layer():
+    from memory import MemoryConfig, attach_memories
+    from model import GPT, GPTConfig
+    model = attach_memories(GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=2, n_head=4, n_kv_head=2, n_embd=16,
+                                          pos="rope")), MemoryConfig(knn_layer=1))
+    with pytest.raises(RuntimeError, match="grouped-query attention"):
+        model(torch.zeros(1, 8, dtype=torch.long))
+
+
+# -----------------------------------------------------------------------------
+# answer_loss: the answers' tokens weighed up
+
+def test_answer_positions_spell_every_answer(passkey_dir):
+    meta = prepare.load_meta(passkey_dir)
+    data = prepare.open_split(passkey_dir, "train", meta)
+    pos = prepare.answer_positions(str(passkey_dir), "train", meta)
+    recs = [json.loads(line) for line in (passkey_dir / "longrange_train.jsonl").read_text().splitlines()]
+    answers = "".join(q["answer"] for r in recs for q in r["queries"])
+    assert len(pos) == len(answers) and np.all(np.diff(pos) > 0)
+    assert "".join(meta["chars"][data[i]] for i in pos) == answers
+
+
+def test_doc_stream_marks_the_answer_targets(passkey_dir):
+    meta = prepare.load_meta(passkey_dir)
+    data = prepare.open_split(passkey_dir, "train", meta)
+    starts = prepare.load_doc_starts(passkey_dir, "train", len(data))
+    answers = prepare.answer_positions(str(passkey_dir), "train", meta)
+    T = TINY["block_size"]
+    stream = DocStream(data, starts, 2, T, seed=0, answers=answers)
+    marked = []
+    for it in range(sum(stream.windows[d] for d in stream.docs[0])):  # row 0 reads each of its documents once
+        doc, w = stream.locate(it, 0)
+        x, y, last, ans = stream.batch(it, [0], "cpu")
+        a = stream.starts[doc] + w * T
+        marked += [a + 1 + j for j in ans[0].nonzero().squeeze(1).tolist()]
+    mine = set()
+    for doc in stream.docs[0]:
+        mine |= {p for p in answers if stream.starts[doc] < p < stream.ends[doc]}
+    assert sorted(marked) == sorted(mine) and len(mine) > 0
+
+
+def test_answer_loss_adds_the_answers_mean_loss(passkey_dir):
+    from torch.nn import functional as F
+    from data import DocStreams, Layout
+    from model import GPT, GPTConfig
+    meta = prepare.load_meta(passkey_dir)
+    layout = Layout(rank=0, world_size=1, micro_steps=1, batch_size=4, device="cpu", ctx=contextlib.nullcontext())
+    plain, weighed = (DocStreams(str(passkey_dir), meta, layout, seed=0, eval_iters=1, answer_loss=w) for w in (0.0, 3.0))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=TINY["block_size"], vocab_size=meta["vocab_size"], n_layer=1, n_head=2, n_embd=16))
+    for source in (plain, weighed):
+        source.bind(model)
+    for it in range(40):
+        batch = weighed.batch(it, 0)
+        if batch[3].any():
+            break
+    X, Y, _, ans, _ = batch
+    assert ans.any()
+    logits, lm = model(X, Y)
+    want = lm + 3.0 * F.cross_entropy(logits[ans], Y[ans])
+    assert torch.allclose(weighed.loss(model, batch), want, atol=1e-6)
+    assert torch.allclose(plain.loss(model, batch), lm, atol=1e-6)
+    assert torch.allclose(weighed.loss(model, batch, train=False), lm, atol=1e-6)  # evaluation: the plain loss
+
+
+def test_answer_loss_needs_a_long_range_dataset_read_by_documents(tmp_path, passkey_dir):
+    from configurator import ConfigError
+    with pytest.raises(ConfigError, match="loader='docs'"):
+        tiny_train_config(passkey_dir.parent, tmp_path / "out", dataset="passkey", answer_loss=1.0)
+    shutil.copytree(passkey_dir, tmp_path / "data" / "plain")
+    (tmp_path / "data" / "plain" / "longrange_train.jsonl").unlink()  # documents, but no queries to weigh
+    cfg = tiny_train_config(tmp_path / "data", tmp_path / "out", dataset="plain", loader="docs", answer_loss=1.0)
+    with pytest.raises(prepare.DataError, match="longrange_train.jsonl is missing"):
+        train.main(cfg)
+
+
+# -----------------------------------------------------------------------------
+# MNM block: the task loss through the previous window's write (mnm_grad_windows)
+
+def test_mnm_grad_windows_keeps_the_forward_and_trains_the_write_path():
+    from memory import MemoryConfig, attach_memories, mnm_block
+    from model import GPT, GPTConfig
+
+    def run(grad_windows):
+        torch.manual_seed(0)
+        model = attach_memories(GPT(GPTConfig(block_size=16, vocab_size=30, n_layer=2, n_head=2, n_embd=16)),
+                                MemoryConfig(mnm_layer=0, mnm_heads=2, mnm_key_size=8, mnm_hidden=8,
+                                             mnm_grad_windows=grad_windows)).train()
+        block = mnm_block(model)
+        x = torch.randint(0, 30, (3, 64), generator=torch.Generator().manual_seed(1))
+        outs, grads = [], []
+        for w in range(4):
+            model.zero_grad()
+            logits, loss = model(x[:, w * 16:(w + 1) * 16], x[:, w * 16:(w + 1) * 16])
+            loss.backward()  # the task loss alone: no write loss added
+            outs.append(logits.detach())
+            grads.append(block.mnm.c_mem.weight.grad.clone())
+            if w == 1:
+                block.clear_rows(torch.tensor([2]))  # row 2's document ends: its next window starts afresh
+        return outs, grads
+
+    (plain, g0), (again, g1) = run(0), run(1)
+    for a, b in zip(plain, again):
+        assert torch.allclose(a, b, atol=1e-5)  # the recomputed write is the stored one
+    dk, dv = 8, 8
+    write_rows = torch.cat([torch.arange(h * (2 * dk + dv + 2), h * (2 * dk + dv + 2) + dk) for h in range(2)])
+    assert torch.all(g0[1][write_rows] == 0)  # detached: the task loss never reaches the write keys
+    assert g1[1][write_rows].abs().sum() > 0  # with grad_windows it does, from the second window on
