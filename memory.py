@@ -69,6 +69,9 @@ class MemoryConfig:
     # current weights, so a window's task loss also trains the write path (keys, values, strengths) of the
     # window before it; 0: the write path learns from the write loss alone. Changes no trained model's output.
     mnm_grad_windows: int = 0
+    # True: a window makes one write per head, its tokens' keys, values and strengths pooled with learned
+    # attention weights (the chatbot's one write per turn), instead of every token writing with 1/S of a step
+    mnm_pool: bool = False
 
 
 def attach_memories(model, cfg: MemoryConfig):
@@ -78,7 +81,7 @@ def attach_memories(model, cfg: MemoryConfig):
                              cfg.knn_gate_init, cfg.knn_grad_windows)
     if cfg.mnm_layer >= 0:
         add_mnm_block(model, cfg.mnm_layer, cfg.mnm_heads, cfg.mnm_key_size, cfg.mnm_hidden, cfg.mnm_write,
-                      cfg.mnm_grad_windows)
+                      cfg.mnm_grad_windows, cfg.mnm_pool)
     return model
 
 
@@ -489,7 +492,8 @@ def mnm_block(model):
     return next((b for b in model.transformer.h if isinstance(b, MNMBlock)), None)
 
 
-def add_mnm_block(model, layer: int, heads: int, key_size: int, hidden: int, write: str, grad_windows: int = 0):
+def add_mnm_block(model, layer: int, heads: int, key_size: int, hidden: int, write: str, grad_windows: int = 0,
+                  pool: bool = False):
     """Give a GPT (e.g. pretrained GPT-2) an MNMBlock at `layer`; recorded in model.memory_args."""
     cfg = model.config
     if not 0 <= layer < cfg.n_layer:
@@ -497,8 +501,8 @@ def add_mnm_block(model, layer: int, heads: int, key_size: int, hidden: int, wri
     if grad_windows not in (0, 1):
         raise ValueError(f"mnm_grad_windows={grad_windows}: 0 (the write path learns from its write loss) or 1")
     model.memory_args.update(mnm_layer=layer, mnm_heads=heads, mnm_key_size=key_size, mnm_hidden=hidden,
-                             mnm_write=write, mnm_grad_windows=grad_windows)
-    mnm = MNM(cfg.n_embd, heads, key_size, hidden, write)
+                             mnm_write=write, mnm_grad_windows=grad_windows, mnm_pool=pool)
+    mnm = MNM(cfg.n_embd, heads, key_size, hidden, write, pool)
     mnm.apply(init_weights)
     nn.init.normal_(mnm.c_proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))  # a residual projection
     mnm.match_read_keys()

@@ -87,6 +87,7 @@ class TrainConfig(LoopConfig):
     mnm_hidden: int = 64
     mnm_write: str = "local"  # 'local', 'grad' or 'titans'
     mnm_grad_windows: int = 0  # 1: the task loss also trains the previous window's write (MemoryConfig)
+    mnm_pool: bool = False  # True: one attention-pooled write per window and head (MemoryConfig)
     pos: str = "learned"  # positions of a new model: 'learned' (GPT-2's table) or 'rope' (rotary, as Llama)
 
     def validate(self):
