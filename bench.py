@@ -62,6 +62,7 @@ class BenchConfig:
     n_embd: int = 384
     block_size: int = 256
     bias: bool = True
+    pos: str = "learned"  # 'learned' (GPT-2's table) or 'rope' (rotary: the long-range recipes)
     vocab_size: int | None = None  # None: the prepared dataset's (data_dir/dataset), else GPT-2's 50257
     dataset: str = "facts"
     data_dir: str = "data"
@@ -94,6 +95,11 @@ class BenchConfig:
     knnlm_size: int = 100000  # kNN-LM datastore entries (random keys, exact torch search)
     # suite 'recipes': the memorizing layer above (knn_layer outside the model: layer n_layer // 2) and an MNM
     # block (memory.MemoryConfig) at mnm_layer (-1: layer n_layer // 2, the recipes' middle layer)
+    # with the recipe's training settings that cost time: knn_grad_windows (the memorizing layer above) and
+    # mnm_grad_windows, mnm_pool (the MNM block)
+    knn_grad_windows: int = 0
+    mnm_grad_windows: int = 0
+    mnm_pool: bool = False
     mnm_layer: int = -1
     mnm_heads: int = 4
     mnm_key_size: int = 32
@@ -140,7 +146,9 @@ class BenchConfig:
         at_least(self, 1, "vocab_size", "batch_size", "bench_iters", "gen_tokens", "prompt_len", "gen_batch_sizes",
                  "knn_sizes", "knn_ivf_from", "knn_context", "knn_topk", "knn_memory_size", "knnlm_size", "dnc_slots",
                  "dnc_seq_len", "mnm_heads", "mnm_key_size", "mnm_hidden")
-        at_least(self, 0, "weight_decay", "seed", "knn_layer")
+        at_least(self, 0, "weight_decay", "seed", "knn_layer", "knn_grad_windows")
+        one_of(self, "mnm_grad_windows", (0, 1))
+        one_of(self, "pos", ("learned", "rope"))
         at_least(self, -1, "mnm_layer")
         one_of(self, "mnm_write", MNM.WRITES)
         if "recipes" in self.suite:
@@ -176,8 +184,7 @@ class BenchConfig:
 TRAINING_ONLY = ("out_dir", "eval_interval", "log_interval", "eval_iters", "eval_only", "always_save_checkpoint",
                  "init_from", "overwrite", "wandb_log", "wandb_project", "wandb_run_name",
                  "gradient_accumulation_steps", "loader", "dropout", "max_iters", "grad_clip", "decay_lr",
-                 "warmup_iters", "lr_decay_iters", "min_lr", "knn_search_dtype", "knn_gate_init", "knn_grad_windows",
-                 "mnm_grad_windows", "mnm_pool", "answer_loss", "pos",
+                 "warmup_iters", "lr_decay_iters", "min_lr", "knn_search_dtype", "knn_gate_init", "answer_loss",
                  "n_enc_layer", "memory", "mnm_read", "mnm_tbptt", "dialog_slots", "vocab_prune_every", "vocab_min_count", "vocab_capacity", "optimizer",
                  "min_len", "max_len", "min_repeats", "max_repeats", "item_len", "baseline", "n_tasks", "datasets",
                  "classifier", "methods", "replay_capacity", "replay_every", "replay_store", "replay_batch",
@@ -639,7 +646,7 @@ def memory_model(cfg, vocab_size, device, **memories):
     not the content)."""
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                          n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias))
+                          n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias, pos=cfg.pos))
     model = attach_memories(model, MemoryConfig(**memories)).to(device)
     mem = memorizing_layer(model)
     if mem is not None:
@@ -702,12 +709,16 @@ def bench_recipes(cfg, device, dtype, vocab_size) -> tuple[dict, list]:
     mid = cfg.n_layer // 2
     knn_layer = cfg.knn_layer if 0 <= cfg.knn_layer < cfg.n_layer else mid
     mnm_layer = cfg.mnm_layer if cfg.mnm_layer >= 0 else mid
+    grads = f", grad_windows {cfg.knn_grad_windows}" if cfg.knn_grad_windows else ""
+    mnm_extra = (", grad_windows 1" if cfg.mnm_grad_windows else "") + (", pooled" if cfg.mnm_pool else "")
     arms = (("no memory", {}),
-            (f"memorizing layer {knn_layer}, {cfg.knn_memory_size:,} entries, top {cfg.knn_topk}",
-             dict(knn_layer=knn_layer, knn_topk=cfg.knn_topk, knn_memory_size=cfg.knn_memory_size)),
-            (f"MNM block {mnm_layer} ({cfg.mnm_write}, {cfg.mnm_heads} heads, hidden {cfg.mnm_hidden})",
+            (f"memorizing layer {knn_layer}, {cfg.knn_memory_size:,} entries, top {cfg.knn_topk}{grads}",
+             dict(knn_layer=knn_layer, knn_topk=cfg.knn_topk, knn_memory_size=cfg.knn_memory_size,
+                  knn_grad_windows=cfg.knn_grad_windows)),
+            (f"MNM block {mnm_layer} ({cfg.mnm_write}, {cfg.mnm_heads} heads, hidden {cfg.mnm_hidden}{mnm_extra})",
              dict(mnm_layer=mnm_layer, mnm_heads=cfg.mnm_heads, mnm_key_size=cfg.mnm_key_size,
-                  mnm_hidden=cfg.mnm_hidden, mnm_write=cfg.mnm_write)))
+                  mnm_hidden=cfg.mnm_hidden, mnm_write=cfg.mnm_write, mnm_grad_windows=cfg.mnm_grad_windows,
+                  mnm_pool=cfg.mnm_pool)))
     for label, extra in arms:
         model = memory_model(cfg, vocab_size, device, **extra)
         speed[label] = bench_training(model, cfg, device, dtype)
@@ -955,7 +966,7 @@ def main(cfg: BenchConfig) -> dict:
         meta_path = os.path.join(cfg.data_dir, cfg.dataset, "meta.json")
         vocab_size = json.load(open(meta_path))["vocab_size"] if os.path.isfile(meta_path) else 50257
     model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer,
-                          n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)).to(device)
+                          n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias, pos=cfg.pos)).to(device)
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters on {device} ({dtype}), "
           f"{torch.get_num_threads()} CPU threads")
     unknown = set(cfg.suite) - set(SUITES)

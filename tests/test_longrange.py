@@ -281,6 +281,11 @@ def test_recipes_bench_suite(tmp_path, capsys):
     assert all(r["tokens_per_s"] > 0 and r["eval_tokens_per_s"] > 0 for r in res.values())
     printed = capsys.readouterr().out
     assert "x the time of no memory" in printed and "evaluate (batch 2, 17 windows: 16 in memory)" in printed
+    fixed = load_config(bench.BenchConfig, [], **{**cfg.__dict__, "knn_grad_windows": 1, "mnm_grad_windows": 1,
+                                                  "mnm_pool": True, "pos": "rope"})
+    bench.main(fixed)  # the recipes' training settings that cost time are timed with them
+    assert list(json.loads(out.read_text())["recipes"])[1:] == [
+        "memorizing layer 1, 128 entries, top 32, grad_windows 1", "MNM block 1 (local, 2 heads, hidden 8, grad_windows 1, pooled)"]
     model = bench.memory_model(cfg, 64, "cpu", knn_layer=1, knn_memory_size=1024)
     bench.bench_reading(model, cfg, "cpu", windows=17)  # each row read its 17 windows from an empty memory
     assert memorizing_layer(model).counts().tolist() == [17 * 32] * 2
