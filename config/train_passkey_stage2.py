@@ -3,4 +3,4 @@
 #   python train.py config/train_passkey_knn.py config/train_passkey_stage2.py
 init_from = "resume"
 dataset = "passkey"
-max_iters = 7000
+max_iters = 12000
