@@ -559,12 +559,21 @@ class MNMBlock(nn.Module):
         return {k: torch.where(fresh.view(-1, *[1] * (v.dim() - 1)), init[k].to(v.dtype), v) for k, v in state.items()}
 
     def get_state(self) -> dict:
-        """The rows' fast weights and fresh flags, for an exact resume (train.py keeps them in the checkpoint)."""
-        return {} if self.state is None else {**{k: v.detach().clone() for k, v in self.state.items()},
-                                              "fresh": self.fresh.clone()}
+        """The rows' fast weights and fresh flags (and with grad_windows the previous writes' state and inputs),
+        for an exact resume (train.py keeps them in the checkpoint)."""
+        if self.state is None:
+            return {}
+        out = {**{k: v.detach().clone() for k, v in self.state.items()}, "fresh": self.fresh.clone()}
+        if self.previous is not None:
+            out.update({"previous_x": self.previous["x"].clone(), "previous_written": self.previous["written"].clone(),
+                        **{f"previous_{k}": v.clone() for k, v in self.previous["state"].items()}})
+        return out
 
     def set_state(self, state: dict):
         state = dict(state)
+        prev = {k[len("previous_"):]: state.pop(k) for k in list(state) if k.startswith("previous_")}
+        self.previous = {"x": prev.pop("x").clone(), "written": prev.pop("written").clone(),
+                         "state": {k: v.clone() for k, v in prev.items()}} if prev else None
         self.fresh = state.pop("fresh").clone() if state else None
         self.state = {k: v.clone() for k, v in state.items()} if state else None
         if self.state is not None:

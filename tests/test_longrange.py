@@ -477,3 +477,31 @@ def test_mnm_grad_windows_keeps_the_forward_and_trains_the_write_path(pool):
     write_rows = torch.cat([torch.arange(h * (2 * dk + dv + 2), h * (2 * dk + dv + 2) + dk) for h in range(2)])
     assert torch.all(g0[1][write_rows] == 0)  # detached: the task loss never reaches the write keys
     assert g1[1][write_rows].abs().sum() > 0  # with grad_windows it does, from the second window on
+
+
+def test_mnm_grad_windows_resumes_exactly():
+    """The kept previous write is part of the block's state: restored into a fresh copy of the model, the next
+    window's gradients are those of the uninterrupted run."""
+    from memory import MemoryConfig, attach_memories, mnm_block
+    from model import GPT, GPTConfig
+
+    def new_model():
+        return attach_memories(GPT(GPTConfig(block_size=16, vocab_size=30, n_layer=2, n_head=2, n_embd=16)),
+                               MemoryConfig(mnm_layer=0, mnm_heads=2, mnm_key_size=8, mnm_hidden=8,
+                                            mnm_grad_windows=1)).train()
+    torch.manual_seed(0)
+    model = new_model()
+    x = torch.randint(0, 30, (3, 48), generator=torch.Generator().manual_seed(1))
+    for w in range(2):
+        model(x[:, w * 16:(w + 1) * 16], x[:, w * 16:(w + 1) * 16])
+    saved, resumed = mnm_block(model).get_state(), new_model()
+    resumed.load_state_dict(model.state_dict())
+    mnm_block(resumed).set_state(saved)  # what train.py does with the checkpoint's memory state
+    grads = []
+    for m in (model, resumed):
+        m.zero_grad()
+        _, loss = m(x[:, 32:], x[:, 32:])
+        loss.backward()
+        grads.append(mnm_block(m).mnm.c_mem.weight.grad.clone())
+    assert "previous_x" in saved and grads[0].abs().sum() > 0
+    assert torch.equal(grads[0], grads[1])
