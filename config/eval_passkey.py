@@ -7,7 +7,7 @@
 #   python evaluate.py config/eval_passkey.py
 eval = "longrange"
 eval_dataset = "passkey"
-out_dirs = ["out-passkey-base", "out-passkey-knn", "out-passkey-knn-fix", "out-passkey-mnm", "out-passkey-oracle"]
+out_dirs = ["out-passkey-base", "out-passkey-knn", "out-passkey-knn-fix", "out-passkey-mnm-fix", "out-passkey-mnm-pool"]
 eval_out = "out-passkey-eval"
 batch_size = 50
 device = "cpu"
