@@ -185,7 +185,8 @@ TRAINING_ONLY = ("out_dir", "eval_interval", "log_interval", "eval_iters", "eval
                  "init_from", "overwrite", "wandb_log", "wandb_project", "wandb_run_name",
                  "gradient_accumulation_steps", "loader", "dropout", "max_iters", "grad_clip", "decay_lr",
                  "warmup_iters", "lr_decay_iters", "min_lr", "knn_search_dtype", "knn_gate_init", "answer_loss",
-                 "n_enc_layer", "memory", "mnm_read", "mnm_tbptt", "dialog_slots", "vocab_prune_every", "vocab_min_count", "vocab_capacity", "optimizer",
+                 "n_enc_layer", "memory", "mnm_read", "mnm_tbptt", "dialog_slots", "vocab_prune_every",
+                 "vocab_min_count", "vocab_capacity", "optimizer",
                  "min_len", "max_len", "min_repeats", "max_repeats", "item_len", "baseline", "n_tasks", "datasets",
                  "classifier", "methods", "replay_capacity", "replay_every", "replay_store", "replay_batch",
                  "replay_policy", "ewc_lambda", "ewc_samples")
@@ -720,8 +721,7 @@ def bench_recipes(cfg, device, dtype, vocab_size) -> tuple[dict, list]:
                   mnm_hidden=cfg.mnm_hidden, mnm_write=cfg.mnm_write, mnm_grad_windows=cfg.mnm_grad_windows,
                   mnm_pool=cfg.mnm_pool)))
     for label, extra in arms:
-        model = memory_model(cfg, vocab_size, device, **extra)
-        speed[label] = bench_training(model, cfg, device, dtype)
+        speed[label] = bench_training(memory_model(cfg, vocab_size, device, **extra), cfg, device, dtype)
         ratio = speed["no memory"]["tokens_per_s"] / speed[label]["tokens_per_s"]
         speed[label]["slowdown"] = ratio
         rows.append((f"train (batch {cfg.batch_size} x {cfg.block_size}), {label}",

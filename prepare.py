@@ -363,15 +363,14 @@ def split_documents(data_dir: str, split: str) -> list:
     return [np.asarray(data[a:b], dtype=np.int64) for a, b in zip(starts, ends)]
 
 
-
 def longrange_documents(path: str, split: str, tokenizer, limit: int | None = None) -> list[dict]:
     """The documents of a long-range dataset (passkey, facts_long) with their queries; each query gets
     `span`, the positions of the tokens that spell its answer (the char offsets of longrange_{split}.jsonl
     mapped onto tokens, so any tokenizer works)."""
     path_records = os.path.join(path, f"longrange_{split}.jsonl")
     if not os.path.isfile(path_records):
-        raise DataError(f"{path_records} is missing: it is written by the long-range generators; a dataset prepared by passkey or "
-                        "facts_long (python prepare.py passkey)")
+        raise DataError(f"{path_records} is missing: eval='longrange' and answer_loss need a dataset prepared by "
+                        "passkey or facts_long (python prepare.py passkey)")
     with open(path_records) as f:
         records = [json.loads(line) for line in f]
     docs = split_documents(path, split)
@@ -400,7 +399,7 @@ def answer_positions(path: str, split: str, meta: dict) -> np.ndarray:
     """Sorted offsets, in {split}.bin, of every token that spells a long-range query's answer (passkey,
     facts_long): what train.py's answer_loss weighs."""
     docs = longrange_documents(path, split, get_tokenizer(meta))
-    starts = load_doc_starts(path, split, len(open_split(path, split, meta)))
+    starts = np.cumsum([0] + [len(d["tokens"]) for d in docs[:-1]])  # the documents lie end to end in the split
     return np.sort(np.concatenate([starts[i] + q["span"] for i, d in enumerate(docs) for q in d["queries"]]
                                   + [np.zeros(0, dtype=np.int64)])).astype(np.int64)
 
