@@ -70,7 +70,7 @@ class MemoryConfig:
     # window before it; 0: the write path learns from the write loss alone. Changes no trained model's output.
     mnm_grad_windows: int = 0
     # True: a window makes one write per head, its tokens' keys, values and strengths pooled with learned
-    # attention weights (the chatbot's one write per turn), instead of every token writing with 1/S of a step
+    # attention weights (the chatbot's one write per turn), instead of every token writing its own (strengths summing to <= 1)
     mnm_pool: bool = False
 
 
@@ -377,8 +377,8 @@ class MNM(nn.Module):
                gate alpha predicted per head from the segment's mean output.
     With pool=True a segment makes a single write per head, of its tokens' keys, values and strengths
     averaged with learned attention weights (what a dialogue turn uses: one turn, one fact); otherwise
-    every token writes its own pair, each with 1/S of its strength (the segment's S writes then move the
-    weights about as far as one).
+    every token writes its own pair, the strengths of a segment scaled to sum to at most 1 (its S writes
+    then move the weights at most about as far as one, and the model chooses which tokens spend it).
     The gradient is written out by hand (two layers), so meta-training back-propagates through the
     writes with one ordinary backward pass. The write loss returned is the beta-weighted |f(k) - v|^2
     after the write, which the trainer adds to the task loss (write_loss_weight)."""
@@ -470,8 +470,10 @@ class MNM(nn.Module):
             live = live.any(1, keepdim=True)  # (B, 1)
         kw, kr = F.normalize(kw, dim=-1), F.normalize(kr, dim=-1)
         beta = torch.sigmoid(b + self.beta_offset) * live[:, None, :, None]  # (B, H, S or 1, 1)
-        if not self.pool:  # the segment's tokens share one step (their mean): S full-strength steps at once overshoot
-            beta = beta / live.sum(1).clamp(min=1)[:, None, None, None]
+        if not self.pool:  # the tokens share one step: S full-strength steps at once would overshoot, so
+            # strengths summing past 1 are scaled to sum to 1 (per head). A window can then spend its whole
+            # step on a few tokens (a pass key) and leave the rest unwritten; dividing by S kept each at <= 1/S.
+            beta = beta / beta.sum(2, keepdim=True).clamp(min=1)
         if read_first:
             reads, _ = self.recall(state, kr)
         new = self.write(state, kw, v, beta, h, mask)

@@ -1232,19 +1232,24 @@ def load_facts_long(input, val_frac, seed, **options):
     """Facts and their questions separated by 1-16 windows (of block_size) of other people's facts and
     questions; open-set values, val's people and values never seen in training. A fraction `near` of the
     training documents has no gap (the facts corpus's layout); the rest log-uniform in `windows`. val:
-    n_val documents at each of eval_windows (0: the questions follow the facts)."""
+    n_val documents at each of eval_windows (0: the questions follow the facts). fit: training documents
+    without a gap are drawn again until they fit in one window (a curriculum's first stage, with near=1:
+    every question in its facts' window)."""
     if input:
         raise DataError("facts_long is generated, not read: drop --input (use --seed for a different corpus)")
     o = longrange_options(options, block_size=FACTS_LONG_BLOCK, windows=(1.0, 16.0), near=0.25,
                          eval_windows=(0,) + LONGRANGE_EVAL_WINDOWS[1:], n_train=FACTS_LONG_TRAIN_DOCS,
-                         n_val=FACTS_LONG_VAL_PER_DISTANCE)
+                         n_val=FACTS_LONG_VAL_PER_DISTANCE, fit=False)
     rng = random.Random(seed)
     train_names = facts_train_names(FACTS_TRAIN_PEOPLE, rng)
     heldout_names = [f"{f} {l}" for f in FACTS_HELDOUT_NAMES for l in FACTS_LAST_NAMES]
     docs = {"train": [], "val": []}
     for _ in range(o["n_train"]):
         w = 0.0 if rng.random() < o["near"] else round(log_uniform(rng, *o["windows"]), 3)
-        docs["train"].append(facts_long_document(rng, train_names, w, o["block_size"], False))
+        doc = facts_long_document(rng, train_names, w, o["block_size"], False)
+        while o["fit"] and w == 0 and len(doc[0]) > o["block_size"]:
+            doc = facts_long_document(rng, train_names, w, o["block_size"], False)
+        docs["train"].append(doc)
     for i in range(o["n_val"] * len(o["eval_windows"])):
         w = float(o["eval_windows"][i % len(o["eval_windows"])])
         docs["val"].append(facts_long_document(rng, heldout_names, w, o["block_size"], True))

@@ -255,6 +255,17 @@ def test_facts_long_is_deterministic_holds_out_and_records_distances():
     assert 0 < sum(r["queries"][0]["windows"] == 0 for r in records(a, "train")) < 60  # some without a gap
 
 
+def test_facts_long_fit_keeps_first_stage_documents_in_one_window():
+    o = dict(FACTS_TINY, block_size=256, near=1.0)
+    plain, fit = prepare.load_facts_long(None, 0.1, 5, **o), prepare.load_facts_long(None, 0.1, 5, fit=True, **o)
+    assert max(map(len, texts(plain, "train"))) > 256  # without fit some cross a window boundary
+    assert max(map(len, texts(fit, "train"))) <= 256
+    for text, rec in zip(texts(fit, "train"), records(fit, "train")):
+        check_queries(text, rec)
+        assert rec["queries"][0]["windows"] == 0
+    assert [r["queries"][0]["windows"] for r in records(fit, "val")] == [0, 2, 4] * 4  # val as without fit
+
+
 def test_facts_open_values_are_copied_not_known(tmp_path):
     rng = __import__("random").Random(0)
     for heldout in (False, True):

@@ -480,6 +480,35 @@ def test_mnm_gradient_split_between_task_and_write_loss():
         assert p.grad is None or p.grad.abs().sum() == 0
 
 
+def test_mnm_token_strengths_sum_to_at_most_one_step():
+    """Per-token writes: a segment whose strengths sum past 1 is scaled to sum to 1, so one strong token
+    among weak ones gets nearly the whole step (a pass key among filler), and a weak segment is not
+    scaled up (dividing by S would have given each token at most 1/S)."""
+    from memory import MNM
+    torch.manual_seed(0)
+    H, dk, dv, S = 2, 8, 8, 6
+    mnm = MNM(n_embd=16, heads=H, key_size=dk, hidden=8)
+    h = torch.eye(S, 16)[None]  # (1, S, 16): token t is the unit vector e_t
+    mask = torch.ones(1, S, dtype=torch.bool)
+    seen = {}
+
+    def spy(state, k, v, beta, h, mask):
+        seen["beta"] = beta.detach()
+        return MNM.write(mnm, state, k, v, beta, h, mask)
+
+    mnm.write = spy
+    rows = [hd * (2 * dk + dv + 2) + 2 * dk + dv for hd in range(H)]  # each head's strength logit
+    for logits in ([9.0] + [-9.0] * (S - 1), [4.0] * S, [-4.0] * S):
+        with torch.no_grad():
+            mnm.c_mem.weight.zero_()
+            mnm.c_mem.bias.zero_()
+            mnm.c_mem.weight[rows, :S] = torch.tensor(logits)
+        mnm(h, mask, mnm.initial_state(1), read_first=True)
+        raw = torch.sigmoid(torch.tensor(logits))
+        torch.testing.assert_close(seen["beta"][0, :, :, 0], (raw / raw.sum().clamp(min=1)).expand(H, S))
+    assert seen["beta"].sum() == pytest.approx(H * S * torch.sigmoid(torch.tensor(-4.0)).item())  # not scaled up
+
+
 def test_mnm_fingerprint_unchanged_without_the_block():
     from knn import model_fingerprint
     a, b = tiny_gpt(), tiny_gpt(mnm_heads=8, mnm_write="grad")  # off: the mnm_* settings change nothing
