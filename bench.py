@@ -96,10 +96,11 @@ class BenchConfig:
     # suite 'recipes': the memorizing layer above (knn_layer outside the model: layer n_layer // 2) and an MNM
     # block (memory.MemoryConfig) at mnm_layer (-1: layer n_layer // 2, the recipes' middle layer)
     # with the recipe's training settings that cost time: knn_grad_windows (the memorizing layer above) and
-    # mnm_grad_windows, mnm_pool (the MNM block)
+    # mnm_grad_windows, mnm_pool, mnm_shift (the MNM block)
     knn_grad_windows: int = 0
     mnm_grad_windows: int = 0
     mnm_pool: bool = False
+    mnm_shift: bool = False
     mnm_layer: int = -1
     mnm_heads: int = 4
     mnm_key_size: int = 32
@@ -711,7 +712,8 @@ def bench_recipes(cfg, device, dtype, vocab_size) -> tuple[dict, list]:
     knn_layer = cfg.knn_layer if 0 <= cfg.knn_layer < cfg.n_layer else mid
     mnm_layer = cfg.mnm_layer if cfg.mnm_layer >= 0 else mid
     grads = f", grad_windows {cfg.knn_grad_windows}" if cfg.knn_grad_windows else ""
-    mnm_extra = (", grad_windows 1" if cfg.mnm_grad_windows else "") + (", pooled" if cfg.mnm_pool else "")
+    mnm_extra = ((", grad_windows 1" if cfg.mnm_grad_windows else "") + (", pooled" if cfg.mnm_pool else "")
+                 + (", shifted" if cfg.mnm_shift else ""))
     arms = (("no memory", {}),
             (f"memorizing layer {knn_layer}, {cfg.knn_memory_size:,} entries, top {cfg.knn_topk}{grads}",
              dict(knn_layer=knn_layer, knn_topk=cfg.knn_topk, knn_memory_size=cfg.knn_memory_size,
@@ -719,7 +721,7 @@ def bench_recipes(cfg, device, dtype, vocab_size) -> tuple[dict, list]:
             (f"MNM block {mnm_layer} ({cfg.mnm_write}, {cfg.mnm_heads} heads, hidden {cfg.mnm_hidden}{mnm_extra})",
              dict(mnm_layer=mnm_layer, mnm_heads=cfg.mnm_heads, mnm_key_size=cfg.mnm_key_size,
                   mnm_hidden=cfg.mnm_hidden, mnm_write=cfg.mnm_write, mnm_grad_windows=cfg.mnm_grad_windows,
-                  mnm_pool=cfg.mnm_pool)))
+                  mnm_pool=cfg.mnm_pool, mnm_shift=cfg.mnm_shift)))
     for label, extra in arms:
         speed[label] = bench_training(memory_model(cfg, vocab_size, device, **extra), cfg, device, dtype)
         ratio = speed["no memory"]["tokens_per_s"] / speed[label]["tokens_per_s"]

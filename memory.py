@@ -72,6 +72,10 @@ class MemoryConfig:
     # True: a window makes one write per head, its tokens' keys, values and strengths pooled with learned
     # attention weights (the chatbot's one write per turn), instead of every token writing its own (strengths summing to <= 1)
     mnm_pool: bool = False
+    # True: each token's write pairs its own write key with the next token's value and strength, so the memory
+    # maps a context to what followed it (what a causal LM reads back: the key digit after "the pass key is");
+    # False: a token's key and value both come from the token itself. Per-token writes only (not with mnm_pool)
+    mnm_shift: bool = False
 
 
 def attach_memories(model, cfg: MemoryConfig):
@@ -81,7 +85,7 @@ def attach_memories(model, cfg: MemoryConfig):
                              cfg.knn_gate_init, cfg.knn_grad_windows)
     if cfg.mnm_layer >= 0:
         add_mnm_block(model, cfg.mnm_layer, cfg.mnm_heads, cfg.mnm_key_size, cfg.mnm_hidden, cfg.mnm_write,
-                      cfg.mnm_grad_windows, cfg.mnm_pool)
+                      cfg.mnm_grad_windows, cfg.mnm_pool, cfg.mnm_shift)
     return model
 
 
@@ -388,13 +392,16 @@ class MNM(nn.Module):
     beta_offset = 0.0  # added to the strength logit (kept as the knob for a gentler start)
 
     def __init__(self, n_embd: int, heads: int, key_size: int, hidden: int, write: str = "local",
-                 pool: bool = False):
+                 pool: bool = False, shift: bool = False):
         super().__init__()
         if write not in self.WRITES:
             raise ValueError(f"mnm_write must be one of {self.WRITES}, got {write!r}")
+        if pool and shift:
+            raise ValueError("mnm_shift pairs each token's key with the next token's value; a pooled write "
+                             "(mnm_pool) has one pair per segment: use one of the two")
         if n_embd % heads:
             raise ValueError(f"n_embd {n_embd} must be a multiple of mnm_heads {heads}")
-        self.write_rule, self.pool = write, pool
+        self.write_rule, self.pool, self.shift = write, pool, shift
         self.H, self.dk, self.dv, self.dh = heads, key_size, n_embd // heads, hidden
         H, dk, dv, dh = self.H, self.dk, self.dv, self.dh
         self.c_mem = nn.Linear(n_embd, H * (2 * dk + dv + 2))  # write key, read key, value, strength, pooling score
@@ -464,6 +471,8 @@ class MNM(nn.Module):
         p = self.c_mem(h).view(B, S, self.H, -1).transpose(1, 2)  # (B, H, S, 2 dk + dv + 2)
         kw, kr, v, b, score = p.split([self.dk, self.dk, self.dv, 1, 1], dim=-1)
         live = mask if valid is None else mask & valid[:, None]  # (B, S)
+        if self.shift:  # pairs (key of token t, value and strength of token t + 1): S - 1 writes
+            kw, v, b, live = kw[:, :, :-1], v[:, :, 1:], b[:, :, 1:], live[:, :-1] & live[:, 1:]
         if self.pool:  # one write per segment: its tokens' keys, values and strengths, attention-pooled
             a = score.masked_fill(~mask[:, None, :, None], float("-inf")).softmax(dim=2)  # (B, H, S, 1)
             kw, v, b = [(a * t).sum(2, keepdim=True) for t in (kw, v, b)]
@@ -495,7 +504,7 @@ def mnm_block(model):
 
 
 def add_mnm_block(model, layer: int, heads: int, key_size: int, hidden: int, write: str, grad_windows: int = 0,
-                  pool: bool = False):
+                  pool: bool = False, shift: bool = False):
     """Give a GPT (e.g. pretrained GPT-2) an MNMBlock at `layer`; recorded in model.memory_args."""
     cfg = model.config
     if not 0 <= layer < cfg.n_layer:
@@ -503,8 +512,8 @@ def add_mnm_block(model, layer: int, heads: int, key_size: int, hidden: int, wri
     if grad_windows not in (0, 1):
         raise ValueError(f"mnm_grad_windows={grad_windows}: 0 (the write path learns from its write loss) or 1")
     model.memory_args.update(mnm_layer=layer, mnm_heads=heads, mnm_key_size=key_size, mnm_hidden=hidden,
-                             mnm_write=write, mnm_grad_windows=grad_windows, mnm_pool=pool)
-    mnm = MNM(cfg.n_embd, heads, key_size, hidden, write, pool)
+                             mnm_write=write, mnm_grad_windows=grad_windows, mnm_pool=pool, mnm_shift=shift)
+    mnm = MNM(cfg.n_embd, heads, key_size, hidden, write, pool, shift)
     mnm.apply(init_weights)
     nn.init.normal_(mnm.c_proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))  # a residual projection
     mnm.match_read_keys()

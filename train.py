@@ -88,6 +88,7 @@ class TrainConfig(LoopConfig):
     mnm_write: str = "local"  # 'local', 'grad' or 'titans'
     mnm_grad_windows: int = 0  # 1: the task loss also trains the previous window's write (MemoryConfig)
     mnm_pool: bool = False  # True: one attention-pooled write per window and head (MemoryConfig)
+    mnm_shift: bool = False  # True: a token's key is written with the next token's value (MemoryConfig)
     pos: str = "learned"  # positions of a new model: 'learned' (GPT-2's table) or 'rope' (rotary, as Llama)
 
     def validate(self):
@@ -102,6 +103,8 @@ class TrainConfig(LoopConfig):
         at_least(self, 1, "knn_topk", "knn_memory_size", "mnm_heads", "mnm_key_size", "mnm_hidden")
         at_least(self, 0, "knn_grad_windows", "answer_loss")
         one_of(self, "mnm_grad_windows", (0, 1))
+        need(not (self.mnm_pool and self.mnm_shift), "mnm_shift pairs each token's key with the next token's "
+             "value, mnm_pool makes one pooled write per window: use one of the two")
         need(self.loader == "docs" or self.answer_loss == 0, "answer_loss weighs the answers of a long-range "
              "dataset's queries, which only loader='docs' reads: set loader='docs' or answer_loss=0")
         within(self, -10, 10, "knn_gate_init")
@@ -120,7 +123,7 @@ class TrainConfig(LoopConfig):
 
     def shape_keys(self, saved: dict) -> tuple:
         """The settings a resumed checkpoint must agree with."""
-        mnm = ("mnm_heads", "mnm_key_size", "mnm_hidden", "mnm_write") if saved.get("mnm_layer", -1) >= 0 else ()
+        mnm = ("mnm_heads", "mnm_key_size", "mnm_hidden", "mnm_write", "mnm_pool", "mnm_shift") if saved.get("mnm_layer", -1) >= 0 else ()
         return ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos", "knn_layer", "mnm_layer") + mnm
 
 

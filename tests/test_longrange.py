@@ -457,8 +457,8 @@ def test_answer_loss_needs_a_long_range_dataset_read_by_documents(tmp_path, pass
 # -----------------------------------------------------------------------------
 # MNM block: the task loss through the previous window's write (mnm_grad_windows)
 
-@pytest.mark.parametrize("pool", [False, True])
-def test_mnm_grad_windows_keeps_the_forward_and_trains_the_write_path(pool):
+@pytest.mark.parametrize("pool, shift", [(False, False), (True, False), (False, True)])
+def test_mnm_grad_windows_keeps_the_forward_and_trains_the_write_path(pool, shift):
     from memory import MemoryConfig, attach_memories, mnm_block
     from model import GPT, GPTConfig
 
@@ -466,8 +466,10 @@ def test_mnm_grad_windows_keeps_the_forward_and_trains_the_write_path(pool):
         torch.manual_seed(0)
         model = attach_memories(GPT(GPTConfig(block_size=16, vocab_size=30, n_layer=2, n_head=2, n_embd=16)),
                                 MemoryConfig(mnm_layer=0, mnm_heads=2, mnm_key_size=8, mnm_hidden=8,
-                                             mnm_grad_windows=grad_windows, mnm_pool=pool)).train()
+                                             mnm_grad_windows=grad_windows, mnm_pool=pool,
+                                             mnm_shift=shift)).train()
         assert mnm_block(model).mnm.pool == pool and model.memory_args["mnm_pool"] == pool
+        assert mnm_block(model).mnm.shift == shift and model.memory_args["mnm_shift"] == shift
         block = mnm_block(model)
         x = torch.randint(0, 30, (3, 64), generator=torch.Generator().manual_seed(1))
         outs, grads = [], []

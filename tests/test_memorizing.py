@@ -509,6 +509,37 @@ def test_mnm_token_strengths_sum_to_at_most_one_step():
     assert seen["beta"].sum() == pytest.approx(H * S * torch.sigmoid(torch.tensor(-4.0)).item())  # not scaled up
 
 
+def test_mnm_shift_writes_each_key_with_the_next_tokens_value():
+    """mnm_shift: the write pairs token t's key with token t + 1's value and strength (S - 1 pairs); the reads
+    are unchanged. Refused with pooled writes."""
+    from memory import MNM
+    torch.manual_seed(0)
+    plain = MNM(n_embd=16, heads=2, key_size=8, hidden=8)
+    shifted = MNM(n_embd=16, heads=2, key_size=8, hidden=8, shift=True)
+    shifted.load_state_dict(plain.state_dict())
+    h, mask = torch.randn(2, 7, 16), torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 5:] = False  # row 1 has 5 tokens: 4 pairs
+    seen = {}
+
+    def spy(mnm):
+        def write(state, k, v, beta, h, mask):
+            seen[mnm.shift] = (k.detach(), v.detach(), beta.detach())
+            return MNM.write(mnm, state, k, v, beta, h, mask)
+        return write
+
+    plain.write, shifted.write = spy(plain), spy(shifted)
+    state = plain.initial_state(2)
+    r0, _, _ = plain(h, mask, state, read_first=True)
+    r1, _, _ = shifted(h, mask, state, read_first=True)
+    torch.testing.assert_close(r0, r1)  # read before writing: the same reads
+    (k0, v0, b0), (k1, v1, b1) = seen[False], seen[True]
+    torch.testing.assert_close(k1, k0[:, :, :-1])
+    torch.testing.assert_close(v1, v0[:, :, 1:])
+    assert b1.shape[2] == 6 and torch.all(b1[1, :, 4:] == 0) and torch.all(b1[1, :, :4] > 0)  # padding writes nothing
+    with pytest.raises(ValueError, match="mnm_shift"):
+        MNM(n_embd=16, heads=2, key_size=8, hidden=8, pool=True, shift=True)
+
+
 def test_mnm_fingerprint_unchanged_without_the_block():
     from knn import model_fingerprint
     a, b = tiny_gpt(), tiny_gpt(mnm_heads=8, mnm_write="grad")  # off: the mnm_* settings change nothing
@@ -548,6 +579,9 @@ def test_resume_with_mnm_equals_uninterrupted(short_docs, tmp_path):
     for it in range(12, 24):
         assert resumed["losses"][it] == pytest.approx(full["losses"][it], rel=1e-6)
     assert resumed["val_loss"] == pytest.approx(full["val_loss"], rel=1e-6)
+    from configurator import ConfigError
+    with pytest.raises(ConfigError, match="mnm_shift False -> True"):  # the write pairs are part of the model
+        train.main(mnm_cfg(short_docs, part, max_iters=30, init_from="resume", mnm_shift=True, **common))
 
 
 def test_mnm_layer_needs_the_docs_loader(short_docs, tmp_path):
