@@ -5,7 +5,7 @@
 #  1. documents that fit in one window, the questions right after the facts (data/facts_long_fit), to
 #     4,000: the lookup itself (match the name, then copy the attribute's value). On gaps of 0-2 windows
 #     (half of them crossing a window boundary) no lookup was learnt in 3,000 iterations (docs/RESULTS.md);
-#  2. the full corpus, gaps of 1-16 windows (a quarter with none), to 6,000.
+#  2. the full corpus, gaps of 1-16 windows (a quarter with none), to 8,000.
 #   python prepare.py facts_long && python prepare.py facts_long --option near=1.0 --option fit=True --out_dir data/facts_long_fit
 #   python train.py config/train_facts_long_base.py
 #   python train.py config/train_facts_long_base.py config/train_facts_long_stage2.py
@@ -23,8 +23,8 @@ batch_size = 8
 dropout = 0.0
 learning_rate = 2e-3
 min_lr = 2e-4
-max_iters = 4000  # stage 1; config/train_facts_long_stage2.py continues the same schedule to 6,000
-lr_decay_iters = 6000
+max_iters = 4000  # stage 1; config/train_facts_long_stage2.py continues the same schedule to 8,000
+lr_decay_iters = 8000
 warmup_iters = 100
 beta2 = 0.99
 eval_interval = 500

@@ -3,4 +3,4 @@
 #   python train.py config/train_facts_long_knn.py config/train_facts_long_stage2.py
 init_from = "resume"
 dataset = "facts_long"
-max_iters = 6000
+max_iters = 8000
