@@ -28,7 +28,7 @@ from checkpoint import CheckpointError, load_model
 from common import cli, pyplot, resolve_device, write_eval
 from configurator import ConfigError, at_least, format_config, load_config, need, one_of, within
 from knn import KNNLMDatastore, KNNMemory, KNNMemoryError, KNNSettings, knn_probs, knnlm_mix, last_mlp_input
-from memory import memorizing_layer, row_memories
+from memory import memorizing_layer, mnm_block, row_memories
 from prepare import DataError, check_meta_compatible, load_meta, longrange_documents, open_split, split_documents
 from runs import CheckedSettings, not_empty
 
@@ -406,6 +406,50 @@ def memorizing_diagnostics(model, docs: list, batch_size: int, device) -> dict:
                             for w, b in sorted(stats.items())]}
 
 
+@torch.no_grad()
+def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
+    """Does the MNM block write what will be asked? For every query whose value was stated in an earlier
+    window than its answer, the share of that window's write strength (per head) that went to writing the
+    value's tokens (with mnm_shift: the pairs whose value is one of them), by nominal distance; `uniform` is
+    the share an even spread over the window's writes would give. Char tokenizer: offsets are positions."""
+    block = mnm_block(model)
+    mnm, T = block.mnm, model.config.block_size
+    if mnm.pool:
+        raise ConfigError("write diagnostics are per token; this MNM block makes one pooled write per window")
+    sources = {}  # (doc, window start) -> [(value positions in the window, distance bucket)]
+    for i, d in enumerate(docs):
+        for q in d["queries"]:
+            src = q["source_start"] - q["answer_start"] + q["span"]  # one token per character
+            if src[0] // T < (q["span"][0] - 1) // T:
+                sources.setdefault((i, int(src[0]) // T * T), []).append((src - src[0] // T * T, q["windows"]))
+    stats = {}  # bucket -> [queries, share per head (H,), uniform]
+    state = {}
+
+    def on_window(w, group):
+        state["w"], state["group"] = w, group
+
+    def probe(beta):
+        strength = beta[..., 0]  # (B, H, S) per token, or (B, H, S - 1) per pair (key t, value t + 1)
+        if mnm.shift:  # the strength of writing token t's value sits with pair t - 1; the first token has none
+            strength = F.pad(strength, (1, 0))
+        total = strength.sum(-1).clamp(min=1e-12)  # (B, H)
+        for r, i in enumerate(state["group"]):
+            for pos, bucket in sources.get((i, state["w"]), []):
+                pos = pos[pos < strength.size(-1)]
+                b = stats.setdefault(bucket, [0, np.zeros(mnm.H), 0.0])
+                b[0] += 1
+                b[1] += (strength[r][:, pos].sum(-1) / total[r]).cpu().numpy()
+                b[2] += len(pos) / max(1, int((strength[r] > 0).any(0).sum()))
+
+    mnm.probe = probe
+    try:
+        windowed_pass(model, [d["tokens"] for d in docs], batch_size, device, on_window=on_window)
+    finally:
+        mnm.probe = None
+    return {"shift": mnm.shift, "by_distance": [{"windows": w, "queries": b[0], "value_share_per_head": (b[1] / b[0]).tolist(),
+                                                 "uniform": b[2] / b[0]} for w, b in sorted(stats.items())]}
+
+
 def memory_kind(model) -> str:
     mems = row_memories(model)
     if "knn_memory" in mems:
@@ -450,6 +494,9 @@ def eval_longrange(cfg, device) -> tuple[dict, object]:
             add(name, kind, out_dir, windowed_pass(model, tokens, cfg.batch_size, device), time.perf_counter() - t0)
             if memorizing_layer(model) is not None and getattr(tokenizer, "name", None) == "char":
                 arms[-1]["retrieval"] = memorizing_diagnostics(model, docs, cfg.batch_size, device)
+            block = mnm_block(model)
+            if block is not None and not block.mnm.pool and getattr(tokenizer, "name", None) == "char":
+                arms[-1]["writes"] = mnm_diagnostics(model, docs, cfg.batch_size, device)
     base = cfg.longrange_base or next((o for o, (m, _, _) in models.items() if not row_memories(m)), None)
     untrained = [a for a in ("knn", "knnlm") if a in cfg.longrange_arms]
     if untrained and base is None:
@@ -508,8 +555,12 @@ def longrange_report(cfg, docs: list, arms: list, generator: dict) -> tuple[dict
             print(f"{arm['name']}: gates {', '.join(f'{g:.3f}' for g in diag['gates'])}; source token retrieved "
                   "(any head, top-{}): ".format(diag["topk"])
                   + ", ".join(f"{b['windows']:g}w {b['retrieved_any_head']:.0%}" for b in diag["by_distance"]))
+        if "writes" in arm:
+            print(f"{arm['name']}: share of the write strength on the value's tokens (mean of heads; even spread): "
+                  + ", ".join(f"{b['windows']:g}w {np.mean(b['value_share_per_head']):.1%} ({b['uniform']:.1%})"
+                              for b in arm["writes"]["by_distance"]))
         rows.append({"arm": arm["name"], "kind": arm["kind"], "source": arm["source"], "seconds": arm["seconds"],
-                     **({"retrieval": arm["retrieval"]} if "retrieval" in arm else {}),
+                     **{k: arm[k] for k in ("retrieval", "writes") if k in arm},
                      "exact": sum(b[1] for b in by.values()) / n_all,
                      "by_distance": [{"windows": w, "queries": by[w][0], "exact": by[w][1] / by[w][0],
                                       "token_accuracy": by[w][2] / by[w][0]} for w in distances],

@@ -6,6 +6,6 @@ from pathlib import Path
 
 exec((Path(__file__).parent / "eval_passkey.py").read_text())
 eval_dataset = "facts_long"
-out_dirs = ["out-facts-long-base", "out-facts-long-knn", "out-facts-long-mnm", "out-facts-long-oracle"]
+out_dirs = ["out-facts-long-base", "out-facts-long-knn-fix", "out-facts-long-oracle"]
 eval_out = "out-facts-long-eval"
 batch_size = 25

@@ -193,6 +193,45 @@ def test_longrange_eval_writes_json_and_png_with_every_arm_on_the_same_documents
     assert len({len(v) for v in saved["per_document"].values()}) == 1
 
 
+@pytest.mark.parametrize("shift", [False, True])
+def test_mnm_write_diagnostics_find_the_strength_spent_on_the_key(passkey_dir, shift):
+    """A model whose MNM block writes digits only (its blocks' outputs zeroed, so the block sees the token
+    embeddings, whose first coordinate marks a digit): the key's window spends all its write strength on
+    the key (1.0 for every head, with or without mnm_shift); with even strengths, the share is the
+    even spread's."""
+    from memory import MemoryConfig, attach_memories, mnm_block
+    from model import GPT, GPTConfig
+    meta = prepare.load_meta(passkey_dir)
+    tok = prepare.get_tokenizer(meta)
+    docs = prepare.longrange_documents(str(passkey_dir), "val", tok)
+    torch.manual_seed(0)
+    model = attach_memories(GPT(GPTConfig(block_size=32, vocab_size=meta["vocab_size"], n_layer=2, n_head=2,
+                                          n_embd=16, pos="rope")),
+                            MemoryConfig(mnm_layer=0, mnm_heads=2, mnm_key_size=4, mnm_hidden=8, mnm_shift=shift)).eval()
+    mnm = mnm_block(model).mnm
+    rows = [h * (2 * mnm.dk + mnm.dv + 2) + 2 * mnm.dk + mnm.dv for h in range(mnm.H)]  # the strength logits
+    with torch.no_grad():
+        mnm_block(model).block.attn.c_proj.weight.zero_()
+        mnm_block(model).block.attn.c_proj.bias.zero_()
+        mnm_block(model).block.mlp.c_proj.weight.zero_()
+        mnm_block(model).block.mlp.c_proj.bias.zero_()
+        model.transformer.wte.weight[:, 0] = 0.0
+        model.transformer.wte.weight[tok.encode("0123456789"), 0] = 1.0
+        mnm.c_mem.weight[rows] = 0.0
+        mnm.c_mem.weight[rows, 0] = 40.0
+        mnm.c_mem.bias[rows] = -20.0  # a digit's strength logit +20, any other token's -20
+    d = evaluate.mnm_diagnostics(model, docs, batch_size=2, device="cpu")
+    assert d["shift"] == shift and [b["windows"] for b in d["by_distance"]] == [2, 4]
+    for b in d["by_distance"]:
+        assert b["queries"] == 3 and b["value_share_per_head"] == pytest.approx([1.0] * mnm.H, abs=1e-6)
+        assert 0 < b["uniform"] <= 5 / (32 - shift) + 1e-9  # at most 5 digits (fewer when a key crosses windows)
+    with torch.no_grad():
+        mnm.c_mem.weight[rows] = 0.0
+        mnm.c_mem.bias[rows] = 0.0  # every token the same strength
+    for b in evaluate.mnm_diagnostics(model, docs, batch_size=2, device="cpu")["by_distance"]:
+        assert b["value_share_per_head"] == pytest.approx([b["uniform"]] * mnm.H, abs=1e-6)
+
+
 def test_longrange_eval_needs_checkpoints_before_any_work():
     from configurator import ConfigError, load_config
     with pytest.raises(ConfigError, match=r"^out_dirs=\[\] is empty: eval='longrange' needs the checkpoints"):
