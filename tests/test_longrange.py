@@ -163,7 +163,8 @@ def test_loader_feeds_each_document_in_order_and_the_memory_is_cleared_between_t
 @pytest.fixture(scope="module")
 def checkpoints(passkey_dir):
     outs = {}
-    for name, extra in (("base", {}), ("knn", dict(knn_layer=1, knn_topk=4, knn_memory_size=4096))):
+    for name, extra in (("base", {}), ("knn", dict(knn_layer=1, knn_topk=4, knn_memory_size=4096)),
+                        ("mnm", dict(mnm_layer=1, mnm_heads=2, mnm_key_size=4, mnm_hidden=8, mnm_shift=True))):
         out = passkey_dir.parent / f"out-{name}"
         train.main(tiny_train_config(passkey_dir.parent, out, dataset="passkey", loader="docs", block_size=32,
                                      max_iters=4, eval_interval=4, eval_iters=1, batch_size=2, **extra))
@@ -174,7 +175,7 @@ def checkpoints(passkey_dir):
 def test_longrange_eval_writes_json_and_png_with_every_arm_on_the_same_documents(passkey_dir, checkpoints, tmp_path):
     from configurator import load_config
     cfg = load_config(evaluate.EvalConfig, [], eval="longrange", eval_dataset="passkey",
-                      data_dir=str(passkey_dir.parent), out_dirs=[checkpoints["base"], checkpoints["knn"]],
+                      data_dir=str(passkey_dir.parent), out_dirs=[checkpoints["base"], checkpoints["knn"], checkpoints["mnm"]],
                       eval_out=str(tmp_path / "ev"), device="cpu", dtype="float32", batch_size=4,
                       knn=[0, 3], knn_query="query", knn_metric="ip", knn_recompute=False, bookkeeping_frac=0.0,
                       mem_frac=1000.0, knnlm_lambdas=[0.5], knnlm_k=4)
@@ -182,14 +183,17 @@ def test_longrange_eval_writes_json_and_png_with_every_arm_on_the_same_documents
     saved = json.loads((tmp_path / "ev" / "longrange.json").read_text())
     assert (tmp_path / "ev" / "longrange.png").stat().st_size > 1000
     assert [r["arm"] for r in saved["rows"]] == [r["arm"] for r in result["rows"]]
-    assert len(saved["rows"]) == 4  # two checkpoints, the kNN memory, kNN-LM
-    assert {r["kind"] for r in saved["rows"]} == {"no memory", "memorizing layer 1", "knn memory", "knnlm"}
+    assert len(saved["rows"]) == 5  # three checkpoints, the kNN memory, kNN-LM
+    assert {r["kind"] for r in saved["rows"]} == {"no memory", "memorizing layer 1", "MNM block 1", "knn memory", "knnlm"}
     for r in saved["rows"]:  # every arm answered the same queries
         assert [(b["windows"], b["queries"]) for b in r["by_distance"]] == [(2, 3), (4, 3)]
         assert 0 <= r["exact"] <= 1
         # keys 2 and 4 windows back: every value was stated in an earlier window than its answer's
         assert r["by_window"] == {"earlier window": {"queries": 6, "exact": r["exact"]}}
     assert "retrieval" in saved["rows"][1] and len(saved["rows"][1]["retrieval"]["gates"]) == 2
+    writes = saved["rows"][2]["writes"]  # the MNM block's write diagnostics, per distance
+    assert writes["shift"] and [b["windows"] for b in writes["by_distance"]] == [2, 4]
+    assert all(len(b["value_share_per_head"]) == 2 and 0 < b["uniform"] < 1 for b in writes["by_distance"])
     assert len({len(v) for v in saved["per_document"].values()}) == 1
 
 
