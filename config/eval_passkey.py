@@ -7,7 +7,8 @@
 #   python evaluate.py config/eval_passkey.py
 eval = "longrange"
 eval_dataset = "passkey"
-out_dirs = ["out-passkey-base", "out-passkey-knn", "out-passkey-knn-fix", "out-passkey-mnm-fix", "out-passkey-mnm-pool"]
+out_dirs = ["out-passkey-base", "out-passkey-knn", "out-passkey-knn-fix", "out-passkey-mnm-fix", "out-passkey-mnm-pool",
+            "out-passkey-mnm-shift"]
 eval_out = "out-passkey-eval"
 batch_size = 50
 device = "cpu"
