@@ -411,18 +411,25 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
     """Does the MNM block write what will be asked? For every query whose value was stated in an earlier
     window than its answer, the share of that window's write strength (per head) that went to writing the
     value's tokens (with mnm_shift: the pairs whose value is one of them), by nominal distance; `uniform` is
-    the share an even spread over the window's writes would give. Char tokenizer: offsets are positions."""
+    the share an even spread over the window's writes would give; and `window_strength`, the mean total
+    write strength per head of the windows holding a value and of the windows between a value's last token
+    and its answer (each at most 1): a window overwrites the fast weights by about as much as it writes, so a
+    value survives only if it is written stronger than what comes between. Char tokenizer: offsets are
+    positions."""
     block = mnm_block(model)
     mnm, T = block.mnm, model.config.block_size
     if mnm.pool:
         raise ConfigError("write diagnostics are per token; this MNM block makes one pooled write per window")
     sources = {}  # (doc, window start) -> [(value positions in the window, distance bucket)]
+    between = set()  # (doc, window start) of the windows between a value's and its answer's
     for i, d in enumerate(docs):
         for q in d["queries"]:
             src = q["source_start"] - q["answer_start"] + q["span"]  # one token per character
             if src[0] // T < (q["span"][0] - 1) // T:
                 sources.setdefault((i, int(src[0]) // T * T), []).append((src - src[0] // T * T, q["windows"]))
+                between.update((i, w * T) for w in range(int(src[-1]) // T + 1, (int(q["span"][0]) - 1) // T))
     stats = {}  # bucket -> [queries, share per head (H,), uniform]
+    totals = {"value": [0, np.zeros(mnm.H)], "between": [0, np.zeros(mnm.H)]}  # [windows, summed totals (H,)]
     state = {}
 
     def on_window(w, group):
@@ -434,6 +441,10 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
             strength = F.pad(strength, (1, 0))
         total = strength.sum(-1).clamp(min=1e-12)  # (B, H)
         for r, i in enumerate(state["group"]):
+            for kind, windows in (("value", sources), ("between", between)):
+                if (i, state["w"]) in windows:
+                    totals[kind][0] += 1
+                    totals[kind][1] += total[r].cpu().numpy()
             for pos, bucket in sources.get((i, state["w"]), []):
                 pos = pos[pos < strength.size(-1)]
                 b = stats.setdefault(bucket, [0, np.zeros(mnm.H), 0.0])
@@ -447,7 +458,8 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
     finally:
         mnm.probe = None
     return {"shift": mnm.shift, "by_distance": [{"windows": w, "queries": b[0], "value_share_per_head": (b[1] / b[0]).tolist(),
-                                                 "uniform": b[2] / b[0]} for w, b in sorted(stats.items())]}
+                                                 "uniform": b[2] / b[0]} for w, b in sorted(stats.items())],
+            "window_strength": {k: {"windows": n, "per_head": (t / max(1, n)).tolist()} for k, (n, t) in totals.items()}}
 
 
 def memory_kind(model) -> str:
@@ -559,6 +571,9 @@ def longrange_report(cfg, docs: list, arms: list, generator: dict) -> tuple[dict
             print(f"{arm['name']}: share of the write strength on the value's tokens (mean of heads; even spread): "
                   + ", ".join(f"{b['windows']:g}w {np.mean(b['value_share_per_head']):.1%} ({b['uniform']:.1%})"
                               for b in arm["writes"]["by_distance"]))
+            ws = arm["writes"]["window_strength"]
+            print(f"{arm['name']}: total write strength per window (mean of heads): windows with a value "
+                  f"{np.mean(ws['value']['per_head']):.3f}, windows between {np.mean(ws['between']['per_head']):.3f}")
         rows.append({"arm": arm["name"], "kind": arm["kind"], "source": arm["source"], "seconds": arm["seconds"],
                      **{k: arm[k] for k in ("retrieval", "writes") if k in arm},
                      "exact": sum(b[1] for b in by.values()) / n_all,

@@ -229,11 +229,18 @@ def test_mnm_write_diagnostics_find_the_strength_spent_on_the_key(passkey_dir, s
     for b in d["by_distance"]:
         assert b["queries"] == 3 and b["value_share_per_head"] == pytest.approx([1.0] * mnm.H, abs=1e-6)
         assert 0 < b["uniform"] <= 5 / (32 - shift) + 1e-9  # at most 5 digits (fewer when a key crosses windows)
+    ws = d["window_strength"]  # a key's window spends its whole step, the filler between (no digits) nothing
+    assert ws["value"]["windows"] == 6 and ws["between"]["windows"] >= 6  # keys 2 and 4 windows back
+    assert ws["value"]["per_head"] == pytest.approx([1.0] * mnm.H, abs=1e-6)
+    assert ws["between"]["per_head"] == pytest.approx([0.0] * mnm.H, abs=1e-6)
     with torch.no_grad():
         mnm.c_mem.weight[rows] = 0.0
         mnm.c_mem.bias[rows] = 0.0  # every token the same strength
-    for b in evaluate.mnm_diagnostics(model, docs, batch_size=2, device="cpu")["by_distance"]:
+    d = evaluate.mnm_diagnostics(model, docs, batch_size=2, device="cpu")
+    for b in d["by_distance"]:
         assert b["value_share_per_head"] == pytest.approx([b["uniform"]] * mnm.H, abs=1e-6)
+    for kind in ("value", "between"):  # strength 0.5 each: every full window sums past 1, scaled to 1
+        assert d["window_strength"][kind]["per_head"] == pytest.approx([1.0] * mnm.H, abs=1e-6)
 
 
 def test_longrange_eval_needs_checkpoints_before_any_work():
