@@ -58,6 +58,11 @@ class MemoryConfig:
     # learn only through local attention). Neither changes what a trained model computes.
     knn_gate_init: float = MEMORIZING_GATE_INIT
     knn_grad_windows: int = 0
+    # how a head mixes its local attention and its memory: 'gate', y = (1 - g) y_local + g y_mem with one
+    # learned g per head (the paper); 'joint', one softmax over the local keys and the retrieved entries
+    # together (the gate's logit then shifts the memory's scores), so a token whose answer is in its own
+    # window is not diluted by what the memory returns, and one whose answer is in memory is not by the window
+    knn_mix: str = "gate"
     # metalearned neural memory (MNMBlock) after this layer's block, written window by window with each
     # batch row's document
     mnm_layer: int = -1
@@ -82,7 +87,7 @@ def attach_memories(model, cfg: MemoryConfig):
     """Give a GPT the trainable memories cfg asks for (none when both layers are -1)."""
     if cfg.knn_layer >= 0:
         add_memorizing_layer(model, cfg.knn_layer, cfg.knn_topk, cfg.knn_memory_size, cfg.knn_search_dtype,
-                             cfg.knn_gate_init, cfg.knn_grad_windows)
+                             cfg.knn_gate_init, cfg.knn_grad_windows, cfg.knn_mix)
     if cfg.mnm_layer >= 0:
         add_mnm_block(model, cfg.mnm_layer, cfg.mnm_heads, cfg.mnm_key_size, cfg.mnm_hidden, cfg.mnm_write,
                       cfg.mnm_grad_windows, cfg.mnm_pool, cfg.mnm_shift)
@@ -112,15 +117,15 @@ def memorizing_layer(model):
 
 
 def add_memorizing_layer(model, layer: int, topk: int, size: int, search_dtype: str = "float32",
-                         gate_init: float = MEMORIZING_GATE_INIT, grad_windows: int = 0):
+                         gate_init: float = MEMORIZING_GATE_INIT, grad_windows: int = 0, mix: str = "gate"):
     """Give a GPT (e.g. pretrained GPT-2) a memorizing layer at `layer`; recorded in model.memory_args."""
     cfg = model.config
     if not 0 <= layer < cfg.n_layer:
         raise ValueError(f"knn_layer={layer}, but the model has layers 0..{cfg.n_layer - 1}")
     model.memory_args.update(knn_layer=layer, knn_topk=topk, knn_memory_size=size, knn_search_dtype=search_dtype,
-                             knn_gate_init=gate_init, knn_grad_windows=grad_windows)
+                             knn_gate_init=gate_init, knn_grad_windows=grad_windows, knn_mix=mix)
     model.attentions[layer].memory = MemorizingMemory(cfg.n_head, cfg.n_embd // cfg.n_head, topk, size, search_dtype,
-                                                      gate_init, grad_windows).to(next(model.parameters()).device)
+                                                      gate_init, grad_windows, mix).to(next(model.parameters()).device)
     model.attentions[layer].memory.bind(model.attentions[layer])
 
 
@@ -133,6 +138,9 @@ class MemorizingMemory(nn.Module):
     scored as if at relative distance 0, the paper's memory without positions. Retrieval ranks by cosine
     (normalised queries and keys), the retrieved pairs are attended to with the ordinary scaled
     dot product; a learned per-head gate g = sigmoid(gate_bias) mixes: y = (1 - g) y_local + g y_mem.
+    With mix='joint' the local keys and the retrieved entries share one softmax instead (the memory's
+    scores shifted by gate_bias): per token, g = sigmoid(gate_bias + lse_mem - lse_local), where lse is
+    the log-sum-exp of each part's scores.
     After a forward pass with `write` set, the window's keys and values are appended (detached)
     first-in first-out; so memory entries only ever come from earlier windows.
 
@@ -141,13 +149,17 @@ class MemorizingMemory(nn.Module):
     n_rows rows (train.py: one per batch row of every micro-step); `rows` picks the slice of rows
     the next forward pass reads and writes (None: the first B).
     """
+    MIXES = ("gate", "joint")
 
     def __init__(self, n_head: int, head_size: int, topk: int, size: int, search_dtype: str = "float32",
-                 gate_init: float = MEMORIZING_GATE_INIT, grad_windows: int = 0):
-        """gate_init, grad_windows: MemoryConfig's knn_gate_init and knn_grad_windows (training only)."""
+                 gate_init: float = MEMORIZING_GATE_INIT, grad_windows: int = 0, mix: str = "gate"):
+        """gate_init, grad_windows, mix: MemoryConfig's knn_gate_init, knn_grad_windows (training only), knn_mix."""
         super().__init__()
         if topk < 1 or size < 1:
             raise ValueError(f"knn_topk={topk} and knn_memory_size={size} must both be >= 1")
+        if mix not in self.MIXES:
+            raise ValueError(f"knn_mix={mix!r}; choose one of {self.MIXES}")
+        self.mix = mix
         if search_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"knn_search_dtype={search_dtype!r}; choose 'float32' or 'bfloat16'")
         self.n_head, self.head_size, self.topk, self.size = n_head, head_size, topk, size
@@ -214,7 +226,8 @@ class MemorizingMemory(nn.Module):
             raise RuntimeError("a memorizing layer keeps one key head per query head: grouped-query attention "
                                "(n_kv_head < n_head) is not supported")
         grad = self._grad_active(attn)
-        y_local = attend(q, k, v)  # (B, H, T, d)
+        joint = self.mix == "joint"
+        y_local, lse_local = self._local(attn, q, k, v) if joint else (attend(q, k, v), None)  # (B, H, T, d)
         k = k[:, :, -T:]  # the new tokens' keys (with a KV cache, k also holds the cached past)
         if attn.rotary is not None:  # unrotated: the memory has no positions (see the class docstring)
             q, k = attn.rotary.rotate(q, -attn.q_pos), attn.rotary.rotate(k, -attn.q_pos)
@@ -232,8 +245,8 @@ class MemorizingMemory(nn.Module):
         y = y_local
         if n_used > 0 and self.read:
             recent = self._recent_kv(attn, rows, B, T) if grad else None
-            y_mem = self.retrieve(q, rows, count, n_used, recent)
-            g = torch.sigmoid(self.gate_bias).to(y_local.dtype).view(1, H, 1, 1)
+            y_mem, lse_mem = self.retrieve(q, rows, count, n_used, recent)
+            g = torch.sigmoid(self.gate_bias.view(1, H, 1, 1) + (lse_mem - lse_local if joint else 0)).to(y_local.dtype)
             # exactly y_local where a row's memory is empty; g = 0 gives y_local bit for bit
             y = torch.where((count > 0).view(B, 1, 1, 1), (1 - g) * y_local + g * y_mem, y_local)
         elif self.training:
@@ -245,6 +258,18 @@ class MemorizingMemory(nn.Module):
                 recent[rid] = torch.cat([recent[rid, T:], self._x[:, -T:].detach().to(recent.dtype)], 1)
         return y
 
+    @staticmethod
+    def _local(attn, q, k, v):
+        """The layer's causal attention computed out (SDPA does not return its normaliser): y (B, H, T, d)
+        and the log-sum-exp of each query's scores (B, H, T, 1). With a KV cache, query i sits at Tk - T + i."""
+        T, Tk = q.size(2), k.size(2)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.size(-1))  # (B, H, T, Tk)
+        causal = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - T)
+        scores = scores.float().masked_fill(~causal, float("-inf"))
+        lse = scores.logsumexp(-1, keepdim=True)
+        p = F.dropout((scores - lse).exp(), attn.attn_dropout if attn.training else 0.0)
+        return p.to(v.dtype) @ v, lse
+
     def _recent_kv(self, attn, rows, B, T):
         """Keys and values (B, H, G*T, d) of the rows' G latest windows, recomputed with gradients."""
         x = self.mem["recent_x"][rows].clone()  # (B, G*T, C); a copy: the ring is written in place after this
@@ -253,8 +278,9 @@ class MemorizingMemory(nn.Module):
         return k.view(B, -1, H, d).transpose(1, 2), v.view(B, -1, H, d).transpose(1, 2)
 
     def retrieve(self, q, rows, count, n_used, recent=None):
-        """Attention of every query over its topk nearest memory entries: (B, H, T, d). recent: the keys
-        and values of the rows' latest windows with gradients (grad_windows), used for those entries."""
+        """Attention of every query over its topk nearest memory entries: (B, H, T, d), and the log-sum-exp
+        of its scores (B, H, T, 1). recent: the keys and values of the rows' latest windows with gradients
+        (grad_windows), used for those entries."""
         B, H, T, d = q.shape
         G = B * H
         keys = self.mem["keys"][rows, :, :n_used]  # (B, H, n, d), a view
@@ -280,10 +306,12 @@ class MemorizingMemory(nn.Module):
         logits = (k_ret @ q.reshape(G, T, d, 1)).squeeze(-1) / math.sqrt(d)  # (G, T, kk)
         # entries beyond a row's count are empty slots; a row with none keeps finite zeros (gated out)
         empty = (ids >= count.repeat_interleave(H)[:, None, None]) & (count.repeat_interleave(H) > 0)[:, None, None]
-        p = F.softmax(logits.float().masked_fill(empty, float("-inf")), dim=-1).to(q.dtype)
+        logits = logits.float().masked_fill(empty, float("-inf"))
+        p = F.softmax(logits, dim=-1).to(q.dtype)
         if self.probe is not None:
             self.probe(ids, p.detach())
-        return (p.unsqueeze(-2) @ v_ret).squeeze(-2).view(B, H, T, d)
+        lse = logits.logsumexp(-1).view(B, H, T, 1)
+        return (p.unsqueeze(-2) @ v_ret).squeeze(-2).view(B, H, T, d), lse
 
     @torch.no_grad()
     def append(self, rid, k, v):

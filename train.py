@@ -32,7 +32,7 @@ from common import (atomic_save, autocast_context, cli, ddp_info, get_lr, get_rn
                     resolve_device, save_figure, set_rng_state)
 from configurator import ConfigError, at_least, format_config, load_program, need, one_of, within
 from data import Dialogs, DocStreams, Layout, RandomWindows
-from memory import MEMORIZING_GATE_INIT, MNM, MemoryConfig, attach_memories
+from memory import MEMORIZING_GATE_INIT, MNM, MemoryConfig, MemorizingMemory, attach_memories
 from model import GPT, GPTConfig, pretrained_tokenizer_meta
 from prepare import DataError, check_meta_compatible, load_meta
 from runs import MetricsLog, OutDirError, RunConfig, check_init_from, prepare_out_dir, read_metrics
@@ -79,6 +79,7 @@ class TrainConfig(LoopConfig):
     knn_search_dtype: str = "float32"  # 'bfloat16': about 2x faster retrieval on CPUs with AVX512-BF16 (see MemoryConfig)
     knn_gate_init: float = MEMORIZING_GATE_INIT  # the gates' starting logit (sigmoid: the memory's first share)
     knn_grad_windows: int = 0  # >0: gradients through the entries of each row's latest windows (MemoryConfig)
+    knn_mix: str = "gate"  # 'gate' (a learned share per head) or 'joint' (one softmax over window and memory)
     # metalearned neural memory (memory.MNMBlock) after this layer's block, written window by window with each
     # row's document, -1 = none; shaped by mnm_heads, mnm_key_size, mnm_hidden, mnm_write
     mnm_layer: int = -1
@@ -98,6 +99,7 @@ class TrainConfig(LoopConfig):
         check_init_from(self.init_from)
         one_of(self, "loader", ("random", "docs"))
         one_of(self, "knn_search_dtype", ("float32", "bfloat16"))
+        one_of(self, "knn_mix", MemorizingMemory.MIXES)
         one_of(self, "mnm_write", MNM.WRITES)
         at_least(self, -1, "knn_layer", "mnm_layer")
         at_least(self, 1, "knn_topk", "knn_memory_size", "mnm_heads", "mnm_key_size", "mnm_hidden")
@@ -124,7 +126,8 @@ class TrainConfig(LoopConfig):
     def shape_keys(self, saved: dict) -> tuple:
         """The settings a resumed checkpoint must agree with."""
         mnm = ("mnm_heads", "mnm_key_size", "mnm_hidden", "mnm_write", "mnm_pool", "mnm_shift") if saved.get("mnm_layer", -1) >= 0 else ()
-        return ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos", "knn_layer", "mnm_layer") + mnm
+        knn = ("knn_mix",) if saved.get("knn_layer", -1) >= 0 else ()
+        return ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos", "knn_layer", "mnm_layer") + knn + mnm
 
 
 @dataclass

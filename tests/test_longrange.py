@@ -421,11 +421,11 @@ def test_rope_memory_keeps_unrotated_keys_and_reads_without_positions():
         # the same entries written in the other order give the same reading: the memory has no positions
         q = torch.randn(1, 2, 8, 8)
         attn.q_pos = torch.arange(8)
-        out = mem.retrieve(q, slice(0, 1), mem.counts(), 8)
+        out = mem.retrieve(q, slice(0, 1), mem.counts(), 8)[0]
         perm = torch.randperm(8)
         for key in ("keys", "norms", "values"):
             mem.mem[key][0, :, :8] = mem.mem[key][0, :, :8][:, perm]
-        assert torch.allclose(mem.retrieve(q, slice(0, 1), mem.counts(), 8), out, atol=1e-6)
+        assert torch.allclose(mem.retrieve(q, slice(0, 1), mem.counts(), 8)[0], out, atol=1e-6)
 
 
 def test_grouped_query_attention_is_refused_by_the_memorizing_layer():

@@ -48,6 +48,47 @@ def test_gate_zero_equals_plain_model():
     assert not torch.allclose(opened[:, 16:], shut[:, 16:])
 
 
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_joint_mix_is_one_softmax_over_window_and_memory(pos):
+    """knn_mix='joint': each head's output equals one softmax over the memory's entries (all of them
+    retrieved: topk >= entries; unrotated query and keys with rope) and the window's causal keys
+    together, computed naively here; the gate's logit adds to the memory's scores."""
+    model = tiny_gpt(knn_layer=1, knn_topk=64, knn_memory_size=64, knn_mix="joint", pos=pos)
+    mem = memorizing_layer(model)
+    attn = model.attentions[1]
+    x = torch.randint(0, 50, (2, 32))
+    with torch.no_grad():
+        model(x[:, :16], x[:, :16])  # the first window fills the memory (16 entries per row and head)
+        keys = mem.mem["keys"][:, :, :16] * mem.mem["norms"][:, :, :16, None]  # (B, H, 16, d) unrotated
+        values = mem.mem["values"][:, :, :16]
+        for bias in (0.0, 1.5):
+            mem.gate_bias.fill_(bias)
+            seen = {}
+            hook = attn.c_attn.register_forward_hook(lambda m, a, out: seen.update(qkv=out))
+            mem.write = False  # the memory keeps the first window only
+            model(x[:, 16:], x[:, 16:])
+            hook.remove()
+            B, T, C = seen["qkv"].shape[0], 16, 16
+            q, k, v = (t.view(B, T, 2, 8).transpose(1, 2) for t in seen["qkv"].split(C, dim=2))
+            q_loc, k_loc = (attn.rotary.rotate(t, torch.arange(T)) for t in (q, k)) if pos == "rope" else (q, k)
+            local = (q_loc @ k_loc.transpose(-1, -2)).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+            scores = torch.cat([(q @ keys.transpose(-1, -2)) + bias * 8 ** 0.5, local], -1) / 8 ** 0.5
+            want = scores.softmax(-1) @ torch.cat([values, v], 2)  # (B, H, T, d)
+            got = mem(attn, q_loc, k_loc, v, attn.attend)
+            assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_joint_mix_with_an_empty_memory_is_the_plain_attention():
+    model = tiny_gpt(knn_layer=1, knn_topk=4, knn_memory_size=40, knn_mix="joint")
+    attn = model.attentions[1]
+    q, k, v = torch.randn(3, 2, 16, 8).unbind(0)
+    with torch.no_grad():
+        want = attn.attend(q[None], k[None], v[None])
+        assert torch.allclose(memorizing_layer(model)(attn, q[None], k[None], v[None], attn.attend), want, atol=1e-6)
+    with pytest.raises(ValueError, match="knn_mix='sum'"):
+        tiny_gpt(knn_layer=1, knn_mix="sum")
+
+
 def test_bfloat16_search_retrieves_what_float32_does():
     """knn_search_dtype only changes the precision retrieval ranks in: a query near a stored key (closer
     than bf16's rounding could blur) retrieves that entry in both dtypes."""
@@ -62,7 +103,7 @@ def test_bfloat16_search_retrieves_what_float32_does():
         mem.reset(2)
         mem._alloc(2, torch.zeros(1))
         mem.append(torch.arange(2), keys, values)
-        out[dtype] = mem.retrieve(q, slice(0, 2), mem.counts(), 64)  # top-1: the retrieved entry's value
+        out[dtype] = mem.retrieve(q, slice(0, 2), mem.counts(), 64)[0]  # top-1: the retrieved entry's value
     assert torch.equal(out["float32"], torch.gather(values, 2, pick[..., None].expand(-1, -1, -1, 16)))
     assert torch.equal(out["bfloat16"], out["float32"])
     with pytest.raises(ValueError, match="knn_search_dtype"):
@@ -92,7 +133,7 @@ def test_fifo_eviction_at_capacity():
     assert held == [7.0, 8.0, 9.0, 10.0, 11.0]  # the 5 newest, the oldest evicted
     # retrieval: a query in the direction of entry 9's key finds it (top-1), not an evicted one
     q = torch.tensor([10.0, 1.0]).expand(2, 1, 1, 2)
-    y = mem.retrieve(q, slice(0, 2), mem.counts(), 5)
+    y = mem.retrieve(q, slice(0, 2), mem.counts(), 5)[0]
     assert y[0, 0, 0].tolist() == [9.0, 9.0]
 
 
@@ -107,8 +148,9 @@ def test_batch_rows_are_independent():
             assert torch.allclose(windows(model, x[b:b + 1]), batched[b:b + 1], atol=1e-5)
 
 
-def test_cached_generation_equals_recomputation_over_long_prompt():
-    model = tiny_gpt(knn_layer=1, knn_topk=4, knn_memory_size=100)
+@pytest.mark.parametrize("mix", ["gate", "joint"])
+def test_cached_generation_equals_recomputation_over_long_prompt(mix):
+    model = tiny_gpt(knn_layer=1, knn_topk=4, knn_memory_size=100, knn_mix=mix)
     memorizing_layer(model).gate_bias.data.fill_(0.0)
     prompt = torch.randint(0, 50, (2, 37))  # two full windows go to memory before generating
     cached = generate_any(model, prompt, 30, temperature=0, use_cache=True)
@@ -266,8 +308,9 @@ def mem_cfg(data, out, **kw):
                                                   knn_memory_size=64, block_size=32, batch_size=2, eval_iters=2), **kw})
 
 
-def test_resume_with_memory_equals_uninterrupted(short_docs, tmp_path):
-    common = dict(dropout=0.1, lr_decay_iters=24, eval_interval=12)
+@pytest.mark.parametrize("mix", ["gate", "joint"])
+def test_resume_with_memory_equals_uninterrupted(short_docs, tmp_path, mix):
+    common = dict(dropout=0.1, lr_decay_iters=24, eval_interval=12, knn_mix=mix)
     full = train.main(mem_cfg(short_docs, tmp_path / "full", max_iters=24, **common))
     part = tmp_path / "part"
     train.main(mem_cfg(short_docs, part, max_iters=12, **common))
@@ -276,6 +319,10 @@ def test_resume_with_memory_equals_uninterrupted(short_docs, tmp_path):
     for it in range(12, 24):
         assert resumed["losses"][it] == pytest.approx(full["losses"][it], rel=1e-6)
     assert resumed["val_loss"] == pytest.approx(full["val_loss"], rel=1e-6)
+    from configurator import ConfigError
+    other = {"gate": "joint", "joint": "gate"}[mix]
+    with pytest.raises(ConfigError, match=f"knn_mix {mix} -> {other}"):  # the mix is part of what the model computes
+        train.main(mem_cfg(short_docs, part, max_iters=30, init_from="resume", **{**common, "knn_mix": other}))
 
 
 def test_gradient_accumulation_keeps_a_memory_per_micro_step_row(short_docs, tmp_path):
