@@ -549,7 +549,7 @@ def longrange_report(cfg, docs: list, arms: list, generator: dict) -> tuple[dict
     T = generator.get("block_size")
     rows = []
     for arm in arms:
-        by, where = {}, {"same window": [0, 0], "earlier window": [0, 0]}
+        by, where = {}, {"same window": [0, 0], "earlier window": [0, 0], "split across windows": [0, 0]}
         for d, scores in zip(docs, arm["scores"]):
             for q, (exact, tok_acc) in zip(d["queries"], scores):
                 b = by.setdefault(q["windows"], [0, 0, 0.0])
@@ -557,8 +557,11 @@ def longrange_report(cfg, docs: list, arms: list, generator: dict) -> tuple[dict
                 b[1] += exact
                 b[2] += tok_acc
                 if T:  # the value stated in the window the answer is predicted in (a model without memory can copy
-                    # it), or in an earlier one (only a memory can); the generator's windows, in characters
-                    w = where["same window" if q["source_start"] // T == (q["answer_start"] - 1) // T else "earlier window"]
+                    # it), in an earlier one (only a memory can), or across a window boundary (part of it in memory,
+                    # the rest in the next window); the generator's windows, in characters
+                    first, last = q["source_start"] // T, (q["source_start"] + len(q["answer"]) - 1) // T
+                    w = where["same window" if first == (q["answer_start"] - 1) // T else
+                              "split across windows" if last > first else "earlier window"]
                     w[0] += 1
                     w[1] += exact
         n_all = sum(b[0] for b in by.values())
@@ -583,12 +586,13 @@ def longrange_report(cfg, docs: list, arms: list, generator: dict) -> tuple[dict
     width = max(len(r["arm"]) for r in rows)
     print(f"\nexact recall by distance (windows of {generator.get('block_size', '?')} tokens), "
           f"{len(docs)} documents, {sum(len(d['queries']) for d in docs)} queries")
-    print(f"{'arm':<{width}} | " + " | ".join(f"{w:>6g}" for w in distances) + " | same window | earlier windows")
+    print(f"{'arm':<{width}} | " + " | ".join(f"{w:>6g}" for w in distances)
+          + " | same window | earlier windows | split across windows")
     for r in rows:
         split = [f"{r['by_window'][k]['exact']:6.1%} of {r['by_window'][k]['queries']}" if k in r["by_window"] else "-"
-                 for k in ("same window", "earlier window")]
+                 for k in ("same window", "earlier window", "split across windows")]
         print(f"{r['arm']:<{width}} | " + " | ".join(f"{b['exact']:6.1%}" for b in r["by_distance"])
-              + f" | {split[0]:>11} | {split[1]:>15}")
+              + f" | {split[0]:>11} | {split[1]:>15} | {split[2]:>20}")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
