@@ -127,7 +127,11 @@ class TrainConfig(LoopConfig):
         """The settings a resumed checkpoint must agree with."""
         mnm = ("mnm_heads", "mnm_key_size", "mnm_hidden", "mnm_write", "mnm_pool", "mnm_shift") if saved.get("mnm_layer", -1) >= 0 else ()
         knn = ("knn_mix",) if saved.get("knn_layer", -1) >= 0 else ()
-        return ("n_layer", "n_head", "n_embd", "block_size", "bias", "pos", "knn_layer", "mnm_layer") + knn + mnm
+        # rotary positions have no table: a model without trainable memories (whose rows hold windows) may
+        # resume with another context, e.g. a long-context stage after short documents (the oracle recipes)
+        free = saved.get("pos") == "rope" and max(saved.get("knn_layer", -1), saved.get("mnm_layer", -1)) < 0
+        block = () if free else ("block_size",)
+        return ("n_layer", "n_head", "n_embd", "bias", "pos", "knn_layer", "mnm_layer") + block + knn + mnm
 
 
 @dataclass
@@ -334,8 +338,9 @@ def init_model(cfg, source, meta: dict, ckpt: dict | None):
     """The model to train, unwrapped, on the CPU: from the checkpoint (ckpt), from scratch, or pretrained."""
     if ckpt is not None:
         check_resumable(cfg, ckpt, meta)
-        tbptt = {"mnm_tbptt": cfg.mnm_tbptt} if isinstance(cfg, DialogConfig) else {}  # training choice, not shape
-        return model_from_checkpoint(ckpt, dropout=cfg.dropout, **tbptt)
+        # training choices, not shape: the chatbot's truncation; a GPT's context (checked by check_resumable)
+        extra = {"mnm_tbptt": cfg.mnm_tbptt} if isinstance(cfg, DialogConfig) else {"block_size": cfg.block_size}
+        return model_from_checkpoint(ckpt, dropout=cfg.dropout, **extra)
     if cfg.init_from == "scratch":
         return cfg.new_model(source.vocab_size)
     model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)  # GPT-2 or the Llama family

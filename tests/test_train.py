@@ -58,6 +58,23 @@ def test_resume_refuses_a_different_shape(char_data, tmp_path):
         train.main(tiny_train_config(char_data, tmp_path, max_iters=20, init_from="resume", n_embd=64))
 
 
+def test_rotary_model_resumes_with_a_longer_context(char_data, tmp_path):
+    """pos='rope' has no position table: a resume may change block_size (a long-context stage after short
+    windows); training goes on from the weights reached, and the checkpoint records the new context.
+    Learned positions keep their table's size."""
+    first = train.main(tiny_train_config(char_data, tmp_path / "rope", max_iters=20, pos="rope", block_size=16))
+    assert load_checkpoint(str(tmp_path / "rope" / "ckpt.pt"))["model_args"]["block_size"] == 16
+    longer = train.main(tiny_train_config(char_data, tmp_path / "rope", max_iters=22, pos="rope", block_size=64,
+                                          init_from="resume"))
+    assert sorted(longer["losses"]) == [20, 21]
+    assert longer["losses"][20] < first["losses"][0] - 0.5  # the trained weights, not a fresh model
+    ckpt = load_checkpoint(str(tmp_path / "rope" / "ckpt.pt"))
+    assert ckpt["model_args"]["block_size"] == 64 and ckpt["iter_num"] == 22
+    train.main(tiny_train_config(char_data, tmp_path / "learned", max_iters=4, block_size=16))
+    with pytest.raises(ConfigError, match="block_size 16 -> 64"):
+        train.main(tiny_train_config(char_data, tmp_path / "learned", max_iters=8, block_size=64, init_from="resume"))
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     atomic_save({"model": {"w": torch.ones(3)}, "model_args": {}}, path)
