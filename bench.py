@@ -95,9 +95,10 @@ class BenchConfig:
     knnlm_size: int = 100000  # kNN-LM datastore entries (random keys, exact torch search)
     # suite 'recipes': the memorizing layer above (knn_layer outside the model: layer n_layer // 2) and an MNM
     # block (memory.MemoryConfig) at mnm_layer (-1: layer n_layer // 2, the recipes' middle layer)
-    # with the recipe's training settings that cost time: knn_grad_windows (the memorizing layer above) and
+    # with the recipe's settings that cost time: knn_grad_windows, knn_mix (the memorizing layer above) and
     # mnm_grad_windows, mnm_pool, mnm_shift (the MNM block)
     knn_grad_windows: int = 0
+    knn_mix: str = "gate"
     mnm_grad_windows: int = 0
     mnm_pool: bool = False
     mnm_shift: bool = False
@@ -149,6 +150,7 @@ class BenchConfig:
                  "dnc_seq_len", "mnm_heads", "mnm_key_size", "mnm_hidden")
         at_least(self, 0, "weight_decay", "seed", "knn_layer", "knn_grad_windows")
         one_of(self, "mnm_grad_windows", (0, 1))
+        one_of(self, "knn_mix", ("gate", "joint"))
         one_of(self, "pos", ("learned", "rope"))
         at_least(self, -1, "mnm_layer")
         one_of(self, "mnm_write", MNM.WRITES)
@@ -711,13 +713,13 @@ def bench_recipes(cfg, device, dtype, vocab_size) -> tuple[dict, list]:
     mid = cfg.n_layer // 2
     knn_layer = cfg.knn_layer if 0 <= cfg.knn_layer < cfg.n_layer else mid
     mnm_layer = cfg.mnm_layer if cfg.mnm_layer >= 0 else mid
-    grads = f", grad_windows {cfg.knn_grad_windows}" if cfg.knn_grad_windows else ""
+    grads = (f", grad_windows {cfg.knn_grad_windows}" if cfg.knn_grad_windows else "") + (", joint" if cfg.knn_mix == "joint" else "")
     mnm_extra = ((", grad_windows 1" if cfg.mnm_grad_windows else "") + (", pooled" if cfg.mnm_pool else "")
                  + (", shifted" if cfg.mnm_shift else ""))
     arms = (("no memory", {}),
             (f"memorizing layer {knn_layer}, {cfg.knn_memory_size:,} entries, top {cfg.knn_topk}{grads}",
              dict(knn_layer=knn_layer, knn_topk=cfg.knn_topk, knn_memory_size=cfg.knn_memory_size,
-                  knn_grad_windows=cfg.knn_grad_windows)),
+                  knn_grad_windows=cfg.knn_grad_windows, knn_mix=cfg.knn_mix)),
             (f"MNM block {mnm_layer} ({cfg.mnm_write}, {cfg.mnm_heads} heads, hidden {cfg.mnm_hidden}{mnm_extra})",
              dict(mnm_layer=mnm_layer, mnm_heads=cfg.mnm_heads, mnm_key_size=cfg.mnm_key_size,
                   mnm_hidden=cfg.mnm_hidden, mnm_write=cfg.mnm_write, mnm_grad_windows=cfg.mnm_grad_windows,
