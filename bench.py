@@ -45,7 +45,7 @@ from common import autocast_context, cli, resolve_device, write_json
 from dnc import DNC, DNC_EPS
 from knn import (BACKENDS, KEY_DTYPES, KNNLMDatastore, KNNMemory, KNNSettings, FaissIndex, TorchIndex,
                  knnlm_log_probs, last_mlp_input)
-from memory import MNM, MemoryConfig, attach_memories, memorizing_layer, mnm_block, row_memories
+from memory import MNM, MemoryConfig, MemorizingMemory, attach_memories, memorizing_layer, mnm_block, row_memories
 from model import PACKAGED_GGUF, GPT, GPTConfig, gguf_folder, pretrained_tokenizer_meta
 from prepare import get_tokenizer
 from runs import check_init_from, check_shape_and_device
@@ -150,7 +150,7 @@ class BenchConfig:
                  "dnc_seq_len", "mnm_heads", "mnm_key_size", "mnm_hidden")
         at_least(self, 0, "weight_decay", "seed", "knn_layer", "knn_grad_windows")
         one_of(self, "mnm_grad_windows", (0, 1))
-        one_of(self, "knn_mix", ("gate", "joint"))
+        one_of(self, "knn_mix", MemorizingMemory.MIXES)
         one_of(self, "pos", ("learned", "rope"))
         at_least(self, -1, "mnm_layer")
         one_of(self, "mnm_write", MNM.WRITES)
