@@ -51,15 +51,17 @@ def split_memory_args(ckpt: dict) -> dict:
     return {**ckpt, "model_args": args, "memory_args": mem}
 
 
-def model_from_checkpoint(ckpt: dict, **overrides):
-    """The model (GPT or Seq2Seq) a checkpoint describes, with its memories attached and its weights loaded.
+def model_from_checkpoint(ckpt: dict, memory: dict | None = None, **overrides):
+    """The model (GPT or Seq2Seq) a checkpoint describes, with its memories attached and its weights loaded;
+    memory and overrides replace memory_args and model_args fields (a resumed run's training choices).
     Arguments or weights this code cannot build are a CheckpointError."""
     args = {**ckpt["model_args"], **overrides}
     try:
         if args.get("model_type") == "seq2seq":
             model = Seq2Seq(Seq2SeqConfig(**args))
         else:
-            model = attach_memories(GPT(GPTConfig(**args)), MemoryConfig(**ckpt.get("memory_args", {})))
+            mem = MemoryConfig(**{**ckpt.get("memory_args", {}), **(memory or {})})
+            model = attach_memories(GPT(GPTConfig(**args)), mem)
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"the checkpoint does not describe a model this code builds ({type(e).__name__}: "

@@ -190,6 +190,8 @@ class MemorizingMemory(nn.Module):
         """Empty the memory of these rows (indices or a bool mask, of the whole memory)."""
         if self.mem is not None:
             self.mem["written"][rows] = 0
+            if "recent_start" in self.mem:
+                self.mem["recent_start"][rows] = 0
 
     def counts(self):
         """Entries held per row (R,)."""
@@ -233,9 +235,13 @@ class MemorizingMemory(nn.Module):
             q, k = attn.rotary.rotate(q, -attn.q_pos), attn.rotary.rotate(k, -attn.q_pos)
         if self.mem is None:
             self._alloc(B, k.detach())
-        if grad and "recent_x" not in self.mem:
+        ring = self.mem.get("recent_x")
+        if grad and (ring is None or ring.size(1) != self.grad_windows * T):
+            # a new ring (also after a resume with another grad_windows): entries written before it starts
+            # have no kept inputs, and are never recomputed
             R, C = self.mem["written"].numel(), self._x.size(-1)
             self.mem["recent_x"] = self._x.new_zeros(R, self.grad_windows * T, C)
+            self.mem["recent_start"] = self.mem["written"].clone()
         rows = self.rows if self.rows is not None else slice(0, B)  # a slice: the memory rows are views
         rid = torch.arange(self.mem["written"].numel(), device=q.device)[rows]  # (B,) memory rows of the batch
         if rid.numel() != B:
@@ -300,6 +306,8 @@ class MemorizingMemory(nn.Module):
             newest = written - 1 - ((written - 1 - ids) % self.size)  # the entry's index in its row's stream
             off = newest - (written - span)  # position among the latest span entries
             mine = off >= 0
+            if "recent_start" in self.mem:  # absent from checkpoints written before rings could start late
+                mine &= newest >= self.mem["recent_start"][rows].repeat_interleave(H)[:, None, None]
             off = off.clamp(min=0)
             k_ret = torch.where(mine[..., None], k_rec[g_idx, off], k_ret)
             v_ret = torch.where(mine[..., None], v_rec[g_idx, off], v_ret)

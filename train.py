@@ -123,10 +123,14 @@ class TrainConfig(LoopConfig):
     def new_model(self, vocab_size):
         return attach_memories(GPT(GPTConfig(vocab_size=vocab_size, pos=self.pos, **self.shape())), self.memory_config())
 
+    # memory settings a resumed run takes from its own settings, not the checkpoint's: they change how the
+    # memory is searched, mixed or trained, no weight (e.g. a last stage with knn_mix='joint', or a larger topk)
+    RESUME_CHOICES = ("knn_topk", "knn_search_dtype", "knn_grad_windows", "knn_mix", "mnm_grad_windows")
+
     def shape_keys(self, saved: dict) -> tuple:
         """The settings a resumed checkpoint must agree with."""
         mnm = ("mnm_heads", "mnm_key_size", "mnm_hidden", "mnm_write", "mnm_pool", "mnm_shift") if saved.get("mnm_layer", -1) >= 0 else ()
-        knn = ("knn_mix",) if saved.get("knn_layer", -1) >= 0 else ()
+        knn = ("knn_memory_size",) if saved.get("knn_layer", -1) >= 0 else ()  # the saved rows' length
         # rotary positions have no table: a model without trainable memories (whose rows hold windows) may
         # resume with another context, e.g. a long-context stage after short documents (the oracle recipes)
         free = saved.get("pos") == "rope" and max(saved.get("knn_layer", -1), saved.get("mnm_layer", -1)) < 0
@@ -339,8 +343,15 @@ def init_model(cfg, source, meta: dict, ckpt: dict | None):
     if ckpt is not None:
         check_resumable(cfg, ckpt, meta)
         # training choices, not shape: the chatbot's truncation; a GPT's context (checked by check_resumable)
-        extra = {"mnm_tbptt": cfg.mnm_tbptt} if isinstance(cfg, DialogConfig) else {"block_size": cfg.block_size}
-        return model_from_checkpoint(ckpt, dropout=cfg.dropout, **extra)
+        # and how its memories are searched, mixed and trained
+        if isinstance(cfg, DialogConfig):
+            return model_from_checkpoint(ckpt, dropout=cfg.dropout, mnm_tbptt=cfg.mnm_tbptt)
+        choices = {k: getattr(cfg, k) for k in cfg.RESUME_CHOICES}
+        changed = [f"{k} {ckpt['memory_args'][k]} -> {v}" for k, v in choices.items()
+                   if k in ckpt["memory_args"] and ckpt["memory_args"][k] != v]
+        if changed:
+            print0("resuming with other memory settings than the checkpoint's: " + ", ".join(changed))
+        return model_from_checkpoint(ckpt, memory=choices, dropout=cfg.dropout, block_size=cfg.block_size)
     if cfg.init_from == "scratch":
         return cfg.new_model(source.vocab_size)
     model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)  # GPT-2 or the Llama family

@@ -10,7 +10,7 @@ import train
 from conftest import tiny_train_config, torchrun_train
 from knn import KNNLM, KNNLMDatastore, KNNMemoryError, KNNSettings, knnlm_log_probs, last_mlp_input
 from memory import MemoryConfig, MemorizingMemory, attach_memories, generate_any, memorizing_layer, mnm_block
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
 from data import DocStream
 from prepare import split_documents
 from model import GPT, GPTConfig
@@ -320,9 +320,49 @@ def test_resume_with_memory_equals_uninterrupted(short_docs, tmp_path, mix):
         assert resumed["losses"][it] == pytest.approx(full["losses"][it], rel=1e-6)
     assert resumed["val_loss"] == pytest.approx(full["val_loss"], rel=1e-6)
     from configurator import ConfigError
-    other = {"gate": "joint", "joint": "gate"}[mix]
-    with pytest.raises(ConfigError, match=f"knn_mix {mix} -> {other}"):  # the mix is part of what the model computes
-        train.main(mem_cfg(short_docs, part, max_iters=30, init_from="resume", **{**common, "knn_mix": other}))
+    with pytest.raises(ConfigError, match="knn_memory_size 64 -> 96"):  # the saved rows hold 64 entries
+        train.main(mem_cfg(short_docs, part, max_iters=30, init_from="resume", **{**common, "knn_memory_size": 96}))
+
+
+def test_resume_takes_the_runs_memory_choices(short_docs, tmp_path, capsys):
+    """knn_mix, topk and grad_windows change no weight: a resumed run uses its own (e.g. a last stage with
+    knn_mix='joint'), says so, and its checkpoint records them; the first resumed step differs from the
+    uninterrupted run's only by them."""
+    common = dict(lr_decay_iters=24, eval_interval=12, knn_gate_init=0.0)  # open gates
+    full = train.main(mem_cfg(short_docs, tmp_path / "full", max_iters=13, **common))
+    part = tmp_path / "part"
+    train.main(mem_cfg(short_docs, part, max_iters=12, **common))
+    joint = train.main(mem_cfg(short_docs, part, max_iters=13, init_from="resume", knn_mix="joint", knn_topk=8,
+                               knn_grad_windows=1, **common))
+    assert "knn_topk 4 -> 8, knn_grad_windows 0 -> 1, knn_mix gate -> joint" in capsys.readouterr().out
+    # an unchanged resume matches to 1e-6 (the test above); the memory is a small share of a char model's loss
+    assert abs(joint["losses"][12] - full["losses"][12]) > 1e-5
+    saved = load_checkpoint(str(part / "ckpt.pt"))["memory_args"]
+    assert (saved["knn_mix"], saved["knn_topk"], saved["knn_grad_windows"]) == ("joint", 8, 1)
+    mem = memorizing_layer(model_from_checkpoint(load_checkpoint(str(part / "ckpt.pt"))))
+    assert (mem.mix, mem.topk, mem.grad_windows) == ("joint", 8, 1)
+
+
+def test_grad_windows_started_late_recompute_only_what_they_kept():
+    """A memory filled without grad_windows (a resume that turns them on) has no kept inputs for its
+    entries: they are read as stored, so the output equals the detached memory's, and so do later windows
+    (recomputed with the same weights)."""
+    x = torch.randint(0, 50, (2, 64))
+    plain = tiny_gpt(knn_layer=1, knn_topk=8, knn_memory_size=64).train()
+    grad = tiny_gpt(knn_layer=1, knn_topk=8, knn_memory_size=64, knn_grad_windows=1).train()
+    T = 16
+    with torch.no_grad():
+        for i in range(0, 2 * T, T):
+            plain(x[:, i:i + T], x[:, i:i + T])
+    grad_mem = memorizing_layer(grad)
+    grad_mem.set_state(memorizing_layer(plain).get_state())
+    for i in range(2 * T, 4 * T, T):
+        want, _ = plain(x[:, i:i + T], x[:, i:i + T])
+        got, _ = grad(x[:, i:i + T], x[:, i:i + T])
+        torch.testing.assert_close(got, want)
+    assert grad_mem.mem["recent_start"].tolist() == [2 * T, 2 * T]
+    grad_mem.clear_rows([0])
+    assert grad_mem.mem["recent_start"].tolist() == [0, 2 * T]
 
 
 def test_gradient_accumulation_keeps_a_memory_per_micro_step_row(short_docs, tmp_path):
