@@ -90,6 +90,7 @@ class TrainConfig(LoopConfig):
     mnm_grad_windows: int = 0  # 1: the task loss also trains the previous window's write (MemoryConfig)
     mnm_pool: bool = False  # True: one attention-pooled write per window and head (MemoryConfig)
     mnm_shift: bool = False  # True: a token's key is written with the next token's value (MemoryConfig)
+    mnm_write_penalty: float = 0.0  # > 0: an L1 cost on the write strengths, so filler may go unwritten (MemoryConfig)
     pos: str = "learned"  # positions of a new model: 'learned' (GPT-2's table) or 'rope' (rotary, as Llama)
 
     def validate(self):
@@ -103,7 +104,7 @@ class TrainConfig(LoopConfig):
         one_of(self, "mnm_write", MNM.WRITES)
         at_least(self, -1, "knn_layer", "mnm_layer")
         at_least(self, 1, "knn_topk", "knn_memory_size", "mnm_heads", "mnm_key_size", "mnm_hidden")
-        at_least(self, 0, "knn_grad_windows", "answer_loss")
+        at_least(self, 0, "knn_grad_windows", "answer_loss", "mnm_write_penalty")
         one_of(self, "mnm_grad_windows", (0, 1))
         need(not (self.mnm_pool and self.mnm_shift), "mnm_shift pairs each token's key with the next token's "
              "value, mnm_pool makes one pooled write per window: use one of the two")
@@ -125,7 +126,8 @@ class TrainConfig(LoopConfig):
 
     # memory settings a resumed run takes from its own settings, not the checkpoint's: they change how the
     # memory is searched, mixed or trained, no weight (e.g. a last stage with knn_mix='joint', or a larger topk)
-    RESUME_CHOICES = ("knn_topk", "knn_search_dtype", "knn_grad_windows", "knn_mix", "mnm_grad_windows")
+    RESUME_CHOICES = ("knn_topk", "knn_search_dtype", "knn_grad_windows", "knn_mix", "mnm_grad_windows",
+                      "mnm_write_penalty")
 
     def shape_keys(self, saved: dict) -> tuple:
         """The settings a resumed checkpoint must agree with."""

@@ -596,6 +596,55 @@ def test_mnm_token_strengths_sum_to_at_most_one_step():
     assert seen["beta"].sum() == pytest.approx(H * S * torch.sigmoid(torch.tensor(-4.0)).item())  # not scaled up
 
 
+@pytest.mark.parametrize("shift", [False, True])
+def test_mnm_write_penalty_is_the_strength_spent(shift):
+    """mnm_write_penalty p adds p x (per row and head, the sum of the live tokens' strengths before the
+    sum-to-1 scaling, averaged) to the write loss, and its gradient to the strengths' logits."""
+    from memory import MNM
+    h = torch.randn(2, 6, 16)
+    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    losses, grads = [], []
+    for p in (0.0, 0.5):
+        torch.manual_seed(0)
+        mnm = MNM(n_embd=16, heads=2, key_size=8, hidden=8, shift=shift, write_penalty=p)
+        _, _, loss = mnm(h, mask, mnm.initial_state(2), read_first=True)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(mnm.c_mem.bias.grad.view(2, -1)[:, 2 * 8 + 8].clone())  # each head's strength logit
+    b = mnm.c_mem(h).view(2, 6, 2, -1)[..., 2 * 8 + 8].detach()  # (B, S, H)
+    live = mask[:, :, None].float()
+    if shift:  # token t's key with token t + 1's strength
+        b, live = b[:, 1:], (mask[:, :-1] & mask[:, 1:])[:, :, None].float()
+    spent = (torch.sigmoid(b) * live).sum(1).mean()  # over rows and heads
+    assert losses[1] - losses[0] == pytest.approx(0.5 * spent.item(), rel=1e-5)
+    sig = torch.sigmoid(b)
+    push = (sig * (1 - sig) * live).sum((0, 1)) / (2 * 2)  # d spent / d (each head's strength bias)
+    torch.testing.assert_close(grads[1] - grads[0], 0.5 * push)  # > 0: every strength is pushed down
+    with pytest.raises(ValueError, match="mnm_write_penalty=-1"):
+        MNM(n_embd=16, heads=2, key_size=8, hidden=8, write_penalty=-1)
+
+
+def test_mnm_write_penalty_trains_strengths_down(short_docs, tmp_path):
+    """Trained with a write penalty, the MNM block spends less strength per window of the data than without."""
+    x = torch.from_numpy(np.fromfile(short_docs / "docs" / "val.bin", dtype=np.uint16)[:4 * 32].astype(np.int64))
+    spent = {}
+    for p in (0.0, 5.0):
+        train.main(mnm_cfg(short_docs, tmp_path / str(p), max_iters=30, learning_rate=1e-2, mnm_write_penalty=p))
+        ckpt = load_checkpoint(str(tmp_path / str(p) / "ckpt.pt"))
+        assert ckpt["memory_args"]["mnm_write_penalty"] == p
+        model = model_from_checkpoint(ckpt).train()
+        block = mnm_block(model)
+        losses = []
+        for pen in (0.0, 1.0):  # the difference of the write losses is the strength spent
+            block.mnm.write_penalty = pen
+            block.reset()
+            with torch.no_grad():
+                model(x.view(4, 32))
+            losses.append(block.write_loss.item())
+        spent[p] = losses[1] - losses[0]
+    assert spent[5.0] < 0.5 * spent[0.0]
+
+
 def test_mnm_shift_writes_each_key_with_the_next_tokens_value():
     """mnm_shift: the write pairs token t's key with token t + 1's value and strength (S - 1 pairs); the reads
     are unchanged. Refused with pooled writes."""
