@@ -74,6 +74,9 @@ class EvalConfig(CheckedSettings):
     # over the document's own past (knnlm_k, knnlm_temperature, one arm per lambda in knnlm_lambdas); both untrained,
     # on longrange_base's model
     longrange_base: str | None = None  # default: the first of out_dirs whose model has no trainable memory
+    # longrange: the entries each query of a memorizing layer attends to (None: the checkpoint's knn_topk); no
+    # weight depends on it, so a trained layer can be read with a wider retrieval
+    eval_knn_topk: int | None = None
 
     def validate(self):
         """Every setting in its allowed range, before any work."""
@@ -88,6 +91,7 @@ class EvalConfig(CheckedSettings):
              "e.g. [1024, 4096]")
         at_least(self, 1, "eval_memory_sizes")
         at_least(self, 2, "eval_tokens", "knnlm_max_tokens")
+        at_least(self, 1, "eval_knn_topk")
         within(self, 0, 1, "knnlm_lambdas")
 
 
@@ -465,7 +469,7 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
 def memory_kind(model) -> str:
     mems = row_memories(model)
     if "knn_memory" in mems:
-        return f"memorizing layer {model.memory_args['knn_layer']}"
+        return f"memorizing layer {model.memory_args['knn_layer']}, topk {mems['knn_memory'].topk}"
     if "mnm_memory" in mems:
         return f"MNM block {model.memory_args['mnm_layer']}"
     return "no memory"
@@ -481,6 +485,8 @@ def eval_longrange(cfg, device) -> tuple[dict, object]:
         model, tokenizer, meta, source = load_model("resume", out_dir, device)
         if isinstance(model, Seq2Seq):
             raise ConfigError(f"{out_dir} holds a seq2seq chatbot; eval='longrange' reads GPT checkpoints")
+        if cfg.eval_knn_topk and memorizing_layer(model) is not None:
+            memorizing_layer(model).topk = cfg.eval_knn_topk
         models[out_dir] = (model, tokenizer, meta)
     first_meta = next(iter(models.values()))[2]
     path = eval_dataset_dir(cfg, first_meta)

@@ -184,7 +184,8 @@ def test_longrange_eval_writes_json_and_png_with_every_arm_on_the_same_documents
     assert (tmp_path / "ev" / "longrange.png").stat().st_size > 1000
     assert [r["arm"] for r in saved["rows"]] == [r["arm"] for r in result["rows"]]
     assert len(saved["rows"]) == 5  # three checkpoints, the kNN memory, kNN-LM
-    assert {r["kind"] for r in saved["rows"]} == {"no memory", "memorizing layer 1", "MNM block 1", "knn memory", "knnlm"}
+    assert {r["kind"] for r in saved["rows"]} == {"no memory", "memorizing layer 1, topk 4", "MNM block 1", "knn memory",
+                                             "knnlm"}
     docs = prepare.longrange_documents(str(passkey_dir), "val", prepare.get_tokenizer(prepare.load_meta(passkey_dir)))
     T = json.loads((passkey_dir / "generator.json").read_text())["block_size"]
     n_split = sum((q["source_start"] + 4) // T > q["source_start"] // T for d in docs for q in d["queries"])
@@ -252,6 +253,25 @@ def test_longrange_eval_needs_checkpoints_before_any_work():
     from configurator import ConfigError, load_config
     with pytest.raises(ConfigError, match=r"^out_dirs=\[\] is empty: eval='longrange' needs the checkpoints"):
         load_config(evaluate.EvalConfig, [], eval="longrange", eval_dataset="passkey")
+
+
+def test_longrange_eval_reads_a_memorizing_layer_with_another_topk(passkey_dir, checkpoints, tmp_path, monkeypatch):
+    """eval_knn_topk: the trained layer (topk 4) retrieves that many entries per query, and the arm says so."""
+    from configurator import load_config
+    from memory import MemorizingMemory
+    used = set()
+    retrieve = MemorizingMemory.retrieve
+
+    def spy(self, *args):
+        used.add(self.topk)
+        return retrieve(self, *args)
+
+    monkeypatch.setattr(MemorizingMemory, "retrieve", spy)
+    cfg = load_config(evaluate.EvalConfig, [], eval="longrange", eval_dataset="passkey", data_dir=str(passkey_dir.parent),
+                      out_dirs=[checkpoints["knn"]], longrange_arms=["checkpoints"], eval_knn_topk=9,
+                      eval_out=str(tmp_path / "ev"), device="cpu", dtype="float32", batch_size=4)
+    result = evaluate.main(cfg)
+    assert used == {9} and result["rows"][0]["kind"] == "memorizing layer 1, topk 9"
 
 
 def test_windowed_pass_equals_training_reads(passkey_dir, checkpoints):
