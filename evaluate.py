@@ -485,8 +485,9 @@ def eval_longrange(cfg, device) -> tuple[dict, object]:
         model, tokenizer, meta, source = load_model("resume", out_dir, device)
         if isinstance(model, Seq2Seq):
             raise ConfigError(f"{out_dir} holds a seq2seq chatbot; eval='longrange' reads GPT checkpoints")
-        if cfg.eval_knn_topk and memorizing_layer(model) is not None:
-            memorizing_layer(model).topk = cfg.eval_knn_topk
+        layer = memorizing_layer(model)
+        if cfg.eval_knn_topk and layer is not None:
+            layer.topk = cfg.eval_knn_topk
         models[out_dir] = (model, tokenizer, meta)
     first_meta = next(iter(models.values()))[2]
     path = eval_dataset_dir(cfg, first_meta)

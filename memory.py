@@ -523,8 +523,7 @@ class MNM(nn.Module):
             kw, v, b = [(a * t).sum(2, keepdim=True) for t in (kw, v, b)]
             live = live.any(1, keepdim=True)  # (B, 1)
         kw, kr = F.normalize(kw, dim=-1), F.normalize(kr, dim=-1)
-        beta = torch.sigmoid(b + self.beta_offset) * live[:, None, :, None]  # (B, H, S or 1, 1)
-        spent = beta.sum(2).mean()  # the strength a window spends per head, before scaling (mnm_write_penalty)
+        beta = raw = torch.sigmoid(b + self.beta_offset) * live[:, None, :, None]  # (B, H, S or 1, 1)
         if not self.pool:  # the tokens share one step: S full-strength steps at once would overshoot, so
             # strengths summing past 1 are scaled to sum to 1 (per head). A window can then spend its whole
             # step on a few tokens (a pass key) and leave the rest unwritten; dividing by S kept each at <= 1/S.
@@ -542,8 +541,8 @@ class MNM(nn.Module):
         stored, _ = self.recall(new, kw)
         weight = beta.detach()
         write_loss = ((stored - v).pow(2).mean(-1, keepdim=True) * weight).sum() / weight.sum().clamp(min=1e-6)
-        if self.write_penalty:
-            write_loss = write_loss + self.write_penalty * spent
+        if self.write_penalty:  # the strength a window spends per head, before the scaling
+            write_loss = write_loss + self.write_penalty * raw.sum(2).mean()
         return self.c_proj(reads.transpose(1, 2).reshape(B, S, -1)), new, write_loss
 
 
