@@ -188,7 +188,7 @@ TRAINING_ONLY = ("out_dir", "eval_interval", "log_interval", "eval_iters", "eval
                  "init_from", "overwrite", "wandb_log", "wandb_project", "wandb_run_name",
                  "gradient_accumulation_steps", "loader", "dropout", "max_iters", "grad_clip", "decay_lr",
                  "warmup_iters", "lr_decay_iters", "min_lr", "knn_search_dtype", "knn_gate_init", "answer_loss",
-                 "mnm_write_penalty", "n_enc_layer", "memory", "mnm_read", "mnm_tbptt", "dialog_slots",
+                 "mnm_write_penalty", "mnm_write_budget", "n_enc_layer", "memory", "mnm_read", "mnm_tbptt", "dialog_slots",
                  "vocab_prune_every", "vocab_min_count", "vocab_capacity", "optimizer",
                  "min_len", "max_len", "min_repeats", "max_repeats", "item_len", "baseline", "n_tasks", "datasets",
                  "classifier", "methods", "replay_capacity", "replay_every", "replay_store", "replay_batch",

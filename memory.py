@@ -81,7 +81,12 @@ class MemoryConfig:
     # maps a context to what followed it (what a causal LM reads back: the key digit after "the pass key is");
     # False: a token's key and value both come from the token itself. Per-token writes only (not with mnm_pool)
     mnm_shift: bool = False
-    # > 0: an L1 cost on the write strengths, this x the strength a window spends per head before the sum-to-1
+    # per-token writes: the strengths a window spends per head are scaled to sum to at most this many full
+    # steps. 1: one step a window (a key's five digits then get about a fifth of a step each); a few: several
+    # pairs can each be written whole (with mnm_write_penalty keeping filler unwritten). Changes no weight: a
+    # resume may change it
+    mnm_write_budget: float = 1.0
+    # > 0: an L1 cost on the write strengths, this x the strength a window spends per head before the budget's
     # scaling (the mean over rows and heads of the sum over its tokens), added to the write loss: a window
     # that writes nothing pays nothing, so the memory may learn to keep a key through windows of filler
     # instead of every window spending its full step. Training only; a resume may change it.
@@ -95,7 +100,8 @@ def attach_memories(model, cfg: MemoryConfig):
                              cfg.knn_gate_init, cfg.knn_grad_windows, cfg.knn_mix)
     if cfg.mnm_layer >= 0:
         add_mnm_block(model, cfg.mnm_layer, cfg.mnm_heads, cfg.mnm_key_size, cfg.mnm_hidden, cfg.mnm_write,
-                      cfg.mnm_grad_windows, cfg.mnm_pool, cfg.mnm_shift, cfg.mnm_write_penalty)
+                      cfg.mnm_grad_windows, cfg.mnm_pool, cfg.mnm_shift, cfg.mnm_write_penalty,
+                      cfg.mnm_write_budget)
     return model
 
 
@@ -422,8 +428,8 @@ class MNM(nn.Module):
                gate alpha predicted per head from the segment's mean output.
     With pool=True a segment makes a single write per head, of its tokens' keys, values and strengths
     averaged with learned attention weights (what a dialogue turn uses: one turn, one fact); otherwise
-    every token writes its own pair, the strengths of a segment scaled to sum to at most 1 (its S writes
-    then move the weights at most about as far as one, and the model chooses which tokens spend it).
+    every token writes its own pair, the strengths of a segment scaled to sum to at most write_budget (its S
+    writes then move the weights at most about as far as that many, and the model chooses which tokens spend it).
     The gradient is written out by hand (two layers), so meta-training back-propagates through the
     writes with one ordinary backward pass. The write loss returned is the beta-weighted |f(k) - v|^2
     after the write, plus write_penalty x the strength the segment spent per head before the scaling (an
@@ -434,7 +440,7 @@ class MNM(nn.Module):
     beta_offset = 0.0  # added to the strength logit (kept as the knob for a gentler start)
 
     def __init__(self, n_embd: int, heads: int, key_size: int, hidden: int, write: str = "local",
-                 pool: bool = False, shift: bool = False, write_penalty: float = 0.0):
+                 pool: bool = False, shift: bool = False, write_penalty: float = 0.0, write_budget: float = 1.0):
         super().__init__()
         if write not in self.WRITES:
             raise ValueError(f"mnm_write must be one of {self.WRITES}, got {write!r}")
@@ -445,7 +451,10 @@ class MNM(nn.Module):
             raise ValueError(f"n_embd {n_embd} must be a multiple of mnm_heads {heads}")
         if write_penalty < 0:
             raise ValueError(f"mnm_write_penalty={write_penalty}: an L1 cost on write strengths is >= 0")
-        self.write_rule, self.pool, self.shift, self.write_penalty = write, pool, shift, write_penalty
+        if not write_budget > 0:
+            raise ValueError(f"mnm_write_budget={write_budget}: the full steps a window may spend must be > 0")
+        self.write_rule, self.pool, self.shift = write, pool, shift
+        self.write_penalty, self.write_budget = write_penalty, write_budget
         self.H, self.dk, self.dv, self.dh = heads, key_size, n_embd // heads, hidden
         H, dk, dv, dh = self.H, self.dk, self.dv, self.dh
         self.c_mem = nn.Linear(n_embd, H * (2 * dk + dv + 2))  # write key, read key, value, strength, pooling score
@@ -524,10 +533,10 @@ class MNM(nn.Module):
             live = live.any(1, keepdim=True)  # (B, 1)
         kw, kr = F.normalize(kw, dim=-1), F.normalize(kr, dim=-1)
         beta = raw = torch.sigmoid(b + self.beta_offset) * live[:, None, :, None]  # (B, H, S or 1, 1)
-        if not self.pool:  # the tokens share one step: S full-strength steps at once would overshoot, so
-            # strengths summing past 1 are scaled to sum to 1 (per head). A window can then spend its whole
-            # step on a few tokens (a pass key) and leave the rest unwritten; dividing by S kept each at <= 1/S.
-            beta = beta / beta.sum(2, keepdim=True).clamp(min=1)
+        if not self.pool:  # the tokens share a budget: S full-strength steps at once would overshoot, so
+            # strengths summing past write_budget are scaled to sum to it (per head). A window can then spend
+            # it on a few tokens (a pass key) and leave the rest unwritten; dividing by S kept each at <= 1/S.
+            beta = beta / (beta.sum(2, keepdim=True) / self.write_budget).clamp(min=1)
         if self.probe is not None:
             self.probe(beta.detach())
         if read_first:
@@ -553,7 +562,7 @@ def mnm_block(model):
 
 
 def add_mnm_block(model, layer: int, heads: int, key_size: int, hidden: int, write: str, grad_windows: int = 0,
-                  pool: bool = False, shift: bool = False, write_penalty: float = 0.0):
+                  pool: bool = False, shift: bool = False, write_penalty: float = 0.0, write_budget: float = 1.0):
     """Give a GPT (e.g. pretrained GPT-2) an MNMBlock at `layer`; recorded in model.memory_args."""
     cfg = model.config
     if not 0 <= layer < cfg.n_layer:
@@ -562,8 +571,8 @@ def add_mnm_block(model, layer: int, heads: int, key_size: int, hidden: int, wri
         raise ValueError(f"mnm_grad_windows={grad_windows}: 0 (the write path learns from its write loss) or 1")
     model.memory_args.update(mnm_layer=layer, mnm_heads=heads, mnm_key_size=key_size, mnm_hidden=hidden,
                              mnm_write=write, mnm_grad_windows=grad_windows, mnm_pool=pool, mnm_shift=shift,
-                             mnm_write_penalty=write_penalty)
-    mnm = MNM(cfg.n_embd, heads, key_size, hidden, write, pool, shift, write_penalty)
+                             mnm_write_penalty=write_penalty, mnm_write_budget=write_budget)
+    mnm = MNM(cfg.n_embd, heads, key_size, hidden, write, pool, shift, write_penalty, write_budget)
     mnm.apply(init_weights)
     nn.init.normal_(mnm.c_proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))  # a residual projection
     mnm.match_read_keys()

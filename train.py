@@ -30,7 +30,7 @@ from chat import Seq2Seq, Seq2SeqConfig
 from checkpoint import CheckpointError, load_checkpoint, memory_args, model_args, model_from_checkpoint
 from common import (atomic_save, autocast_context, cli, ddp_info, get_lr, get_rng_state, print0, pyplot,
                     resolve_device, save_figure, set_rng_state)
-from configurator import ConfigError, at_least, format_config, load_program, need, one_of, within
+from configurator import ConfigError, above, at_least, format_config, load_program, need, one_of, within
 from data import Dialogs, DocStreams, Layout, RandomWindows
 from memory import MEMORIZING_GATE_INIT, MNM, MemoryConfig, MemorizingMemory, attach_memories
 from model import GPT, GPTConfig, pretrained_tokenizer_meta
@@ -91,6 +91,7 @@ class TrainConfig(LoopConfig):
     mnm_pool: bool = False  # True: one attention-pooled write per window and head (MemoryConfig)
     mnm_shift: bool = False  # True: a token's key is written with the next token's value (MemoryConfig)
     mnm_write_penalty: float = 0.0  # > 0: an L1 cost on the write strengths, so filler may go unwritten (MemoryConfig)
+    mnm_write_budget: float = 1.0  # full write steps a window may spend per head (MemoryConfig)
     pos: str = "learned"  # positions of a new model: 'learned' (GPT-2's table) or 'rope' (rotary, as Llama)
 
     def validate(self):
@@ -105,6 +106,7 @@ class TrainConfig(LoopConfig):
         at_least(self, -1, "knn_layer", "mnm_layer")
         at_least(self, 1, "knn_topk", "knn_memory_size", "mnm_heads", "mnm_key_size", "mnm_hidden")
         at_least(self, 0, "knn_grad_windows", "answer_loss", "mnm_write_penalty")
+        above(self, 0, "mnm_write_budget")
         one_of(self, "mnm_grad_windows", (0, 1))
         need(not (self.mnm_pool and self.mnm_shift), "mnm_shift pairs each token's key with the next token's "
              "value, mnm_pool makes one pooled write per window: use one of the two")
@@ -127,7 +129,7 @@ class TrainConfig(LoopConfig):
     # memory settings a resumed run takes from its own settings, not the checkpoint's: they change how the
     # memory is searched, mixed or trained, no weight (e.g. a last stage with knn_mix='joint', or a larger topk)
     RESUME_CHOICES = ("knn_topk", "knn_search_dtype", "knn_grad_windows", "knn_mix", "mnm_grad_windows",
-                      "mnm_write_penalty")
+                      "mnm_write_penalty", "mnm_write_budget")
 
     def shape_keys(self, saved: dict) -> tuple:
         """The settings a resumed checkpoint must agree with."""

@@ -624,6 +624,48 @@ def test_mnm_write_penalty_is_the_strength_spent(shift):
         MNM(n_embd=16, heads=2, key_size=8, hidden=8, write_penalty=-1)
 
 
+@pytest.mark.parametrize("budget", [1.0, 3.0])
+def test_mnm_write_budget_caps_the_strength_a_window_spends(budget):
+    """Per head, a window's strengths are scaled to sum to at most write_budget: left alone below it (each
+    token then writes its own full-strength pair), scaled to sum exactly to it above. The write equals the
+    rule applied with those strengths."""
+    from memory import MNM
+    torch.manual_seed(0)
+    mnm = MNM(n_embd=16, heads=2, key_size=8, hidden=8, write_budget=budget)
+    with torch.no_grad():
+        mnm.c_mem.bias.view(2, -1)[:, 2 * 8 + 8] = torch.tensor([-4.0, 3.0])  # head 0 writes ~0.1, head 1 ~6 steps
+    h, mask = torch.randn(1, 6, 16), torch.ones(1, 6, dtype=torch.bool)
+    seen = []
+    mnm.probe = seen.append
+    _, new, _ = mnm(h, mask, mnm.initial_state(1), read_first=True)
+    raw = torch.sigmoid(mnm.c_mem(h).view(1, 6, 2, -1)[..., 2 * 8 + 8]).transpose(1, 2)  # (B, H, S)
+    beta = seen[0][..., 0]
+    assert raw[0, 0].sum() < 1 and raw[0, 1].sum() > budget
+    torch.testing.assert_close(beta[0, 0], raw[0, 0].detach())  # under the budget: as they are
+    torch.testing.assert_close(beta[0, 1], raw[0, 1].detach() * budget / raw[0, 1].sum().detach())
+    p = mnm.c_mem(h).view(1, 6, 2, -1).transpose(1, 2)
+    k, _, v, _, _ = p.split([8, 8, 8, 1, 1], dim=-1)
+    want = mnm.write(mnm.initial_state(1), F.normalize(k, dim=-1), v, seen[0], h, mask)
+    torch.testing.assert_close(new["w2"], want["w2"])
+    with pytest.raises(ValueError, match="mnm_write_budget=0"):
+        MNM(n_embd=16, heads=2, key_size=8, hidden=8, write_budget=0)
+
+
+def test_resume_may_change_the_mnm_write_budget(short_docs, tmp_path, capsys):
+    """The budget changes no weight: a resume takes the run's, says so, records it, and the first resumed step
+    differs from the uninterrupted run's."""
+    common = dict(lr_decay_iters=24, eval_interval=12, mnm_shift=True, mnm_grad_windows=1)
+    full = train.main(mnm_cfg(short_docs, tmp_path / "full", max_iters=13, **common))
+    part = tmp_path / "part"
+    train.main(mnm_cfg(short_docs, part, max_iters=12, **common))
+    more = train.main(mnm_cfg(short_docs, part, max_iters=13, init_from="resume", mnm_write_budget=4.0, **common))
+    assert "mnm_write_budget 1.0 -> 4.0" in capsys.readouterr().out
+    assert abs(more["losses"][12] - full["losses"][12]) > 1e-6
+    ckpt = load_checkpoint(str(part / "ckpt.pt"))
+    assert ckpt["memory_args"]["mnm_write_budget"] == 4.0
+    assert mnm_block(model_from_checkpoint(ckpt)).mnm.write_budget == 4.0
+
+
 def test_mnm_write_penalty_trains_strengths_down(short_docs, tmp_path):
     """Trained with a write penalty, the MNM block spends less strength per window of the data than without."""
     x = torch.from_numpy(np.fromfile(short_docs / "docs" / "val.bin", dtype=np.uint16)[:4 * 32].astype(np.int64))
