@@ -296,8 +296,8 @@ def answer_positions(doc) -> list[int]:
     return sorted({int(s) - 1 for q in doc["queries"] for s in q["span"]})
 
 
-def score_queries(docs: list, preds: list) -> list[list[tuple[bool, float]]]:
-    """(exact, share of answer tokens right) per query of each document, from greedy predictions: the
+def score_queries(docs: list, preds: list) -> list[list[tuple[bool, list[bool]]]]:
+    """(exact, each answer token right) per query of each document, from greedy predictions: the
     prediction at position p - 1 is the token at p. With the answer's earlier tokens given (teacher
     forcing), every answer token right is exactly what greedy decoding would write."""
     out = []
@@ -305,7 +305,7 @@ def score_queries(docs: list, preds: list) -> list[list[tuple[bool, float]]]:
         row = []
         for q in d["queries"]:
             ok = p[q["span"] - 1] == d["tokens"][q["span"]]
-            row.append((bool(ok.all()), float(ok.mean())))
+            row.append((bool(ok.all()), ok.tolist()))
         out.append(row)
     return out
 
@@ -417,9 +417,11 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
     value's tokens (with mnm_shift: the pairs whose value is one of them), by nominal distance; `uniform` is
     the share an even spread over the window's writes would give; and `window_strength`, the mean total
     write strength per head of the windows holding a value and of the windows between a value's last token
-    and its answer (each at most 1): a window overwrites the fast weights by about as much as it writes, so a
-    value survives only if it is written stronger than what comes between. Char tokenizer: offsets are
-    positions."""
+    and its answer (each at most the write budget): a window overwrites the fast weights by about as much
+    as it writes, so a value survives only if it is written stronger than what comes between; and
+    `value_token_strength`, the mean strength per head that wrote each of a value's tokens, by its place in
+    the value (a memory that spends its step on one of a key's digits recalls that digit only). Char
+    tokenizer: offsets are positions."""
     block = mnm_block(model)
     mnm, T = block.mnm, model.config.block_size
     if mnm.pool:
@@ -434,6 +436,7 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
                 between.update((i, w * T) for w in range(int(src[-1]) // T + 1, (int(q["span"][0]) - 1) // T))
     stats = {}  # bucket -> [queries, share per head (H,), uniform]
     totals = {"value": [0, np.zeros(mnm.H)], "between": [0, np.zeros(mnm.H)]}  # [windows, summed totals (H,)]
+    by_place = {}  # place in the value -> [tokens, summed strengths (H,)]
     state = {}
 
     def on_window(w, group):
@@ -455,6 +458,10 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
                 b[0] += 1
                 b[1] += (strength[r][:, pos].sum(-1) / total[r]).cpu().numpy()
                 b[2] += len(pos) / max(1, int((strength[r] > 0).any(0).sum()))
+                for j, p in enumerate(pos.tolist()):  # pos runs from the value's first token, in order
+                    c = by_place.setdefault(j, [0, np.zeros(mnm.H)])
+                    c[0] += 1
+                    c[1] += strength[r][:, p].cpu().numpy()
 
     mnm.probe = probe
     try:
@@ -463,7 +470,9 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
         mnm.probe = None
     return {"shift": mnm.shift, "by_distance": [{"windows": w, "queries": b[0], "value_share_per_head": (b[1] / b[0]).tolist(),
                                                  "uniform": b[2] / b[0]} for w, b in sorted(stats.items())],
-            "window_strength": {k: {"windows": n, "per_head": (t / max(1, n)).tolist()} for k, (n, t) in totals.items()}}
+            "window_strength": {k: {"windows": n, "per_head": (t / max(1, n)).tolist()} for k, (n, t) in totals.items()},
+            "value_token_strength": [{"place": j + 1, "tokens": n, "per_head": (t / n).tolist()}
+                                     for j, (n, t) in sorted(by_place.items())]}
 
 
 def memory_kind(model) -> str:
@@ -557,20 +566,25 @@ def longrange_report(cfg, docs: list, arms: list, generator: dict) -> tuple[dict
     rows = []
     for arm in arms:
         by, where = {}, {"same window": [0, 0], "earlier window": [0, 0], "split across windows": [0, 0]}
+        places = {}  # place in the answer -> [answers wholly in an earlier window this long, that token right]
         for d, scores in zip(docs, arm["scores"]):
-            for q, (exact, tok_acc) in zip(d["queries"], scores):
+            for q, (exact, right) in zip(d["queries"], scores):
                 b = by.setdefault(q["windows"], [0, 0, 0.0])
                 b[0] += 1
                 b[1] += exact
-                b[2] += tok_acc
+                b[2] += float(np.mean(right))
                 if T:  # the value stated in the window the answer is predicted in (a model without memory can copy
                     # it), in an earlier one (only a memory can), or across a window boundary (part of it in memory,
                     # the rest in the next window); the generator's windows, in characters
                     first, last = q["source_start"] // T, (q["source_start"] + len(q["answer"]) - 1) // T
-                    w = where["same window" if first == (q["answer_start"] - 1) // T else
-                              "split across windows" if last > first else "earlier window"]
-                    w[0] += 1
-                    w[1] += exact
+                    kind = ("same window" if first == (q["answer_start"] - 1) // T else
+                            "split across windows" if last > first else "earlier window")
+                    where[kind][0] += 1
+                    where[kind][1] += exact
+                    for j, ok in enumerate(right if kind == "earlier window" else []):
+                        c = places.setdefault(j, [0, 0])
+                        c[0] += 1
+                        c[1] += ok
         n_all = sum(b[0] for b in by.values())
         if "retrieval" in arm:
             diag = arm["retrieval"]
@@ -584,12 +598,19 @@ def longrange_report(cfg, docs: list, arms: list, generator: dict) -> tuple[dict
             ws = arm["writes"]["window_strength"]
             print(f"{arm['name']}: total write strength per window (mean of heads): windows with a value "
                   f"{np.mean(ws['value']['per_head']):.3f}, windows between {np.mean(ws['between']['per_head']):.3f}")
+            print(f"{arm['name']}: strength writing each of a value's tokens (largest head): "
+                  + ", ".join(f"#{c['place']} {max(c['per_head']):.3f}" for c in arm["writes"]["value_token_strength"]))
+        if places:  # a memory that keeps part of a value shows here first: its exact recall is the product
+            print(f"{arm['name']}: answer tokens right, values wholly in an earlier window: "
+                  + ", ".join(f"#{j + 1} {r / n:.1%}" for j, (n, r) in sorted(places.items())))
         rows.append({"arm": arm["name"], "kind": arm["kind"], "source": arm["source"], "seconds": arm["seconds"],
                      **{k: arm[k] for k in ("retrieval", "writes") if k in arm},
                      "exact": sum(b[1] for b in by.values()) / n_all,
                      "by_distance": [{"windows": w, "queries": by[w][0], "exact": by[w][1] / by[w][0],
                                       "token_accuracy": by[w][2] / by[w][0]} for w in distances],
-                     "by_window": {k: {"queries": n, "exact": e / n} for k, (n, e) in where.items() if n}})
+                     "by_window": {k: {"queries": n, "exact": e / n} for k, (n, e) in where.items() if n},
+                     "earlier_window_by_place": [{"place": j + 1, "answers": n, "right": r / n}
+                                                 for j, (n, r) in sorted(places.items())]})
     width = max(len(r["arm"]) for r in rows)
     print(f"\nexact recall by distance (windows of {generator.get('block_size', '?')} tokens), "
           f"{len(docs)} documents, {sum(len(d['queries']) for d in docs)} queries")

@@ -201,6 +201,10 @@ def test_longrange_eval_writes_json_and_png_with_every_arm_on_the_same_documents
     assert writes["shift"] and [b["windows"] for b in writes["by_distance"]] == [2, 4]
     assert all(len(b["value_share_per_head"]) == 2 and 0 < b["uniform"] < 1 for b in writes["by_distance"])
     assert len({len(v) for v in saved["per_document"].values()}) == 1
+    for r in saved["rows"]:  # the 5-digit keys wholly in an earlier window, digit by digit
+        assert [(c["place"], c["answers"]) for c in r["earlier_window_by_place"]] == [(j, 6 - n_split) for j in range(1, 6)]
+        assert all(0 <= c["right"] <= 1 for c in r["earlier_window_by_place"])
+    assert [c["place"] for c in writes["value_token_strength"]] == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.parametrize("shift", [False, True])
@@ -239,6 +243,14 @@ def test_mnm_write_diagnostics_find_the_strength_spent_on_the_key(passkey_dir, s
     assert ws["value"]["windows"] == 6 and ws["between"]["windows"] >= 6  # keys 2 and 4 windows back
     assert ws["value"]["per_head"] == pytest.approx([1.0] * mnm.H, abs=1e-6)
     assert ws["between"]["per_head"] == pytest.approx([0.0] * mnm.H, abs=1e-6)
+    places = d["value_token_strength"]  # the key's digits share the window's one step: each gets 1/(digits in it)
+    assert [c["place"] for c in places] == [1, 2, 3, 4, 5] and places[0]["tokens"] == 6
+    assert all(1 / 5 - 1e-6 <= s <= 1 + 1e-6 for c in places for s in c["per_head"])
+    assert sum(c["tokens"] * c["per_head"][0] for c in places) == pytest.approx(6.0, abs=1e-5)  # a step per key
+    mnm.write_budget = 5.0  # five steps: every digit written whole
+    places = evaluate.mnm_diagnostics(model, docs, batch_size=2, device="cpu")["value_token_strength"]
+    assert all(s == pytest.approx(1.0, abs=1e-6) for c in places for s in c["per_head"])
+    mnm.write_budget = 1.0
     with torch.no_grad():
         mnm.c_mem.weight[rows] = 0.0
         mnm.c_mem.bias[rows] = 0.0  # every token the same strength
@@ -287,8 +299,29 @@ def test_windowed_pass_equals_training_reads(passkey_dir, checkpoints):
 
 def test_score_queries_is_greedy_exactness():
     doc = {"tokens": np.array([5, 1, 2, 3, 9]), "queries": [{"span": np.array([2, 3])}]}
-    assert evaluate.score_queries([doc], [np.array([0, 2, 3, 0])]) == [[(True, 1.0)]]
-    assert evaluate.score_queries([doc], [np.array([0, 2, 4, 0])]) == [[(False, 0.5)]]
+    assert evaluate.score_queries([doc], [np.array([0, 2, 3, 0])]) == [[(True, [True, True])]]
+    assert evaluate.score_queries([doc], [np.array([0, 2, 4, 0])]) == [[(False, [True, False])]]
+
+
+def test_longrange_report_counts_answer_tokens_by_place_for_values_in_earlier_windows():
+    """Windows of 8: one value stated wholly in an earlier window (its 2nd token missed), one in the answer's
+    own window (missed whole, which the by-place counts leave out), one split across a boundary."""
+    from types import SimpleNamespace
+    def q(source, answer, windows):
+        return {"source_start": source, "answer_start": answer, "answer": "abc", "windows": windows,
+                "span": np.arange(answer, answer + 3)}
+    doc = {"tokens": np.arange(40), "queries": [q(1, 20, 2), q(17, 21, 0.5), q(6, 30, 3)]}
+    scores = [[(False, [True, False, True]), (False, [False, False, False]), (True, [True, True, True])]]
+    result, _ = evaluate.longrange_report(SimpleNamespace(eval_dataset="x"), [doc],
+                                          [{"name": "arm", "kind": "k", "source": "s", "seconds": 0.0, "scores": scores}],
+                                          {"block_size": 8, "task": "t"})
+    row = result["rows"][0]
+    assert row["by_window"] == {"same window": {"queries": 1, "exact": 0.0}, "earlier window": {"queries": 1, "exact": 0.0},
+                                "split across windows": {"queries": 1, "exact": 1.0}}
+    assert row["earlier_window_by_place"] == [{"place": 1, "answers": 1, "right": 1.0},
+                                              {"place": 2, "answers": 1, "right": 0.0},
+                                              {"place": 3, "answers": 1, "right": 1.0}]
+    assert [b["token_accuracy"] for b in row["by_distance"]] == pytest.approx([0.0, 2 / 3, 1.0])
 
 
 # -----------------------------------------------------------------------------
