@@ -420,8 +420,10 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
     and its answer (each at most the write budget): a window overwrites the fast weights by about as much
     as it writes, so a value survives only if it is written stronger than what comes between; and
     `value_token_strength`, the mean strength per head that wrote each of a value's tokens, by its place in
-    the value (a memory that spends its step on one of a key's digits recalls that digit only). Char
-    tokenizer: offsets are positions."""
+    the value (a memory that spends its step on one of a key's digits recalls that digit only); and
+    `value_key_cosine`, per head the mean cosine between the write keys of one value's tokens' pairs (near 1:
+    the fast weights cannot tell the pairs apart, so they hold one of the associations). Char tokenizer:
+    offsets are positions."""
     block = mnm_block(model)
     mnm, T = block.mnm, model.config.block_size
     if mnm.pool:
@@ -437,15 +439,16 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
     stats = {}  # bucket -> [queries, share per head (H,), uniform]
     totals = {"value": [0, np.zeros(mnm.H)], "between": [0, np.zeros(mnm.H)]}  # [windows, summed totals (H,)]
     by_place = {}  # place in the value -> [tokens, summed strengths (H,)]
+    key_cos = [0, np.zeros(mnm.H)]  # [values of two or more pairs, summed mean cosines (H,)]
     state = {}
 
     def on_window(w, group):
         state["w"], state["group"] = w, group
 
-    def probe(beta):
+    def probe(beta, kw):
         strength = beta[..., 0]  # (B, H, S) per token, or (B, H, S - 1) per pair (key t, value t + 1)
         if mnm.shift:  # the strength of writing token t's value sits with pair t - 1; the first token has none
-            strength = F.pad(strength, (1, 0))
+            strength, kw = F.pad(strength, (1, 0)), F.pad(kw, (0, 0, 1, 0))
         total = strength.sum(-1).clamp(min=1e-12)  # (B, H)
         for r, i in enumerate(state["group"]):
             for kind, windows in (("value", sources), ("between", between)):
@@ -458,6 +461,13 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
                 b[0] += 1
                 b[1] += (strength[r][:, pos].sum(-1) / total[r]).cpu().numpy()
                 b[2] += len(pos) / max(1, int((strength[r] > 0).any(0).sum()))
+                pairs = pos[pos >= int(mnm.shift)]  # the pairs writing the value's tokens (key of the token before)
+                if len(pairs) > 1:
+                    k = kw[r][:, pairs]  # (H, n, dk)
+                    cos = k @ k.transpose(-1, -2)  # (H, n, n)
+                    n = len(pairs)
+                    key_cos[0] += 1
+                    key_cos[1] += ((cos.sum((-1, -2)) - n) / (n * n - n)).cpu().numpy()
                 for j, p in enumerate(pos.tolist()):  # pos runs from the value's first token, in order
                     c = by_place.setdefault(j, [0, np.zeros(mnm.H)])
                     c[0] += 1
@@ -472,7 +482,8 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
                                                  "uniform": b[2] / b[0]} for w, b in sorted(stats.items())],
             "window_strength": {k: {"windows": n, "per_head": (t / max(1, n)).tolist()} for k, (n, t) in totals.items()},
             "value_token_strength": [{"place": j + 1, "tokens": n, "per_head": (t / n).tolist()}
-                                     for j, (n, t) in sorted(by_place.items())]}
+                                     for j, (n, t) in sorted(by_place.items())],
+            "value_key_cosine": (key_cos[1] / max(1, key_cos[0])).tolist()}
 
 
 def memory_kind(model) -> str:
@@ -599,7 +610,9 @@ def longrange_report(cfg, docs: list, arms: list, generator: dict) -> tuple[dict
             print(f"{arm['name']}: total write strength per window (mean of heads): windows with a value "
                   f"{np.mean(ws['value']['per_head']):.3f}, windows between {np.mean(ws['between']['per_head']):.3f}")
             print(f"{arm['name']}: strength writing each of a value's tokens (largest head): "
-                  + ", ".join(f"#{c['place']} {max(c['per_head']):.3f}" for c in arm["writes"]["value_token_strength"]))
+                  + ", ".join(f"#{c['place']} {max(c['per_head']):.3f}" for c in arm["writes"]["value_token_strength"])
+                  + "; cosine between its pairs' write keys (per head): "
+                  + ", ".join(f"{c:.2f}" for c in arm["writes"]["value_key_cosine"]))
         if places:  # a memory that keeps part of a value shows here first: its exact recall is the product
             print(f"{arm['name']}: answer tokens right, values wholly in an earlier window: "
                   + ", ".join(f"#{j + 1} {r / n:.1%}" for j, (n, r) in sorted(places.items())))

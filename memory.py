@@ -467,7 +467,8 @@ class MNM(nn.Module):
         if write == "titans":
             self.c_gate = nn.Linear(n_embd, 2 * H)  # momentum eta and forgetting alpha, per head
         self.c_proj = nn.Linear(H * dv, n_embd)
-        self.probe = None  # probe(beta): called by forward with each write's strengths (B, H, S or S - 1 or 1, 1)
+        self.probe = None  # probe(beta, kw): called by forward with each write's strengths (B, H, S or S - 1 or 1, 1)
+        # and unit write keys (B, H, S or S - 1 or 1, dk)
         self.match_read_keys()
 
     @torch.no_grad()
@@ -538,7 +539,7 @@ class MNM(nn.Module):
             # it on a few tokens (a pass key) and leave the rest unwritten; dividing by S kept each at <= 1/S.
             beta = beta / (beta.sum(2, keepdim=True) / self.write_budget).clamp(min=1)
         if self.probe is not None:
-            self.probe(beta.detach())
+            self.probe(beta.detach(), kw.detach())
         if read_first:
             reads, _ = self.recall(state, kr)
         new = self.write(state, kw, v, beta, h, mask)

@@ -205,6 +205,7 @@ def test_longrange_eval_writes_json_and_png_with_every_arm_on_the_same_documents
         assert [(c["place"], c["answers"]) for c in r["earlier_window_by_place"]] == [(j, 6 - n_split) for j in range(1, 6)]
         assert all(0 <= c["right"] <= 1 for c in r["earlier_window_by_place"])
     assert [c["place"] for c in writes["value_token_strength"]] == [1, 2, 3, 4, 5]
+    assert len(writes["value_key_cosine"]) == 2
 
 
 @pytest.mark.parametrize("shift", [False, True])
@@ -251,6 +252,13 @@ def test_mnm_write_diagnostics_find_the_strength_spent_on_the_key(passkey_dir, s
     places = evaluate.mnm_diagnostics(model, docs, batch_size=2, device="cpu")["value_token_strength"]
     assert all(s == pytest.approx(1.0, abs=1e-6) for c in places for s in c["per_head"])
     mnm.write_budget = 1.0
+    assert all(-1 <= c < 0.999 for c in d["value_key_cosine"])  # keys from the digits' own embeddings differ
+    keys = [h * (2 * mnm.dk + mnm.dv + 2) + j for h in range(mnm.H) for j in range(mnm.dk)]
+    with torch.no_grad():  # every token the same write key: the pairs cannot be told apart
+        mnm.c_mem.weight[keys] = 0.0
+        mnm.c_mem.bias[keys] = 1.0
+    d = evaluate.mnm_diagnostics(model, docs, batch_size=2, device="cpu")
+    assert d["value_key_cosine"] == pytest.approx([1.0] * mnm.H, abs=1e-6)
     with torch.no_grad():
         mnm.c_mem.weight[rows] = 0.0
         mnm.c_mem.bias[rows] = 0.0  # every token the same strength
