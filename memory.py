@@ -91,6 +91,11 @@ class MemoryConfig:
     # that writes nothing pays nothing, so the memory may learn to keep a key through windows of filler
     # instead of every window spending its full step. Training only; a resume may change it.
     mnm_write_penalty: float = 0.0
+    # > 0: a cost on the squared cosine between the write keys of a window's pairs (per-token writes), each
+    # pair of pairs weighted by both their strengths (detached: the cost moves keys, not strengths), added
+    # to the write loss. Keys that are one vector hold one association: the pass key's five digits were
+    # written under keys of cosine 0.97-1.0 and only one of them kept. Training only; a resume may change it.
+    mnm_key_spread: float = 0.0
 
 
 def attach_memories(model, cfg: MemoryConfig):
@@ -101,7 +106,7 @@ def attach_memories(model, cfg: MemoryConfig):
     if cfg.mnm_layer >= 0:
         add_mnm_block(model, cfg.mnm_layer, cfg.mnm_heads, cfg.mnm_key_size, cfg.mnm_hidden, cfg.mnm_write,
                       cfg.mnm_grad_windows, cfg.mnm_pool, cfg.mnm_shift, cfg.mnm_write_penalty,
-                      cfg.mnm_write_budget)
+                      cfg.mnm_write_budget, cfg.mnm_key_spread)
     return model
 
 
@@ -432,7 +437,8 @@ class MNM(nn.Module):
     writes then move the weights at most about as far as that many, and the model chooses which tokens spend it).
     The gradient is written out by hand (two layers), so meta-training back-propagates through the
     writes with one ordinary backward pass. The write loss returned is the beta-weighted |f(k) - v|^2
-    after the write, plus write_penalty x the strength the segment spent per head before the scaling (an
+    after the write, plus key_spread x the strength-weighted mean squared cosine between the segment's
+    write keys, plus write_penalty x the strength the segment spent per head before the scaling (an
     L1 cost: writing nothing is free), which the trainer adds to the task loss (write_loss_weight)."""
 
     WRITES = ("local", "grad", "titans")
@@ -440,7 +446,8 @@ class MNM(nn.Module):
     beta_offset = 0.0  # added to the strength logit (kept as the knob for a gentler start)
 
     def __init__(self, n_embd: int, heads: int, key_size: int, hidden: int, write: str = "local",
-                 pool: bool = False, shift: bool = False, write_penalty: float = 0.0, write_budget: float = 1.0):
+                 pool: bool = False, shift: bool = False, write_penalty: float = 0.0, write_budget: float = 1.0,
+                 key_spread: float = 0.0):
         super().__init__()
         if write not in self.WRITES:
             raise ValueError(f"mnm_write must be one of {self.WRITES}, got {write!r}")
@@ -453,8 +460,13 @@ class MNM(nn.Module):
             raise ValueError(f"mnm_write_penalty={write_penalty}: an L1 cost on write strengths is >= 0")
         if not write_budget > 0:
             raise ValueError(f"mnm_write_budget={write_budget}: the full steps a window may spend must be > 0")
+        if key_spread < 0:
+            raise ValueError(f"mnm_key_spread={key_spread}: a cost on similar write keys is >= 0")
+        if key_spread and pool:
+            raise ValueError("mnm_key_spread spreads the keys of a window's per-token writes; mnm_pool makes one "
+                             "write per window: use one of the two")
         self.write_rule, self.pool, self.shift = write, pool, shift
-        self.write_penalty, self.write_budget = write_penalty, write_budget
+        self.write_penalty, self.write_budget, self.key_spread = write_penalty, write_budget, key_spread
         self.H, self.dk, self.dv, self.dh = heads, key_size, n_embd // heads, hidden
         H, dk, dv, dh = self.H, self.dk, self.dv, self.dh
         self.c_mem = nn.Linear(n_embd, H * (2 * dk + dv + 2))  # write key, read key, value, strength, pooling score
@@ -519,6 +531,15 @@ class MNM(nn.Module):
         s1, s2 = eta * state["s1"] - lr * g1, eta * state["s2"] - lr * g2
         return {"w1": (1 - alpha) * state["w1"] + s1, "w2": (1 - alpha) * state["w2"] + s2, "s1": s1, "s2": s2}
 
+    @staticmethod
+    def key_overlap(kw, w):
+        """The mean squared cosine between distinct write keys kw (B, H, S, dk, unit), each pair of keys
+        weighted by the product of their strengths w (B, H, S): 1 when every written key is the same vector."""
+        ww = w[..., :, None] * w[..., None, :]  # (B, H, S, S)
+        ww = ww - torch.diag_embed(w * w)  # a key with itself does not count
+        cos2 = (kw @ kw.transpose(-1, -2)).pow(2)  # (B, H, S, S)
+        return (cos2 * ww).sum() / ww.sum().clamp(min=1e-12)
+
     def forward(self, h, mask, state: dict, valid=None, read_first=False):
         """h (B, S, n_embd) a segment's outputs, mask (B, S) its real tokens, valid (B,) the rows that have
         a segment here (others keep their state). Returns (reads (B, S, n_embd), new state, write loss)."""
@@ -553,6 +574,8 @@ class MNM(nn.Module):
         write_loss = ((stored - v).pow(2).mean(-1, keepdim=True) * weight).sum() / weight.sum().clamp(min=1e-6)
         if self.write_penalty:  # the strength a window spends per head, before the scaling
             write_loss = write_loss + self.write_penalty * raw.sum(2).mean()
+        if self.key_spread:
+            write_loss = write_loss + self.key_spread * self.key_overlap(kw, weight[..., 0])
         return self.c_proj(reads.transpose(1, 2).reshape(B, S, -1)), new, write_loss
 
 
@@ -563,7 +586,8 @@ def mnm_block(model):
 
 
 def add_mnm_block(model, layer: int, heads: int, key_size: int, hidden: int, write: str, grad_windows: int = 0,
-                  pool: bool = False, shift: bool = False, write_penalty: float = 0.0, write_budget: float = 1.0):
+                  pool: bool = False, shift: bool = False, write_penalty: float = 0.0, write_budget: float = 1.0,
+                  key_spread: float = 0.0):
     """Give a GPT (e.g. pretrained GPT-2) an MNMBlock at `layer`; recorded in model.memory_args."""
     cfg = model.config
     if not 0 <= layer < cfg.n_layer:
@@ -572,8 +596,9 @@ def add_mnm_block(model, layer: int, heads: int, key_size: int, hidden: int, wri
         raise ValueError(f"mnm_grad_windows={grad_windows}: 0 (the write path learns from its write loss) or 1")
     model.memory_args.update(mnm_layer=layer, mnm_heads=heads, mnm_key_size=key_size, mnm_hidden=hidden,
                              mnm_write=write, mnm_grad_windows=grad_windows, mnm_pool=pool, mnm_shift=shift,
-                             mnm_write_penalty=write_penalty, mnm_write_budget=write_budget)
-    mnm = MNM(cfg.n_embd, heads, key_size, hidden, write, pool, shift, write_penalty, write_budget)
+                             mnm_write_penalty=write_penalty, mnm_write_budget=write_budget,
+                             mnm_key_spread=key_spread)
+    mnm = MNM(cfg.n_embd, heads, key_size, hidden, write, pool, shift, write_penalty, write_budget, key_spread)
     mnm.apply(init_weights)
     nn.init.normal_(mnm.c_proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))  # a residual projection
     mnm.match_read_keys()

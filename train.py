@@ -92,6 +92,7 @@ class TrainConfig(LoopConfig):
     mnm_shift: bool = False  # True: a token's key is written with the next token's value (MemoryConfig)
     mnm_write_penalty: float = 0.0  # > 0: an L1 cost on the write strengths, so filler may go unwritten (MemoryConfig)
     mnm_write_budget: float = 1.0  # full write steps a window may spend per head (MemoryConfig)
+    mnm_key_spread: float = 0.0  # > 0: a cost on similar write keys within a window (MemoryConfig)
     pos: str = "learned"  # positions of a new model: 'learned' (GPT-2's table) or 'rope' (rotary, as Llama)
 
     def validate(self):
@@ -105,7 +106,7 @@ class TrainConfig(LoopConfig):
         one_of(self, "mnm_write", MNM.WRITES)
         at_least(self, -1, "knn_layer", "mnm_layer")
         at_least(self, 1, "knn_topk", "knn_memory_size", "mnm_heads", "mnm_key_size", "mnm_hidden")
-        at_least(self, 0, "knn_grad_windows", "answer_loss", "mnm_write_penalty")
+        at_least(self, 0, "knn_grad_windows", "answer_loss", "mnm_write_penalty", "mnm_key_spread")
         above(self, 0, "mnm_write_budget")
         one_of(self, "mnm_grad_windows", (0, 1))
         need(not (self.mnm_pool and self.mnm_shift), "mnm_shift pairs each token's key with the next token's "
@@ -129,7 +130,7 @@ class TrainConfig(LoopConfig):
     # memory settings a resumed run takes from its own settings, not the checkpoint's: they change how the
     # memory is searched, mixed or trained, no weight (e.g. a last stage with knn_mix='joint', or a larger topk)
     RESUME_CHOICES = ("knn_topk", "knn_search_dtype", "knn_grad_windows", "knn_mix", "mnm_grad_windows",
-                      "mnm_write_penalty", "mnm_write_budget")
+                      "mnm_write_penalty", "mnm_write_budget", "mnm_key_spread")
 
     def shape_keys(self, saved: dict) -> tuple:
         """The settings a resumed checkpoint must agree with."""

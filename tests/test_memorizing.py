@@ -636,7 +636,7 @@ def test_mnm_write_budget_caps_the_strength_a_window_spends(budget):
         mnm.c_mem.bias.view(2, -1)[:, 2 * 8 + 8] = torch.tensor([-4.0, 3.0])  # head 0 writes ~0.1, head 1 ~6 steps
     h, mask = torch.randn(1, 6, 16), torch.ones(1, 6, dtype=torch.bool)
     seen = []
-    mnm.probe = seen.append
+    mnm.probe = lambda beta, kw: seen.append(beta)
     _, new, _ = mnm(h, mask, mnm.initial_state(1), read_first=True)
     raw = torch.sigmoid(mnm.c_mem(h).view(1, 6, 2, -1)[..., 2 * 8 + 8]).transpose(1, 2)  # (B, H, S)
     beta = seen[0][..., 0]
@@ -651,19 +651,60 @@ def test_mnm_write_budget_caps_the_strength_a_window_spends(budget):
         MNM(n_embd=16, heads=2, key_size=8, hidden=8, write_budget=0)
 
 
-def test_resume_may_change_the_mnm_write_budget(short_docs, tmp_path, capsys):
-    """The budget changes no weight: a resume takes the run's, says so, records it, and the first resumed step
-    differs from the uninterrupted run's."""
+@pytest.mark.parametrize("setting, attr, value", [("mnm_write_budget", "write_budget", 4.0),
+                                                  ("mnm_key_spread", "key_spread", 1.0)])
+def test_resume_may_change_the_mnm_write_settings(short_docs, tmp_path, capsys, setting, attr, value):
+    """The write budget and the key spread change no weight: a resume takes the run's, says so, records it,
+    and the first resumed step differs from the uninterrupted run's."""
     common = dict(lr_decay_iters=24, eval_interval=12, mnm_shift=True, mnm_grad_windows=1)
     full = train.main(mnm_cfg(short_docs, tmp_path / "full", max_iters=13, **common))
     part = tmp_path / "part"
     train.main(mnm_cfg(short_docs, part, max_iters=12, **common))
-    more = train.main(mnm_cfg(short_docs, part, max_iters=13, init_from="resume", mnm_write_budget=4.0, **common))
-    assert "mnm_write_budget 1.0 -> 4.0" in capsys.readouterr().out
+    before = getattr(mnm_block(model_from_checkpoint(load_checkpoint(str(part / "ckpt.pt")))).mnm, attr)
+    more = train.main(mnm_cfg(short_docs, part, max_iters=13, init_from="resume", **{setting: value}, **common))
+    assert f"{setting} {before} -> {value}" in capsys.readouterr().out
     assert abs(more["losses"][12] - full["losses"][12]) > 1e-6
     ckpt = load_checkpoint(str(part / "ckpt.pt"))
-    assert ckpt["memory_args"]["mnm_write_budget"] == 4.0
-    assert mnm_block(model_from_checkpoint(ckpt)).mnm.write_budget == 4.0
+    assert ckpt["memory_args"][setting] == value
+    assert getattr(mnm_block(model_from_checkpoint(ckpt)).mnm, attr) == value
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_mnm_key_spread_is_the_strength_weighted_key_overlap(shift):
+    """mnm_key_spread c adds c x the mean squared cosine between a window's distinct write keys, each pair
+    weighted by both strengths (as the write uses them), to the write loss; the strengths get no gradient
+    from it. Keys that are all one vector overlap 1."""
+    from memory import MNM
+    h = torch.randn(2, 6, 16)
+    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    losses, strength_grads = [], []
+    for c in (0.0, 0.5):
+        torch.manual_seed(0)
+        mnm = MNM(n_embd=16, heads=2, key_size=8, hidden=8, shift=shift, write_budget=2.0, key_spread=c)
+        seen = []
+        mnm.probe = lambda beta, kw: seen.append((beta, kw))
+        _, _, loss = mnm(h, mask, mnm.initial_state(2), read_first=True)
+        loss.backward()
+        losses.append(loss.item())
+        strength_grads.append(mnm.c_mem.bias.grad.view(2, -1)[:, 2 * 8 + 8].clone())
+    beta, kw = seen[0][0][..., 0], seen[0][1]  # (B, H, S'), (B, H, S', dk)
+    num = den = 0.0
+    for b in range(2):
+        for hd in range(2):
+            for i in range(kw.size(2)):
+                for j in range(kw.size(2)):
+                    if i != j:
+                        w = (beta[b, hd, i] * beta[b, hd, j]).item()
+                        num += w * (kw[b, hd, i] @ kw[b, hd, j]).item() ** 2
+                        den += w
+    assert losses[1] - losses[0] == pytest.approx(0.5 * num / den, rel=1e-4)
+    torch.testing.assert_close(strength_grads[1], strength_grads[0])
+    same = F.normalize(torch.ones(2, 2, 5, 8), dim=-1)
+    assert MNM.key_overlap(same, torch.rand(2, 2, 5)).item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="mnm_key_spread=-1"):
+        MNM(n_embd=16, heads=2, key_size=8, hidden=8, key_spread=-1)
+    with pytest.raises(ValueError, match="use one of the two"):
+        MNM(n_embd=16, heads=2, key_size=8, hidden=8, pool=True, key_spread=1.0)
 
 
 def test_mnm_write_penalty_trains_strengths_down(short_docs, tmp_path):
