@@ -111,6 +111,8 @@ class TrainConfig(LoopConfig):
         one_of(self, "mnm_grad_windows", (0, 1))
         need(not (self.mnm_pool and self.mnm_shift), "mnm_shift pairs each token's key with the next token's "
              "value, mnm_pool makes one pooled write per window: use one of the two")
+        need(not (self.mnm_pool and self.mnm_key_spread), "mnm_key_spread spreads the keys of a window's "
+             "per-token writes, mnm_pool makes one pooled write per window: use one of the two")
         need(self.loader == "docs" or self.answer_loss == 0, "answer_loss weighs the answers of a long-range "
              "dataset's queries, which only loader='docs' reads: set loader='docs' or answer_loss=0")
         within(self, -10, 10, "knn_gate_init")

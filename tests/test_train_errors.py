@@ -100,6 +100,7 @@ def test_every_choice_setting_is_checked(cls, name):
     (TrainConfig, dict(mnm_pool=True, mnm_shift=True), "use one of the two"),
     (TrainConfig, dict(mnm_write_budget=0), "mnm_write_budget must be > 0"),
     (TrainConfig, dict(mnm_key_spread=-1), "mnm_key_spread must be >= 0"),
+    (TrainConfig, dict(mnm_layer=1, mnm_pool=True, mnm_key_spread=1.0), "mnm_key_spread spreads the keys"),
     (TrainConfig, dict(knn_mix="sum"), "knn_mix must be 'gate' or 'joint'"),
     (TrainConfig, dict(device="gpu"), "device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
     (TrainConfig, dict(dtype="fp16"), "dtype must be 'auto', 'float32', 'bfloat16' or 'float16'"),
