@@ -96,12 +96,14 @@ class BenchConfig:
     # suite 'recipes': the memorizing layer above (knn_layer outside the model: layer n_layer // 2) and an MNM
     # block (memory.MemoryConfig) at mnm_layer (-1: layer n_layer // 2, the recipes' middle layer)
     # with the recipe's settings that cost time: knn_grad_windows, knn_mix (the memorizing layer above) and
-    # mnm_grad_windows, mnm_pool, mnm_shift (the MNM block)
+    # mnm_grad_windows, mnm_pool, mnm_shift, mnm_value, mnm_tie_keys (the MNM block)
     knn_grad_windows: int = 0
     knn_mix: str = "gate"
     mnm_grad_windows: int = 0
     mnm_pool: bool = False
     mnm_shift: bool = False
+    mnm_value: str = "hidden"
+    mnm_tie_keys: bool = False
     mnm_layer: int = -1
     mnm_heads: int = 4
     mnm_key_size: int = 32
@@ -154,6 +156,9 @@ class BenchConfig:
         one_of(self, "pos", ("learned", "rope"))
         at_least(self, -1, "mnm_layer")
         one_of(self, "mnm_write", MNM.WRITES)
+        one_of(self, "mnm_value", MNM.VALUES)
+        need(self.mnm_value == "hidden" or self.mnm_shift, "mnm_value='token' writes the embedding of the token "
+             "after each key's: set mnm_shift=True")
         if "recipes" in self.suite:
             need(self.mnm_layer < self.n_layer, f"mnm_layer={self.mnm_layer} is out of range: suite 'recipes' needs "
                  f"mnm_layer < n_layer={self.n_layer} (a layer of the model) or -1 (the middle one)")
@@ -716,7 +721,8 @@ def bench_recipes(cfg, device, dtype, vocab_size) -> tuple[dict, list]:
     mnm_layer = cfg.mnm_layer if cfg.mnm_layer >= 0 else mid
     grads = (f", grad_windows {cfg.knn_grad_windows}" if cfg.knn_grad_windows else "") + (", joint" if cfg.knn_mix == "joint" else "")
     mnm_extra = ((", grad_windows 1" if cfg.mnm_grad_windows else "") + (", pooled" if cfg.mnm_pool else "")
-                 + (", shifted" if cfg.mnm_shift else ""))
+                 + (", shifted" if cfg.mnm_shift else "") + (", token values" if cfg.mnm_value == "token" else "")
+                 + (", tied keys" if cfg.mnm_tie_keys else ""))
     arms = (("no memory", {}),
             (f"memorizing layer {knn_layer}, {cfg.knn_memory_size:,} entries, top {cfg.knn_topk}{grads}",
              dict(knn_layer=knn_layer, knn_topk=cfg.knn_topk, knn_memory_size=cfg.knn_memory_size,
@@ -724,7 +730,8 @@ def bench_recipes(cfg, device, dtype, vocab_size) -> tuple[dict, list]:
             (f"MNM block {mnm_layer} ({cfg.mnm_write}, {cfg.mnm_heads} heads, hidden {cfg.mnm_hidden}{mnm_extra})",
              dict(mnm_layer=mnm_layer, mnm_heads=cfg.mnm_heads, mnm_key_size=cfg.mnm_key_size,
                   mnm_hidden=cfg.mnm_hidden, mnm_write=cfg.mnm_write, mnm_grad_windows=cfg.mnm_grad_windows,
-                  mnm_pool=cfg.mnm_pool, mnm_shift=cfg.mnm_shift)))
+                  mnm_pool=cfg.mnm_pool, mnm_shift=cfg.mnm_shift, mnm_value=cfg.mnm_value,
+                  mnm_tie_keys=cfg.mnm_tie_keys)))
     for label, extra in arms:
         speed[label] = bench_training(memory_model(cfg, vocab_size, device, **extra), cfg, device, dtype)
         ratio = speed["no memory"]["tokens_per_s"] / speed[label]["tokens_per_s"]

@@ -422,8 +422,13 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
     `value_token_strength`, the mean strength per head that wrote each of a value's tokens, by its place in
     the value (a memory that spends its step on one of a key's digits recalls that digit only); and
     `value_key_cosine`, per head the mean cosine between the write keys of one value's tokens' pairs (near 1:
-    the fast weights cannot tell the pairs apart, so they hold one of the associations). Char tokenizer:
-    offsets are positions."""
+    the fast weights cannot tell the pairs apart, so they hold one of the associations); and `reads`, by
+    place in the value, for values wholly in one earlier window whose answer is read in one window: per
+    head the cosine between the read key that predicts the answer token and the write key of the pair that
+    wrote it (`key_cosine`), how many of the value window's write keys are nearer to that read key
+    (`key_rank`, 0: the nearest), and the cosine between the value written and what the fast weights give,
+    at the answer, under that write key (`stored_cosine`: is it kept?) and under the read key
+    (`read_cosine`: is it read?). Char tokenizer: offsets are positions."""
     block = mnm_block(model)
     mnm, T = block.mnm, model.config.block_size
     if mnm.pool:
@@ -440,15 +445,43 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
     totals = {"value": [0, np.zeros(mnm.H)], "between": [0, np.zeros(mnm.H)]}  # [windows, summed totals (H,)]
     by_place = {}  # place in the value -> [tokens, summed strengths (H,)]
     key_cos = [0, np.zeros(mnm.H)]  # [values of two or more pairs, summed mean cosines (H,)]
+    answers = {}  # (doc, answer window start) -> [(query, answer positions in the window)], values in one earlier window
+    values = {}  # (doc, value window start) -> [(query, value positions in the window)], for those answers
+    for i, d in enumerate(docs):
+        for j, q in enumerate(d["queries"]):
+            src, pos = q["source_start"] - q["answer_start"] + q["span"], q["span"] - 1  # pos: predicts the answer
+            if src[0] // T == src[-1] // T < pos[0] // T == pos[-1] // T and src[0] % T >= int(mnm.shift):
+                answers.setdefault((i, int(pos[0]) // T * T), []).append((j, pos - pos[0] // T * T))
+                values.setdefault((i, int(src[0]) // T * T), []).append((j, src - src[0] // T * T))
+    written = {}  # (doc, query) -> (the value window's write keys (H, S, dk), its pairs' indices, their values)
+    by_read = {}  # place -> [answer tokens, then (H,) sums of key cosine, key rank, stored cosine, read cosine]
     state = {}
 
     def on_window(w, group):
         state["w"], state["group"] = w, group
 
-    def probe(beta, kw):
+    def probe(beta, kw, kr, v, fast):
         strength = beta[..., 0]  # (B, H, S) per token, or (B, H, S - 1) per pair (key t, value t + 1)
         if mnm.shift:  # the strength of writing token t's value sits with pair t - 1; the first token has none
-            strength, kw = F.pad(strength, (1, 0)), F.pad(kw, (0, 0, 1, 0))
+            strength, kw, v = F.pad(strength, (1, 0)), F.pad(kw, (0, 0, 1, 0)), F.pad(v, (0, 0, 1, 0))
+        for r, i in enumerate(state["group"]):
+            for j, pos in answers.get((i, state["w"]), []):  # read first: the state holds the earlier windows
+                if (i, j) not in written:
+                    continue
+                keys, pairs, vals = written.pop((i, j))
+                k, row = kr[r][:, pos], {name: t[r:r + 1] for name, t in fast.items()}  # (H, n, dk)
+                f_read, _ = mnm.recall(row, k[None])
+                f_stored, _ = mnm.recall(row, keys[:, pairs][None])
+                cos = (k[:, :, None] * keys[:, None]).sum(-1)  # (H, n, S): the read key against every write key
+                mine = cos.gather(2, torch.as_tensor(pairs).expand(k.size(0), -1)[..., None])  # (H, n, 1)
+                rank = (cos[..., int(mnm.shift):] > mine).sum(-1)  # (H, n); the shift's padding is no key
+                stats_r = (mine[..., 0], rank.float(), F.cosine_similarity(f_stored[0], vals, dim=-1),
+                           F.cosine_similarity(f_read[0], vals, dim=-1))
+                for place in range(len(pairs)):
+                    c = by_read.setdefault(place, [0] + [np.zeros(mnm.H) for _ in stats_r])
+                    c[0] += 1
+                    for m, t in enumerate(stats_r):
+                        c[m + 1] += t[:, place].cpu().numpy()
         total = strength.sum(-1).clamp(min=1e-12)  # (B, H)
         for r, i in enumerate(state["group"]):
             for kind, windows in (("value", sources), ("between", between)):
@@ -472,6 +505,8 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
                     c = by_place.setdefault(j, [0, np.zeros(mnm.H)])
                     c[0] += 1
                     c[1] += strength[r][:, p].cpu().numpy()
+            for j, pos in values.get((i, state["w"]), []):  # what the value's window wrote, for its answer's read
+                written[(i, j)] = (kw[r], pos, v[r][:, pos])
 
     mnm.probe = probe
     try:
@@ -483,7 +518,9 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
             "window_strength": {k: {"windows": n, "per_head": (t / max(1, n)).tolist()} for k, (n, t) in totals.items()},
             "value_token_strength": [{"place": j + 1, "tokens": n, "per_head": (t / n).tolist()}
                                      for j, (n, t) in sorted(by_place.items())],
-            "value_key_cosine": (key_cos[1] / max(1, key_cos[0])).tolist()}
+            "value_key_cosine": (key_cos[1] / max(1, key_cos[0])).tolist(),
+            "reads": [{"place": j + 1, "tokens": c[0], **{name: (t / c[0]).tolist() for name, t in zip(
+                ("key_cosine", "key_rank", "stored_cosine", "read_cosine"), c[1:])}} for j, c in sorted(by_read.items())]}
 
 
 def memory_kind(model) -> str:
@@ -613,6 +650,13 @@ def longrange_report(cfg, docs: list, arms: list, generator: dict) -> tuple[dict
                   + ", ".join(f"#{c['place']} {max(c['per_head']):.3f}" for c in arm["writes"]["value_token_strength"])
                   + "; cosine between its pairs' write keys (per head): "
                   + ", ".join(f"{c:.2f}" for c in arm["writes"]["value_key_cosine"]))
+            for name, what in (("key_cosine", "cosine, read key : its pair's write key"),
+                               ("key_rank", "write keys nearer the read key than its pair's"),
+                               ("stored_cosine", "value : fast weights under the write key"),
+                               ("read_cosine", "value : fast weights under the read key")):
+                print(f"{arm['name']}: {what}, by place (per head): " + "; ".join(
+                    f"#{c['place']} " + " ".join(f"{x:.2f}" if name != "key_rank" else f"{x:.1f}" for x in c[name])
+                    for c in arm["writes"]["reads"]))
         if places:  # a memory that keeps part of a value shows here first: its exact recall is the product
             print(f"{arm['name']}: answer tokens right, values wholly in an earlier window: "
                   + ", ".join(f"#{j + 1} {r / n:.1%}" for j, (n, r) in sorted(places.items())))

@@ -81,6 +81,16 @@ class MemoryConfig:
     # maps a context to what followed it (what a causal LM reads back: the key digit after "the pass key is");
     # False: a token's key and value both come from the token itself. Per-token writes only (not with mnm_pool)
     mnm_shift: bool = False
+    # what a pair writes as its value: 'hidden', a projection of the block's output at the value's token (learnt);
+    # 'token', the value token's input embedding (detached, unit RMS per head; needs mnm_shift): the memory
+    # then maps a context to the token that followed it, as kNN-LM's datastore does, and the write loss
+    # cannot make values easy to store by making them say nothing (the pass key's learnt values did not
+    # name their digit: read back exactly, they gave it 3-16% of the time, docs/RESULTS.md)
+    mnm_value: str = "hidden"
+    # True: a token's read key is its write key (one projection, as kNN-LM queries and keys are one
+    # representation), so the task loss trains the write keys through every read, and the question "...is 4"
+    # asks under the key that the statement's "...is 4" wrote; False: separate projections, started equal
+    mnm_tie_keys: bool = False
     # per-token writes: the strengths a window spends per head are scaled to sum to at most this many full
     # steps. 1: one step a window (a key's five digits then get about a fifth of a step each); a few: several
     # pairs can each be written whole (with mnm_write_penalty keeping filler unwritten). Changes no weight: a
@@ -106,7 +116,7 @@ def attach_memories(model, cfg: MemoryConfig):
     if cfg.mnm_layer >= 0:
         add_mnm_block(model, cfg.mnm_layer, cfg.mnm_heads, cfg.mnm_key_size, cfg.mnm_hidden, cfg.mnm_write,
                       cfg.mnm_grad_windows, cfg.mnm_pool, cfg.mnm_shift, cfg.mnm_write_penalty,
-                      cfg.mnm_write_budget, cfg.mnm_key_spread)
+                      cfg.mnm_write_budget, cfg.mnm_key_spread, cfg.mnm_value, cfg.mnm_tie_keys)
     return model
 
 
@@ -442,15 +452,21 @@ class MNM(nn.Module):
     L1 cost: writing nothing is free), which the trainer adds to the task loss (write_loss_weight)."""
 
     WRITES = ("local", "grad", "titans")
+    VALUES = ("hidden", "token")
     write_loss_weight = 0.1
     beta_offset = 0.0  # added to the strength logit (kept as the knob for a gentler start)
 
     def __init__(self, n_embd: int, heads: int, key_size: int, hidden: int, write: str = "local",
                  pool: bool = False, shift: bool = False, write_penalty: float = 0.0, write_budget: float = 1.0,
-                 key_spread: float = 0.0):
+                 key_spread: float = 0.0, value: str = "hidden", tie_keys: bool = False):
         super().__init__()
         if write not in self.WRITES:
             raise ValueError(f"mnm_write must be one of {self.WRITES}, got {write!r}")
+        if value not in self.VALUES:
+            raise ValueError(f"mnm_value must be one of {self.VALUES}, got {value!r}")
+        if value == "token" and not shift:
+            raise ValueError("mnm_value='token' writes the embedding of the token after each key's: set mnm_shift=True "
+                             "(a token's own embedding under its own key tells a causal model nothing new)")
         if pool and shift:
             raise ValueError("mnm_shift pairs each token's key with the next token's value; a pooled write "
                              "(mnm_pool) has one pair per segment: use one of the two")
@@ -465,11 +481,15 @@ class MNM(nn.Module):
         if key_spread and pool:
             raise ValueError("mnm_key_spread spreads the keys of a window's per-token writes; mnm_pool makes one "
                              "write per window: use one of the two")
-        self.write_rule, self.pool, self.shift = write, pool, shift
+        self.write_rule, self.pool, self.shift, self.value, self.tie_keys = write, pool, shift, value, tie_keys
         self.write_penalty, self.write_budget, self.key_spread = write_penalty, write_budget, key_spread
         self.H, self.dk, self.dv, self.dh = heads, key_size, n_embd // heads, hidden
         H, dk, dv, dh = self.H, self.dk, self.dv, self.dh
-        self.c_mem = nn.Linear(n_embd, H * (2 * dk + dv + 2))  # write key, read key, value, strength, pooling score
+        # per head: write key, read key (unless tied to the write key), value (unless the token's embedding),
+        # strength, pooling score
+        self.parts = {"kw": dk, **({} if tie_keys else {"kr": dk}), **({"v": dv} if value == "hidden" else {}),
+                      "b": 1, "score": 1}
+        self.c_mem = nn.Linear(n_embd, H * sum(self.parts.values()))
         self.w1 = nn.Parameter(torch.randn(H, dh, dk))  # initial fast weights; unit keys -> unit-variance preactivations
         self.w2 = nn.Parameter(torch.zeros(H, dv, dh))  # an empty memory reads zeros: reads are what was written
         if write == "local":
@@ -479,17 +499,20 @@ class MNM(nn.Module):
         if write == "titans":
             self.c_gate = nn.Linear(n_embd, 2 * H)  # momentum eta and forgetting alpha, per head
         self.c_proj = nn.Linear(H * dv, n_embd)
-        self.probe = None  # probe(beta, kw): called by forward with each write's strengths (B, H, S or S - 1 or 1, 1)
-        # and unit write keys (B, H, S or S - 1 or 1, dk)
+        self.probe = None  # probe(beta, kw, kr, v, state): called by forward with each write's strengths (B, H, S or
+        # S - 1 or 1, 1), unit write keys (B, H, S or S - 1 or 1, dk) and values (..., dv), the unit read keys
+        # (B, H, S, dk) and the state before the write
         self.match_read_keys()
 
     @torch.no_grad()
     def match_read_keys(self):
         """Start the read-key projection equal to the write-key one (call again after re-initialising
         c_mem): a token read in the context it was written in then finds its value from the first step,
-        which gives meta-training a signal to start from. They are trained apart from there."""
-        w = self.c_mem.weight.view(self.H, 2 * self.dk + self.dv + 2, -1)
-        b = self.c_mem.bias.view(self.H, 2 * self.dk + self.dv + 2)
+        which gives meta-training a signal to start from. They are trained apart from there (unless tied)."""
+        if self.tie_keys:
+            return
+        w = self.c_mem.weight.view(self.H, sum(self.parts.values()), -1)
+        b = self.c_mem.bias.view(self.H, sum(self.parts.values()))
         w[:, self.dk:2 * self.dk] = w[:, :self.dk]
         b[:, self.dk:2 * self.dk] = b[:, :self.dk]
 
@@ -540,12 +563,25 @@ class MNM(nn.Module):
         cos2 = (kw @ kw.transpose(-1, -2)).pow(2)  # (B, H, S, S)
         return (cos2 * ww).sum() / ww.sum().clamp(min=1e-12)
 
-    def forward(self, h, mask, state: dict, valid=None, read_first=False):
+    def forward(self, h, mask, state: dict, valid=None, read_first=False, embeddings=None):
         """h (B, S, n_embd) a segment's outputs, mask (B, S) its real tokens, valid (B,) the rows that have
-        a segment here (others keep their state). Returns (reads (B, S, n_embd), new state, write loss)."""
+        a segment here (others keep their state); embeddings (B, S, n_embd) the segment's token embeddings
+        (mnm_value='token' only). Returns (reads (B, S, n_embd), new state, write loss)."""
         B, S, _ = h.shape
-        p = self.c_mem(h).view(B, S, self.H, -1).transpose(1, 2)  # (B, H, S, 2 dk + dv + 2)
-        kw, kr, v, b, score = p.split([self.dk, self.dk, self.dv, 1, 1], dim=-1)
+        p = self.c_mem(h).view(B, S, self.H, -1).transpose(1, 2)  # (B, H, S, sum(parts))
+        p = dict(zip(self.parts, p.split(list(self.parts.values()), dim=-1)))
+        kw, b, score = p["kw"], p["b"], p["score"]
+        kr = p.get("kr", kw)  # tied: a token reads under the key it would write
+        if self.value == "token":
+            if embeddings is None or embeddings.shape != h.shape:
+                raise ValueError(f"mnm_value='token' writes token embeddings: pass embeddings of shape {tuple(h.shape)}, "
+                                 f"got {None if embeddings is None else tuple(embeddings.shape)}")
+            # unit RMS per head (norm sqrt(dv), a LayerNorm output's scale): unit-norm values came back through
+            # c_proj at 1/16 of the residual stream's norm, and the model read past them (docs/RESULTS.md)
+            e = embeddings.detach().view(B, S, self.H, self.dv).transpose(1, 2)  # (B, H, S, dv)
+            v = F.normalize(e, dim=-1) * math.sqrt(self.dv)
+        else:
+            v = p["v"]
         live = mask if valid is None else mask & valid[:, None]  # (B, S)
         if self.shift:  # pairs (key of token t, value and strength of token t + 1): S - 1 writes
             kw, v, b, live = kw[:, :, :-1], v[:, :, 1:], b[:, :, 1:], live[:, :-1] & live[:, 1:]
@@ -560,7 +596,7 @@ class MNM(nn.Module):
             # it on a few tokens (a pass key) and leave the rest unwritten; dividing by S kept each at <= 1/S.
             beta = beta / (beta.sum(2, keepdim=True) / self.write_budget).clamp(min=1)
         if self.probe is not None:
-            self.probe(beta.detach(), kw.detach())
+            self.probe(beta.detach(), kw.detach(), kr.detach(), v.detach(), state)
         if read_first:
             reads, _ = self.recall(state, kr)
         new = self.write(state, kw, v, beta, h, mask)
@@ -587,8 +623,9 @@ def mnm_block(model):
 
 def add_mnm_block(model, layer: int, heads: int, key_size: int, hidden: int, write: str, grad_windows: int = 0,
                   pool: bool = False, shift: bool = False, write_penalty: float = 0.0, write_budget: float = 1.0,
-                  key_spread: float = 0.0):
-    """Give a GPT (e.g. pretrained GPT-2) an MNMBlock at `layer`; recorded in model.memory_args."""
+                  key_spread: float = 0.0, value: str = "hidden", tie_keys: bool = False):
+    """Give a GPT (e.g. pretrained GPT-2) an MNMBlock at `layer`; recorded in model.memory_args. With
+    value='token' the block receives the token embeddings of each call from a hook on the model's wte."""
     cfg = model.config
     if not 0 <= layer < cfg.n_layer:
         raise ValueError(f"mnm_layer={layer}, but the model has layers 0..{cfg.n_layer - 1}")
@@ -597,12 +634,16 @@ def add_mnm_block(model, layer: int, heads: int, key_size: int, hidden: int, wri
     model.memory_args.update(mnm_layer=layer, mnm_heads=heads, mnm_key_size=key_size, mnm_hidden=hidden,
                              mnm_write=write, mnm_grad_windows=grad_windows, mnm_pool=pool, mnm_shift=shift,
                              mnm_write_penalty=write_penalty, mnm_write_budget=write_budget,
-                             mnm_key_spread=key_spread)
-    mnm = MNM(cfg.n_embd, heads, key_size, hidden, write, pool, shift, write_penalty, write_budget, key_spread)
+                             mnm_key_spread=key_spread, mnm_value=value, mnm_tie_keys=tie_keys)
+    mnm = MNM(cfg.n_embd, heads, key_size, hidden, write, pool, shift, write_penalty, write_budget, key_spread, value,
+              tie_keys)
     mnm.apply(init_weights)
     nn.init.normal_(mnm.c_proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))  # a residual projection
     mnm.match_read_keys()
-    model.transformer.h[layer] = MNMBlock(model.transformer.h[layer], mnm, grad_windows).to(next(model.parameters()).device)
+    block = MNMBlock(model.transformer.h[layer], mnm, grad_windows).to(next(model.parameters()).device)
+    model.transformer.h[layer] = block
+    if value == "token":
+        model.transformer.wte.register_forward_hook(block.see_embeddings)
 
 
 class MNMBlock(nn.Module):
@@ -631,6 +672,7 @@ class MNMBlock(nn.Module):
         super().__init__()
         self.block, self.mnm, self.grad_windows = block, mnm, grad_windows
         self.write_loss = None
+        self.embeddings = None  # mnm_value='token': the token embeddings of the model's current call (see_embeddings)
         self.write = True  # False: read only (generation reads a window's tokens one by one, then writes it whole)
         self.reset()
 
@@ -654,6 +696,10 @@ class MNMBlock(nn.Module):
         init = self.mnm.initial_state(fresh.numel())
         return {k: torch.where(fresh.view(-1, *[1] * (v.dim() - 1)), init[k].to(v.dtype), v) for k, v in state.items()}
 
+    def see_embeddings(self, module, inputs, output):
+        """A forward hook on the model's token embedding (wte): what the next call's pairs write as values."""
+        self.embeddings = output
+
     def get_state(self) -> dict:
         """The rows' fast weights and fresh flags (and with grad_windows the previous writes' state and inputs),
         for an exact resume (train.py keeps them in the checkpoint)."""
@@ -661,6 +707,8 @@ class MNMBlock(nn.Module):
             return {}
         out = {**{k: v.detach().clone() for k, v in self.state.items()}, "fresh": self.fresh.clone()}
         if self.previous is not None:
+            if "e" in self.previous:
+                out["previous_e"] = self.previous["e"].clone()
             out.update({"previous_x": self.previous["x"].clone(), "previous_written": self.previous["written"].clone(),
                         **{f"previous_{k}": v.clone() for k, v in self.previous["state"].items()}})
         return out
@@ -669,6 +717,7 @@ class MNMBlock(nn.Module):
         state = dict(state)
         prev = {k[len("previous_"):]: state.pop(k) for k in list(state) if k.startswith("previous_")}
         self.previous = {"x": prev.pop("x").clone(), "written": prev.pop("written").clone(),
+                         **({"e": prev.pop("e").clone()} if "e" in prev else {}),
                          "state": {k: v.clone() for k, v in prev.items()}} if prev else None
         self.fresh = state.pop("fresh").clone() if state else None
         self.state = {k: v.clone() for k, v in state.items()} if state else None
@@ -688,24 +737,29 @@ class MNMBlock(nn.Module):
             raise RuntimeError(f"the memory has rows {lo}..{hi - 1} for a batch of {B}: reset() it or set .rows")
         state = self._start_fresh({k: v[lo:hi] for k, v in self.state.items()}, self.fresh[lo:hi].clone())
         live = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        e = self.embeddings if self.mnm.value == "token" else None
         before = state
         if self.grad_windows and self.training and torch.is_grad_enabled():
             state = self._rewrite_previous(state, lo, hi, x.size(1))
-        reads, new, self.write_loss = self.mnm(x, live, state, read_first=True)
+        reads, new, self.write_loss = self.mnm(x, live, state, read_first=True, embeddings=e)
         if self.write:
             if self.grad_windows and self.training:
-                self._keep_previous(before, x, lo, hi)
+                self._keep_previous(before, x, e, lo, hi)
             self.state = {k: torch.cat([v[:lo], new[k].detach(), v[hi:]]) for k, v in self.state.items()}
             self.fresh[lo:hi] = False
         return x + reads
 
-    def _keep_previous(self, state, x, lo, hi):
-        """Keep the rows' state before this write and the write's input (grad_windows), detached."""
+    def _keep_previous(self, state, x, e, lo, hi):
+        """Keep the rows' state before this write and the write's inputs (grad_windows), detached."""
         if self.previous is None or self.previous["x"].shape[1:] != x.shape[1:]:
             R = self.fresh.numel()
             self.previous = {"x": x.new_zeros(R, *x.shape[1:]), "state": {k: v.detach().clone() for k, v in self.state.items()},
                              "written": torch.zeros(R, dtype=torch.bool, device=x.device)}
+            if e is not None:
+                self.previous["e"] = e.new_zeros(R, *e.shape[1:])
         self.previous["x"][lo:hi] = x.detach()
+        if e is not None:
+            self.previous["e"][lo:hi] = e.detach()
         for k, v in state.items():
             self.previous["state"][k][lo:hi] = v.detach()
         self.previous["written"][lo:hi] = True
@@ -721,6 +775,8 @@ class MNMBlock(nn.Module):
             return state
         live = torch.ones(hi - lo, S, dtype=torch.bool, device=state["w1"].device)
         # copies: the kept tensors are overwritten in place by this window's write, before the backward pass
-        _, again, _ = self.mnm(prev["x"][lo:hi].clone(), live, {k: v[lo:hi].clone() for k, v in prev["state"].items()})
+        e = prev["e"][lo:hi].clone() if "e" in prev else None
+        _, again, _ = self.mnm(prev["x"][lo:hi].clone(), live, {k: v[lo:hi].clone() for k, v in prev["state"].items()},
+                               embeddings=e)
         return {k: torch.where(redo.view(-1, *[1] * (v.dim() - 1)), again[k], v) for k, v in state.items()}
 

@@ -90,6 +90,8 @@ class TrainConfig(LoopConfig):
     mnm_grad_windows: int = 0  # 1: the task loss also trains the previous window's write (MemoryConfig)
     mnm_pool: bool = False  # True: one attention-pooled write per window and head (MemoryConfig)
     mnm_shift: bool = False  # True: a token's key is written with the next token's value (MemoryConfig)
+    mnm_value: str = "hidden"  # 'token': a pair's value is the next token's embedding (MemoryConfig)
+    mnm_tie_keys: bool = False  # True: a token reads under its write key (MemoryConfig)
     mnm_write_penalty: float = 0.0  # > 0: an L1 cost on the write strengths, so filler may go unwritten (MemoryConfig)
     mnm_write_budget: float = 1.0  # full write steps a window may spend per head (MemoryConfig)
     mnm_key_spread: float = 0.0  # > 0: a cost on similar write keys within a window (MemoryConfig)
@@ -104,6 +106,9 @@ class TrainConfig(LoopConfig):
         one_of(self, "knn_search_dtype", ("float32", "bfloat16"))
         one_of(self, "knn_mix", MemorizingMemory.MIXES)
         one_of(self, "mnm_write", MNM.WRITES)
+        one_of(self, "mnm_value", MNM.VALUES)
+        need(self.mnm_value == "hidden" or self.mnm_shift, "mnm_value='token' writes the embedding of the token "
+             "after each key's: set mnm_shift=True")
         at_least(self, -1, "knn_layer", "mnm_layer")
         at_least(self, 1, "knn_topk", "knn_memory_size", "mnm_heads", "mnm_key_size", "mnm_hidden")
         at_least(self, 0, "knn_grad_windows", "answer_loss", "mnm_write_penalty", "mnm_key_spread")
@@ -136,7 +141,8 @@ class TrainConfig(LoopConfig):
 
     def shape_keys(self, saved: dict) -> tuple:
         """The settings a resumed checkpoint must agree with."""
-        mnm = ("mnm_heads", "mnm_key_size", "mnm_hidden", "mnm_write", "mnm_pool", "mnm_shift") if saved.get("mnm_layer", -1) >= 0 else ()
+        mnm = ("mnm_heads", "mnm_key_size", "mnm_hidden", "mnm_write", "mnm_pool", "mnm_shift", "mnm_value",
+               "mnm_tie_keys") if saved.get("mnm_layer", -1) >= 0 else ()
         knn = ("knn_memory_size",) if saved.get("knn_layer", -1) >= 0 else ()  # the saved rows' length
         # rotary positions have no table: a model without trainable memories (whose rows hold windows) may
         # resume with another context, e.g. a long-context stage after short documents (the oracle recipes)

@@ -248,6 +248,13 @@ def test_mnm_write_diagnostics_find_the_strength_spent_on_the_key(passkey_dir, s
     assert [c["place"] for c in places] == [1, 2, 3, 4, 5] and places[0]["tokens"] == 6
     assert all(1 / 5 - 1e-6 <= s <= 1 + 1e-6 for c in places for s in c["per_head"])
     assert sum(c["tokens"] * c["per_head"][0] for c in places) == pytest.approx(6.0, abs=1e-5)  # a step per key
+    reads = d["reads"]  # the read side, by place, for keys wholly in one earlier window
+    assert [c["place"] for c in reads] == [1, 2, 3, 4, 5] and all(c["tokens"] == reads[0]["tokens"] > 0 for c in reads)
+    if shift:  # the answer's token before each digit is the statement's: one embedding, so one key (read = write
+        # projection at the start), and no write key of the window is nearer
+        assert all(x == pytest.approx(1.0, abs=1e-5) for c in reads for x in c["key_cosine"])
+        assert all(x == 0 for c in reads for x in c["key_rank"])
+    assert all(-1 - 1e-5 <= x <= 1 + 1e-5 for c in reads for name in ("stored_cosine", "read_cosine") for x in c[name])
     mnm.write_budget = 5.0  # five steps: every digit written whole
     places = evaluate.mnm_diagnostics(model, docs, batch_size=2, device="cpu")["value_token_strength"]
     assert all(s == pytest.approx(1.0, abs=1e-6) for c in places for s in c["per_head"])
@@ -413,6 +420,8 @@ def test_recipes_bench_suite(tmp_path, capsys):
     bench.main(fixed)  # the recipes' training settings that cost time are timed with them
     assert list(json.loads(out.read_text())["recipes"])[1:] == [
         "memorizing layer 1, 128 entries, top 32, grad_windows 1", "MNM block 1 (local, 2 heads, hidden 8, grad_windows 1, pooled)"]
+    bench.main(load_config(bench.BenchConfig, [], **{**cfg.__dict__, "mnm_shift": True, "mnm_value": "token"}))
+    assert list(json.loads(out.read_text())["recipes"])[2] == "MNM block 1 (local, 2 heads, hidden 8, shifted, token values)"
     model = bench.memory_model(cfg, 64, "cpu", knn_layer=1, knn_memory_size=1024)
     bench.bench_reading(model, cfg, "cpu", windows=17)  # each row read its 17 windows from an empty memory
     assert memorizing_layer(model).counts().tolist() == [17 * 32] * 2
@@ -573,8 +582,9 @@ def test_answer_loss_needs_a_long_range_dataset_read_by_documents(tmp_path, pass
 # -----------------------------------------------------------------------------
 # MNM block: the task loss through the previous window's write (mnm_grad_windows)
 
-@pytest.mark.parametrize("pool, shift", [(False, False), (True, False), (False, True)])
-def test_mnm_grad_windows_keeps_the_forward_and_trains_the_write_path(pool, shift):
+@pytest.mark.parametrize("pool, shift, value", [(False, False, "hidden"), (True, False, "hidden"), (False, True, "hidden"),
+                                               (False, True, "token")])
+def test_mnm_grad_windows_keeps_the_forward_and_trains_the_write_path(pool, shift, value):
     from memory import MemoryConfig, attach_memories, mnm_block
     from model import GPT, GPTConfig
 
@@ -583,7 +593,7 @@ def test_mnm_grad_windows_keeps_the_forward_and_trains_the_write_path(pool, shif
         model = attach_memories(GPT(GPTConfig(block_size=16, vocab_size=30, n_layer=2, n_head=2, n_embd=16)),
                                 MemoryConfig(mnm_layer=0, mnm_heads=2, mnm_key_size=8, mnm_hidden=8,
                                              mnm_grad_windows=grad_windows, mnm_pool=pool,
-                                             mnm_shift=shift)).train()
+                                             mnm_shift=shift, mnm_value=value)).train()
         assert mnm_block(model).mnm.pool == pool and model.memory_args["mnm_pool"] == pool
         assert mnm_block(model).mnm.shift == shift and model.memory_args["mnm_shift"] == shift
         block = mnm_block(model)
@@ -602,22 +612,23 @@ def test_mnm_grad_windows_keeps_the_forward_and_trains_the_write_path(pool, shif
     (plain, g0), (again, g1) = run(0), run(1)
     for a, b in zip(plain, again):
         assert torch.allclose(a, b, atol=1e-5)  # the recomputed write is the stored one
-    dk, dv = 8, 8
-    write_rows = torch.cat([torch.arange(h * (2 * dk + dv + 2), h * (2 * dk + dv + 2) + dk) for h in range(2)])
+    dk, width = 8, 2 * 8 + (8 if value == "hidden" else 0) + 2  # c_mem's rows per head
+    write_rows = torch.cat([torch.arange(h * width, h * width + dk) for h in range(2)])
     assert torch.all(g0[1][write_rows] == 0)  # detached: the task loss never reaches the write keys
     assert g1[1][write_rows].abs().sum() > 0  # with grad_windows it does, from the second window on
 
 
-def test_mnm_grad_windows_resumes_exactly():
-    """The kept previous write is part of the block's state: restored into a fresh copy of the model, the next
-    window's gradients are those of the uninterrupted run."""
+@pytest.mark.parametrize("value", ["hidden", "token"])
+def test_mnm_grad_windows_resumes_exactly(value):
+    """The kept previous write is part of the block's state (with token values, the window's embeddings too):
+    restored into a fresh copy of the model, the next window's gradients are those of the uninterrupted run."""
     from memory import MemoryConfig, attach_memories, mnm_block
     from model import GPT, GPTConfig
 
     def new_model():
         return attach_memories(GPT(GPTConfig(block_size=16, vocab_size=30, n_layer=2, n_head=2, n_embd=16)),
                                MemoryConfig(mnm_layer=0, mnm_heads=2, mnm_key_size=8, mnm_hidden=8,
-                                            mnm_grad_windows=1)).train()
+                                            mnm_grad_windows=1, mnm_shift=True, mnm_value=value)).train()
     torch.manual_seed(0)
     model = new_model()
     x = torch.randint(0, 30, (3, 48), generator=torch.Generator().manual_seed(1))
@@ -632,5 +643,5 @@ def test_mnm_grad_windows_resumes_exactly():
         _, loss = m(x[:, 32:], x[:, 32:])
         loss.backward()
         grads.append(mnm_block(m).mnm.c_mem.weight.grad.clone())
-    assert "previous_x" in saved and grads[0].abs().sum() > 0
+    assert "previous_x" in saved and ("previous_e" in saved) == (value == "token") and grads[0].abs().sum() > 0
     assert torch.equal(grads[0], grads[1])

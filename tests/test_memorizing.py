@@ -10,7 +10,7 @@ import train
 from conftest import tiny_train_config, torchrun_train
 from knn import KNNLM, KNNLMDatastore, KNNMemoryError, KNNSettings, knnlm_log_probs, last_mlp_input
 from memory import MemoryConfig, MemorizingMemory, attach_memories, generate_any, memorizing_layer, mnm_block
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, memory_args, model_args, model_from_checkpoint
 from data import DocStream
 from prepare import split_documents
 from model import GPT, GPTConfig
@@ -636,7 +636,7 @@ def test_mnm_write_budget_caps_the_strength_a_window_spends(budget):
         mnm.c_mem.bias.view(2, -1)[:, 2 * 8 + 8] = torch.tensor([-4.0, 3.0])  # head 0 writes ~0.1, head 1 ~6 steps
     h, mask = torch.randn(1, 6, 16), torch.ones(1, 6, dtype=torch.bool)
     seen = []
-    mnm.probe = lambda beta, kw: seen.append(beta)
+    mnm.probe = lambda beta, kw, *_: seen.append(beta)
     _, new, _ = mnm(h, mask, mnm.initial_state(1), read_first=True)
     raw = torch.sigmoid(mnm.c_mem(h).view(1, 6, 2, -1)[..., 2 * 8 + 8]).transpose(1, 2)  # (B, H, S)
     beta = seen[0][..., 0]
@@ -682,7 +682,7 @@ def test_mnm_key_spread_is_the_strength_weighted_key_overlap(shift):
         torch.manual_seed(0)
         mnm = MNM(n_embd=16, heads=2, key_size=8, hidden=8, shift=shift, write_budget=2.0, key_spread=c)
         seen = []
-        mnm.probe = lambda beta, kw: seen.append((beta, kw))
+        mnm.probe = lambda beta, kw, *_: seen.append((beta, kw))
         _, _, loss = mnm(h, mask, mnm.initial_state(2), read_first=True)
         loss.backward()
         losses.append(loss.item())
@@ -757,6 +757,89 @@ def test_mnm_shift_writes_each_key_with_the_next_tokens_value():
     assert b1.shape[2] == 6 and torch.all(b1[1, :, 4:] == 0) and torch.all(b1[1, :, :4] > 0)  # padding writes nothing
     with pytest.raises(ValueError, match="mnm_shift"):
         MNM(n_embd=16, heads=2, key_size=8, hidden=8, pool=True, shift=True)
+
+
+def test_mnm_token_values_are_the_next_tokens_embeddings():
+    """mnm_value='token': pair t writes token t + 1's embedding (from the model's wte, unit RMS per head,
+    detached), and c_mem has no value rows. Refused without
+    mnm_shift, and without embeddings of the segment's shape."""
+    from memory import MNM
+    torch.manual_seed(0)
+    model = tiny_gpt(mnm_layer=1, mnm_heads=2, mnm_key_size=8, mnm_hidden=8, mnm_shift=True, mnm_value="token")
+    block = mnm_block(model)
+    H, dv, dk = 2, model.config.n_embd // 2, 8
+    assert block.mnm.c_mem.out_features == H * (2 * dk + 2)
+    seen = []
+
+    def write(state, k, v, beta, h, mask):
+        seen.append(v)
+        return MNM.write(block.mnm, state, k, v, beta, h, mask)
+
+    block.mnm.write = write
+    x = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    model(x, x)
+    e = model.transformer.wte(x)[:, 1:]  # (B, S - 1, n_embd): the token after each key's
+    want = F.normalize(e.view(2, 15, H, dv).transpose(1, 2), dim=-1) * dv ** 0.5  # (B, H, S - 1, dv), unit RMS
+    torch.testing.assert_close(seen[0], want)
+    assert not seen[0].requires_grad  # the write loss cannot shrink the embeddings to make them easy to store
+    with pytest.raises(ValueError, match="mnm_shift=True"):
+        MNM(n_embd=16, heads=2, key_size=8, hidden=8, value="token")
+    with pytest.raises(ValueError, match="mnm_value must be one of"):
+        MNM(n_embd=16, heads=2, key_size=8, hidden=8, shift=True, value="tokens")
+    from configurator import ConfigError, load_config
+    with pytest.raises(ConfigError, match="set mnm_shift=True"):  # refused when the settings are read, before any work
+        load_config(train.TrainConfig, [], mnm_layer=1, mnm_value="token", loader="docs")
+    mnm = MNM(n_embd=16, heads=2, key_size=8, hidden=8, shift=True, value="token")
+    with pytest.raises(ValueError, match=r"pass embeddings of shape \(1, 4, 16\)"):
+        mnm(torch.randn(1, 4, 16), torch.ones(1, 4, dtype=torch.bool), mnm.initial_state(1))
+
+
+@pytest.mark.parametrize("value", ["hidden", "token"])
+def test_mnm_tied_keys_read_under_the_write_key(value):
+    """mnm_tie_keys: one projection for read and write keys, so the MNM computes what an untied one does
+    whose read-key rows equal its write-key rows (match_read_keys); and the task loss alone trains the write
+    keys (untied, only the write loss or mnm_grad_windows reach them)."""
+    from memory import MNM
+    torch.manual_seed(0)
+    kw = dict(n_embd=16, heads=2, key_size=8, hidden=8, shift=True, value=value)
+    untied, tied = MNM(**kw), MNM(**kw, tie_keys=True)
+    width = sum(untied.parts.values())
+    keep = torch.cat([torch.arange(h * width, (h + 1) * width) for h in range(2)]).view(2, width)
+    keep = torch.cat([keep[:, :8], keep[:, 16:]], 1).reshape(-1)  # each head's rows without its read key's
+    assert tied.c_mem.out_features == keep.numel() == 2 * (8 + (8 if value == "hidden" else 0) + 2)
+    with torch.no_grad():
+        tied.c_mem.weight.copy_(untied.c_mem.weight[keep])
+        tied.c_mem.bias.copy_(untied.c_mem.bias[keep])
+        for name in ("w1", "w2", "target"):
+            getattr(tied, name).copy_(getattr(untied, name))
+        tied.c_proj.load_state_dict(untied.c_proj.state_dict())
+    h, mask = torch.randn(2, 6, 16), torch.ones(2, 6, dtype=torch.bool)
+    e = torch.randn(2, 6, 16) if value == "token" else None
+    state = untied.initial_state(2)
+    _, state, _ = untied(h, mask, state, embeddings=e)  # something written, so reads differ from zero
+    state = {k: v.detach() for k, v in state.items()}
+    h2 = torch.randn(2, 6, 16, requires_grad=True)
+    outs = [m(h2, mask, state, read_first=True, embeddings=e) for m in (untied, tied)]
+    torch.testing.assert_close(outs[1][0], outs[0][0])
+    for k in state:
+        torch.testing.assert_close(outs[1][1][k], outs[0][1][k])
+    for m, (reads, _, _) in zip((untied, tied), outs):
+        m.zero_grad()
+        reads.pow(2).sum().backward()  # a task loss on the reads alone
+    write_key_rows = lambda m: m.c_mem.weight.grad.view(2, -1, 16)[:, :8]
+    assert torch.all(write_key_rows(untied) == 0) and write_key_rows(tied).abs().sum() > 0
+
+
+def test_mnm_token_values_saved_and_reloaded_give_identical_outputs(tmp_path):
+    """A model with token values rebuilt from its checkpoint (model_from_checkpoint re-installs the embedding
+    hook) reads and writes exactly as the original, window after window."""
+    torch.manual_seed(0)
+    model = tiny_gpt(mnm_layer=1, mnm_heads=2, mnm_key_size=8, mnm_hidden=8, mnm_shift=True, mnm_value="token").eval()
+    x = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(2))
+    ckpt = {"model": model.state_dict(), "model_args": model_args(model), "memory_args": memory_args(model)}
+    again = model_from_checkpoint(ckpt).eval()
+    assert again.memory_args["mnm_value"] == "token"
+    torch.testing.assert_close(windows(again, x), windows(model, x), rtol=0, atol=0)
 
 
 def test_mnm_fingerprint_unchanged_without_the_block():
