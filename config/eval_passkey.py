@@ -9,7 +9,7 @@ eval = "longrange"
 eval_dataset = "passkey"
 out_dirs = ["out-passkey-base", "out-passkey-knn", "out-passkey-knn-fix", "out-passkey-mnm-fix", "out-passkey-mnm-pool",
             "out-passkey-mnm-shift", "out-passkey-mnm-sparse", "out-passkey-mnm-budget", "out-passkey-mnm-last",
-            "out-passkey-mnm-spread", "out-passkey-mnm-token", "out-passkey-mnm-tied"]
+            "out-passkey-mnm-spread", "out-passkey-mnm-tied"]
 eval_out = "out-passkey-eval"
 batch_size = 50
 device = "cpu"
