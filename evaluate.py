@@ -435,24 +435,22 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
         raise ConfigError("write diagnostics are per token; this MNM block makes one pooled write per window")
     sources = {}  # (doc, window start) -> [(value positions in the window, distance bucket)]
     between = set()  # (doc, window start) of the windows between a value's and its answer's
-    for i, d in enumerate(docs):
-        for q in d["queries"]:
-            src = q["source_start"] - q["answer_start"] + q["span"]  # one token per character
-            if src[0] // T < (q["span"][0] - 1) // T:
-                sources.setdefault((i, int(src[0]) // T * T), []).append((src - src[0] // T * T, q["windows"]))
-                between.update((i, w * T) for w in range(int(src[-1]) // T + 1, (int(q["span"][0]) - 1) // T))
-    stats = {}  # bucket -> [queries, share per head (H,), uniform]
-    totals = {"value": [0, np.zeros(mnm.H)], "between": [0, np.zeros(mnm.H)]}  # [windows, summed totals (H,)]
-    by_place = {}  # place in the value -> [tokens, summed strengths (H,)]
-    key_cos = [0, np.zeros(mnm.H)]  # [values of two or more pairs, summed mean cosines (H,)]
     answers = {}  # (doc, answer window start) -> [(query, answer positions in the window)], values in one earlier window
     values = {}  # (doc, value window start) -> [(query, value positions in the window)], for those answers
     for i, d in enumerate(docs):
         for j, q in enumerate(d["queries"]):
-            src, pos = q["source_start"] - q["answer_start"] + q["span"], q["span"] - 1  # pos: predicts the answer
+            src = q["source_start"] - q["answer_start"] + q["span"]  # one token per character
+            pos = q["span"] - 1  # the positions that predict the answer
+            if src[0] // T < pos[0] // T:
+                sources.setdefault((i, int(src[0]) // T * T), []).append((src - src[0] // T * T, q["windows"]))
+                between.update((i, w * T) for w in range(int(src[-1]) // T + 1, int(pos[0]) // T))
             if src[0] // T == src[-1] // T < pos[0] // T == pos[-1] // T and src[0] % T >= int(mnm.shift):
                 answers.setdefault((i, int(pos[0]) // T * T), []).append((j, pos - pos[0] // T * T))
                 values.setdefault((i, int(src[0]) // T * T), []).append((j, src - src[0] // T * T))
+    stats = {}  # bucket -> [queries, share per head (H,), uniform]
+    totals = {"value": [0, np.zeros(mnm.H)], "between": [0, np.zeros(mnm.H)]}  # [windows, summed totals (H,)]
+    by_place = {}  # place in the value -> [tokens, summed strengths (H,)]
+    key_cos = [0, np.zeros(mnm.H)]  # [values of two or more pairs, summed mean cosines (H,)]
     written = {}  # (doc, query) -> (the value window's write keys (H, S, dk), its pairs' indices, their values)
     by_read = {}  # place -> [answer tokens, then (H,) sums of key cosine, key rank, stored cosine, read cosine]
     state = {}
@@ -464,6 +462,7 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
         strength = beta[..., 0]  # (B, H, S) per token, or (B, H, S - 1) per pair (key t, value t + 1)
         if mnm.shift:  # the strength of writing token t's value sits with pair t - 1; the first token has none
             strength, kw, v = F.pad(strength, (1, 0)), F.pad(kw, (0, 0, 1, 0)), F.pad(v, (0, 0, 1, 0))
+        total = strength.sum(-1).clamp(min=1e-12)  # (B, H)
         for r, i in enumerate(state["group"]):
             for j, pos in answers.get((i, state["w"]), []):  # read first: the state holds the earlier windows
                 if (i, j) not in written:
@@ -482,8 +481,6 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
                     c[0] += 1
                     for m, t in enumerate(stats_r):
                         c[m + 1] += t[:, place].cpu().numpy()
-        total = strength.sum(-1).clamp(min=1e-12)  # (B, H)
-        for r, i in enumerate(state["group"]):
             for kind, windows in (("value", sources), ("between", between)):
                 if (i, state["w"]) in windows:
                     totals[kind][0] += 1

@@ -737,7 +737,7 @@ class MNMBlock(nn.Module):
             raise RuntimeError(f"the memory has rows {lo}..{hi - 1} for a batch of {B}: reset() it or set .rows")
         state = self._start_fresh({k: v[lo:hi] for k, v in self.state.items()}, self.fresh[lo:hi].clone())
         live = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        e = self.embeddings if self.mnm.value == "token" else None
+        e = self.embeddings  # None unless value='token' installed the hook that sets it
         before = state
         if self.grad_windows and self.training and torch.is_grad_enabled():
             state = self._rewrite_previous(state, lo, hi, x.size(1))
