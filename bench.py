@@ -157,8 +157,8 @@ class BenchConfig:
         at_least(self, -1, "mnm_layer")
         one_of(self, "mnm_write", MNM.WRITES)
         one_of(self, "mnm_value", MNM.VALUES)
-        need(self.mnm_value == "hidden" or self.mnm_shift, "mnm_value='token' writes the embedding of the token "
-             "after each key's: set mnm_shift=True")
+        why = MNM.conflict(pool=self.mnm_pool, shift=self.mnm_shift, value=self.mnm_value)
+        need(why is None, why)
         if "recipes" in self.suite:
             need(self.mnm_layer < self.n_layer, f"mnm_layer={self.mnm_layer} is out of range: suite 'recipes' needs "
                  f"mnm_layer < n_layer={self.n_layer} (a layer of the model) or -1 (the middle one)")

@@ -464,12 +464,9 @@ class MNM(nn.Module):
             raise ValueError(f"mnm_write must be one of {self.WRITES}, got {write!r}")
         if value not in self.VALUES:
             raise ValueError(f"mnm_value must be one of {self.VALUES}, got {value!r}")
-        if value == "token" and not shift:
-            raise ValueError("mnm_value='token' writes the embedding of the token after each key's: set mnm_shift=True "
-                             "(a token's own embedding under its own key tells a causal model nothing new)")
-        if pool and shift:
-            raise ValueError("mnm_shift pairs each token's key with the next token's value; a pooled write "
-                             "(mnm_pool) has one pair per segment: use one of the two")
+        why = self.conflict(pool=pool, shift=shift, value=value, key_spread=key_spread)
+        if why:
+            raise ValueError(why)
         if n_embd % heads:
             raise ValueError(f"n_embd {n_embd} must be a multiple of mnm_heads {heads}")
         if write_penalty < 0:
@@ -478,9 +475,6 @@ class MNM(nn.Module):
             raise ValueError(f"mnm_write_budget={write_budget}: the full steps a window may spend must be > 0")
         if key_spread < 0:
             raise ValueError(f"mnm_key_spread={key_spread}: a cost on similar write keys is >= 0")
-        if key_spread and pool:
-            raise ValueError("mnm_key_spread spreads the keys of a window's per-token writes; mnm_pool makes one "
-                             "write per window: use one of the two")
         self.write_rule, self.pool, self.shift, self.value, self.tie_keys = write, pool, shift, value, tie_keys
         self.write_penalty, self.write_budget, self.key_spread = write_penalty, write_budget, key_spread
         self.H, self.dk, self.dv, self.dh = heads, key_size, n_embd // heads, hidden
@@ -503,6 +497,21 @@ class MNM(nn.Module):
         # S - 1 or 1, 1), unit write keys (B, H, S or S - 1 or 1, dk) and values (..., dv), the unit read keys
         # (B, H, S, dk) and the state before the write
         self.match_read_keys()
+
+    @staticmethod
+    def conflict(pool=False, shift=False, value="hidden", key_spread=0.0) -> str | None:
+        """Why these settings cannot go together, or None: MNM refuses them, and the configs that hold them
+        (train.py, bench.py) ask before any work."""
+        if value == "token" and not shift:
+            return ("mnm_value='token' writes the embedding of the token after each key's: set mnm_shift=True "
+                    "(a token's own embedding under its own key tells a causal model nothing new)")
+        if pool and shift:
+            return ("mnm_shift pairs each token's key with the next token's value, mnm_pool makes one pooled write "
+                    "per window: use one of the two")
+        if pool and key_spread:
+            return ("mnm_key_spread spreads the keys of a window's per-token writes, mnm_pool makes one pooled write "
+                    "per window: use one of the two")
+        return None
 
     @torch.no_grad()
     def match_read_keys(self):

@@ -107,17 +107,13 @@ class TrainConfig(LoopConfig):
         one_of(self, "knn_mix", MemorizingMemory.MIXES)
         one_of(self, "mnm_write", MNM.WRITES)
         one_of(self, "mnm_value", MNM.VALUES)
-        need(self.mnm_value == "hidden" or self.mnm_shift, "mnm_value='token' writes the embedding of the token "
-             "after each key's: set mnm_shift=True")
         at_least(self, -1, "knn_layer", "mnm_layer")
         at_least(self, 1, "knn_topk", "knn_memory_size", "mnm_heads", "mnm_key_size", "mnm_hidden")
         at_least(self, 0, "knn_grad_windows", "answer_loss", "mnm_write_penalty", "mnm_key_spread")
         above(self, 0, "mnm_write_budget")
         one_of(self, "mnm_grad_windows", (0, 1))
-        need(not (self.mnm_pool and self.mnm_shift), "mnm_shift pairs each token's key with the next token's "
-             "value, mnm_pool makes one pooled write per window: use one of the two")
-        need(not (self.mnm_pool and self.mnm_key_spread), "mnm_key_spread spreads the keys of a window's "
-             "per-token writes, mnm_pool makes one pooled write per window: use one of the two")
+        why = MNM.conflict(pool=self.mnm_pool, shift=self.mnm_shift, value=self.mnm_value, key_spread=self.mnm_key_spread)
+        need(why is None, why)
         need(self.loader == "docs" or self.answer_loss == 0, "answer_loss weighs the answers of a long-range "
              "dataset's queries, which only loader='docs' reads: set loader='docs' or answer_loss=0")
         within(self, -10, 10, "knn_gate_init")

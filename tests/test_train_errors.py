@@ -113,6 +113,8 @@ def test_every_choice_setting_is_checked(cls, name):
     (bench.BenchConfig, dict(suite=["smollm2"], knn_config="nope.py"), "knn_config='nope.py' is not a file"),
     (bench.BenchConfig, dict(suite=["knn", "smollm2"]), "suite 'smollm2' times a pretrained model"),
     (bench.BenchConfig, dict(pretrained="resume"), "pretrained='resume' is not pretrained weights"),
+    (bench.BenchConfig, dict(mnm_value="token"), "set mnm_shift=True"),
+    (bench.BenchConfig, dict(mnm_pool=True, mnm_shift=True), "use one of the two"),
     (bench.BenchConfig, dict(suite=["recipes"], mnm_layer=6), "mnm_layer < n_layer=6"),
     (bench.BenchConfig, dict(suite=["recipes"], mnm_heads=5), "mnm_heads=5 must divide n_embd=384"),
 ])
