@@ -444,7 +444,7 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
             if src[0] // T < pos[0] // T:
                 sources.setdefault((i, int(src[0]) // T * T), []).append((src - src[0] // T * T, q["windows"]))
                 between.update((i, w * T) for w in range(int(src[-1]) // T + 1, int(pos[0]) // T))
-            if src[0] // T == src[-1] // T < pos[0] // T == pos[-1] // T and src[0] % T >= int(mnm.shift):
+            if src[0] // T == src[-1] // T < pos[0] // T == pos[-1] // T:
                 answers.setdefault((i, int(pos[0]) // T * T), []).append((j, pos - pos[0] // T * T))
                 values.setdefault((i, int(src[0]) // T * T), []).append((j, src - src[0] // T * T))
     stats = {}  # bucket -> [queries, share per head (H,), uniform]
@@ -459,9 +459,12 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
         state["w"], state["group"] = w, group
 
     def probe(beta, kw, kr, v, fast):
-        strength = beta[..., 0]  # (B, H, S) per token, or (B, H, S - 1) per pair (key t, value t + 1)
-        if mnm.shift:  # the strength of writing token t's value sits with pair t - 1; the first token has none
-            strength, kw, v = F.pad(strength, (1, 0)), F.pad(kw, (0, 0, 1, 0)), F.pad(v, (0, 0, 1, 0))
+        strength = beta[..., 0]  # (B, H, S) per token; with shift per pair (key t, value t + 1), the pair
+        # across the boundary (the previous window's last key, the first value) last, when the block carries it
+        pad = int(mnm.shift and strength.size(-1) < kr.size(2))
+        if mnm.shift:  # index t: the pair that writes token t's value (the first token's: the carried one, or none)
+            strength, kw, v = (F.pad(strength, (1, 0)), F.pad(kw, (0, 0, 1, 0)), F.pad(v, (0, 0, 1, 0))) if pad else \
+                (strength.roll(1, -1), kw.roll(1, 2), v.roll(1, 2))
         total = strength.sum(-1).clamp(min=1e-12)  # (B, H)
         for r, i in enumerate(state["group"]):
             for j, pos in answers.get((i, state["w"]), []):  # read first: the state holds the earlier windows
@@ -473,7 +476,7 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
                 f_stored, _ = mnm.recall(row, keys[:, pairs][None])
                 cos = (k[:, :, None] * keys[:, None]).sum(-1)  # (H, n, S): the read key against every write key
                 mine = cos.gather(2, torch.as_tensor(pairs).expand(k.size(0), -1)[..., None])  # (H, n, 1)
-                rank = (cos[..., int(mnm.shift):] > mine).sum(-1)  # (H, n); the shift's padding is no key
+                rank = (cos[..., pad:] > mine).sum(-1)  # (H, n); the shift's padding is no key
                 stats_r = (mine[..., 0], rank.float(), F.cosine_similarity(f_stored[0], vals, dim=-1),
                            F.cosine_similarity(f_read[0], vals, dim=-1))
                 for place in range(len(pairs)):
@@ -491,7 +494,7 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
                 b[0] += 1
                 b[1] += (strength[r][:, pos].sum(-1) / total[r]).cpu().numpy()
                 b[2] += len(pos) / max(1, int((strength[r] > 0).any(0).sum()))
-                pairs = pos[pos >= int(mnm.shift)]  # the pairs writing the value's tokens (key of the token before)
+                pairs = pos[pos >= pad]  # the pairs writing the value's tokens (key of the token before)
                 if len(pairs) > 1:
                     k = kw[r][:, pairs]  # (H, n, dk)
                     cos = k @ k.transpose(-1, -2)  # (H, n, n)

@@ -79,7 +79,9 @@ class MemoryConfig:
     mnm_pool: bool = False
     # True: each token's write pairs its own write key with the next token's value and strength, so the memory
     # maps a context to what followed it (what a causal LM reads back: the key digit after "the pass key is");
-    # False: a token's key and value both come from the token itself. Per-token writes only (not with mnm_pool)
+    # the block carries a window's last key into the next window, so the pair across the boundary is written
+    # too (without it, a pass key split by the boundary lost one digit). False: a token's key and value both
+    # come from the token itself. Per-token writes only (not with mnm_pool)
     mnm_shift: bool = False
     # what a pair writes as its value: 'hidden', a projection of the block's output at the value's token (learnt);
     # 'token', the value token's input embedding (detached, unit RMS per head; needs mnm_shift): the memory
@@ -572,10 +574,12 @@ class MNM(nn.Module):
         cos2 = (kw @ kw.transpose(-1, -2)).pow(2)  # (B, H, S, S)
         return (cos2 * ww).sum() / ww.sum().clamp(min=1e-12)
 
-    def forward(self, h, mask, state: dict, valid=None, read_first=False, embeddings=None):
+    def forward(self, h, mask, state: dict, valid=None, read_first=False, embeddings=None, carry=None, carry_live=None):
         """h (B, S, n_embd) a segment's outputs, mask (B, S) its real tokens, valid (B,) the rows that have
         a segment here (others keep their state); embeddings (B, S, n_embd) the segment's token embeddings
-        (mnm_value='token' only). Returns (reads (B, S, n_embd), new state, write loss)."""
+        (mnm_value='token' only); with shift, carry (B, n_embd) the previous segment's last output, whose key is
+        written with this segment's first value in the rows carry_live (B,) (without it, the pair across the
+        boundary goes unwritten). Returns (reads (B, S, n_embd), new state, write loss)."""
         B, S, _ = h.shape
         p = self.c_mem(h).view(B, S, self.H, -1).transpose(1, 2)  # (B, H, S, sum(parts))
         p = dict(zip(self.parts, p.split(list(self.parts.values()), dim=-1)))
@@ -593,7 +597,12 @@ class MNM(nn.Module):
             v = p["v"]
         live = mask if valid is None else mask & valid[:, None]  # (B, S)
         if self.shift:  # pairs (key of token t, value and strength of token t + 1): S - 1 writes
+            v0, b0, live0 = v[:, :, :1], b[:, :, :1], live[:, :1]
             kw, v, b, live = kw[:, :, :-1], v[:, :, 1:], b[:, :, 1:], live[:, :-1] & live[:, 1:]
+            if carry is not None:  # and, last, the pair across the boundary: the previous segment's last key
+                kc = self.c_mem(carry).view(B, self.H, 1, -1)[..., :self.dk]  # (B, H, 1, dk): kw is c_mem's first part
+                kw, v, b = torch.cat([kw, kc], 2), torch.cat([v, v0], 2), torch.cat([b, b0], 2)
+                live = torch.cat([live, live0 & carry_live[:, None]], 1)
         if self.pool:  # one write per segment: its tokens' keys, values and strengths, attention-pooled
             a = score.masked_fill(~mask[:, None, :, None], float("-inf")).softmax(dim=2)  # (B, H, S, 1)
             kw, v, b = [(a * t).sum(2, keepdim=True) for t in (kw, v, b)]
@@ -662,7 +671,8 @@ class MNMBlock(nn.Module):
         block.reset(); then model(segment_1), model(segment_2), ...   # in order, one document per row
 
     Each forward call is one segment: its tokens first read what the earlier segments wrote (so no
-    token sees its own segment's future), then the segment is written (every token its own pair).
+    token sees its own segment's future), then the segment is written (every token its own pair; with
+    shift, the previous segment's last key with this one's first value as well).
 
     The state carried from one call to the next is detached: back-propagation is truncated at the
     segment boundary, so a document's graph never grows past one segment. Within a segment the task
@@ -694,6 +704,8 @@ class MNMBlock(nn.Module):
         self.n_rows, self.rows, self.state = n_rows, None, None
         self.fresh = None  # (R,) bool: the row holds the initial weights (read live, so they get the gradient)
         self.previous = None  # grad_windows: each row's state before its last write, and that write's input
+        self.last = None  # shift: each row's last written output, whose key pairs with the next window's first value
+        # (a row of zeros: none yet, e.g. resumed from a checkpoint that did not keep it)
 
     def clear_rows(self, rows):
         """Send these rows (indices or a bool mask, of all rows) back to the learned initial weights."""
@@ -715,9 +727,10 @@ class MNMBlock(nn.Module):
         if self.state is None:
             return {}
         out = {**{k: v.detach().clone() for k, v in self.state.items()}, "fresh": self.fresh.clone()}
+        if self.last is not None:
+            out["last"] = self.last.clone()
         if self.previous is not None:
-            if "e" in self.previous:
-                out["previous_e"] = self.previous["e"].clone()
+            out.update({f"previous_{k}": self.previous[k].clone() for k in ("e", "carry", "carry_live") if k in self.previous})
             out.update({"previous_x": self.previous["x"].clone(), "previous_written": self.previous["written"].clone(),
                         **{f"previous_{k}": v.clone() for k, v in self.previous["state"].items()}})
         return out
@@ -726,8 +739,9 @@ class MNMBlock(nn.Module):
         state = dict(state)
         prev = {k[len("previous_"):]: state.pop(k) for k in list(state) if k.startswith("previous_")}
         self.previous = {"x": prev.pop("x").clone(), "written": prev.pop("written").clone(),
-                         **({"e": prev.pop("e").clone()} if "e" in prev else {}),
+                         **{k: prev.pop(k).clone() for k in ("e", "carry", "carry_live") if k in prev},
                          "state": {k: v.clone() for k, v in prev.items()}} if prev else None
+        self.last = state.pop("last").clone() if "last" in state else None
         self.fresh = state.pop("fresh").clone() if state else None
         self.state = {k: v.clone() for k, v in state.items()} if state else None
         if self.state is not None:
@@ -747,18 +761,27 @@ class MNMBlock(nn.Module):
         state = self._start_fresh({k: v[lo:hi] for k, v in self.state.items()}, self.fresh[lo:hi].clone())
         live = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         e = self.embeddings  # None unless value='token' installed the hook that sets it
+        carry = None
+        if self.mnm.shift:  # a row whose document goes on carries its last key over (fresh rows: nothing to carry)
+            if self.last is None:
+                self.last = x.new_zeros(self.fresh.numel(), x.size(-1))
+            carry = self.last[lo:hi].clone()  # a copy: this window's write overwrites it before the backward pass
         before = state
         if self.grad_windows and self.training and torch.is_grad_enabled():
             state = self._rewrite_previous(state, lo, hi, x.size(1))
-        reads, new, self.write_loss = self.mnm(x, live, state, read_first=True, embeddings=e)
+        carry_live = ~self.fresh[lo:hi] & (carry.any(-1) if carry is not None else True)
+        reads, new, self.write_loss = self.mnm(x, live, state, read_first=True, embeddings=e, carry=carry,
+                                               carry_live=carry_live)
         if self.write:
             if self.grad_windows and self.training:
-                self._keep_previous(before, x, e, lo, hi)
+                self._keep_previous(before, x, e, None if carry is None else (carry, carry_live), lo, hi)
             self.state = {k: torch.cat([v[:lo], new[k].detach(), v[hi:]]) for k, v in self.state.items()}
+            if carry is not None:
+                self.last[lo:hi] = x[:, -1].detach()
             self.fresh[lo:hi] = False
         return x + reads
 
-    def _keep_previous(self, state, x, e, lo, hi):
+    def _keep_previous(self, state, x, e, carry, lo, hi):
         """Keep the rows' state before this write and the write's inputs (grad_windows), detached."""
         if self.previous is None or self.previous["x"].shape[1:] != x.shape[1:]:
             R = self.fresh.numel()
@@ -766,9 +789,14 @@ class MNMBlock(nn.Module):
                              "written": torch.zeros(R, dtype=torch.bool, device=x.device)}
             if e is not None:
                 self.previous["e"] = e.new_zeros(R, *e.shape[1:])
+            if carry is not None:
+                self.previous["carry"] = carry[0].new_zeros(R, *carry[0].shape[1:])
+                self.previous["carry_live"] = torch.zeros(R, dtype=torch.bool, device=x.device)
         self.previous["x"][lo:hi] = x.detach()
         if e is not None:
             self.previous["e"][lo:hi] = e.detach()
+        if carry is not None:
+            self.previous["carry"][lo:hi], self.previous["carry_live"][lo:hi] = carry
         for k, v in state.items():
             self.previous["state"][k][lo:hi] = v.detach()
         self.previous["written"][lo:hi] = True
@@ -785,7 +813,8 @@ class MNMBlock(nn.Module):
         live = torch.ones(hi - lo, S, dtype=torch.bool, device=state["w1"].device)
         # copies: the kept tensors are overwritten in place by this window's write, before the backward pass
         e = prev["e"][lo:hi].clone() if "e" in prev else None
+        carry, carry_live = (prev["carry"][lo:hi].clone(), prev["carry_live"][lo:hi]) if "carry" in prev else (None, None)
         _, again, _ = self.mnm(prev["x"][lo:hi].clone(), live, {k: v[lo:hi].clone() for k, v in prev["state"].items()},
-                               embeddings=e)
+                               embeddings=e, carry=carry, carry_live=carry_live)
         return {k: torch.where(redo.view(-1, *[1] * (v.dim() - 1)), again[k], v) for k, v in state.items()}
 

@@ -637,11 +637,15 @@ def test_mnm_grad_windows_resumes_exactly(value):
     saved, resumed = mnm_block(model).get_state(), new_model()
     resumed.load_state_dict(model.state_dict())
     mnm_block(resumed).set_state(saved)  # what train.py does with the checkpoint's memory state
-    grads = []
+    grads, after = [], []
     for m in (model, resumed):
         m.zero_grad()
         _, loss = m(x[:, 32:], x[:, 32:])
         loss.backward()
         grads.append(mnm_block(m).mnm.c_mem.weight.grad.clone())
+        after.append(mnm_block(m).get_state())  # what the window wrote (the carried pair too)
+    for k in after[0]:
+        assert torch.equal(after[0][k], after[1][k]), k
     assert "previous_x" in saved and ("previous_e" in saved) == (value == "token") and grads[0].abs().sum() > 0
+    assert "last" in saved and "previous_carry" in saved  # the key carried across the boundary, and the previous one
     assert torch.equal(grads[0], grads[1])

@@ -759,6 +759,37 @@ def test_mnm_shift_writes_each_key_with_the_next_tokens_value():
         MNM(n_embd=16, heads=2, key_size=8, hidden=8, pool=True, shift=True)
 
 
+def test_mnm_shift_writes_the_pair_across_the_window_boundary():
+    """A shifted block carries each row's last key into its next window, which then writes S pairs: the last,
+    the previous window's last key (from the block's output there) with this window's first value. Nothing
+    is carried into a document's first window, after clear_rows, or from a state that did not keep it."""
+    torch.manual_seed(0)
+    model = tiny_gpt(mnm_layer=1, mnm_heads=2, mnm_key_size=8, mnm_hidden=8, mnm_shift=True, mnm_value="token")
+    block = mnm_block(model)
+    outs, seen = [], []
+    block.block.register_forward_hook(lambda module, args, out: outs.append(out))
+    block.mnm.probe = lambda beta, kw, kr, v, state: seen.append((beta[..., 0], kw, v))
+    x = torch.randint(0, model.config.vocab_size, (2, 80), generator=torch.Generator().manual_seed(1))
+    for w in range(3):
+        model(x[:, 16 * w:16 * (w + 1)])
+    assert seen[0][0].shape[-1] == 16 and torch.all(seen[0][0][..., -1] == 0)  # a document's start carries nothing
+    for w in (1, 2):
+        beta, kw, v = seen[w]
+        key = F.normalize(block.mnm.c_mem(outs[w - 1][:, -1]).view(2, 2, -1)[..., :8], dim=-1)  # (B, H, dk)
+        value = F.normalize(model.transformer.wte(x[:, 16 * w]).view(2, 2, 8), dim=-1) * 8 ** 0.5
+        torch.testing.assert_close(kw[:, :, -1], key)
+        torch.testing.assert_close(v[:, :, -1], value)
+        assert torch.all(beta[..., -1] > 0)
+    block.clear_rows([0])  # row 0's document ended
+    model(x[:, 48:64])
+    assert torch.all(seen[-1][0][0, :, -1] == 0) and torch.all(seen[-1][0][1, :, -1] > 0)
+    state = block.get_state()
+    del state["last"]  # a checkpoint from before the carry
+    block.set_state(state)
+    model(x[:, 64:])
+    assert torch.all(seen[-1][0][..., -1] == 0)
+
+
 def test_mnm_token_values_are_the_next_tokens_embeddings():
     """mnm_value='token': pair t writes token t + 1's embedding (from the model's wte, unit RMS per head,
     detached), and c_mem has no value rows. Refused without
@@ -778,8 +809,9 @@ def test_mnm_token_values_are_the_next_tokens_embeddings():
     block.mnm.write = write
     x = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     model(x, x)
-    e = model.transformer.wte(x)[:, 1:]  # (B, S - 1, n_embd): the token after each key's
-    want = F.normalize(e.view(2, 15, H, dv).transpose(1, 2), dim=-1) * dv ** 0.5  # (B, H, S - 1, dv), unit RMS
+    e = model.transformer.wte(x).roll(-1, 1)  # (B, S, n_embd): the token after each key's; last, the first
+    # token's, which the pair across the boundary writes under the previous window's last key
+    want = F.normalize(e.view(2, 16, H, dv).transpose(1, 2), dim=-1) * dv ** 0.5  # (B, H, S, dv), unit RMS
     torch.testing.assert_close(seen[0], want)
     assert not seen[0].requires_grad  # the write loss cannot shrink the embeddings to make them easy to store
     with pytest.raises(ValueError, match="mnm_shift=True"):
