@@ -783,15 +783,15 @@ class MNMBlock(nn.Module):
 
     def _keep_previous(self, state, x, e, carry, lo, hi):
         """Keep the rows' state before this write and the write's inputs (grad_windows), detached."""
+        R = self.fresh.numel()
         if self.previous is None or self.previous["x"].shape[1:] != x.shape[1:]:
-            R = self.fresh.numel()
             self.previous = {"x": x.new_zeros(R, *x.shape[1:]), "state": {k: v.detach().clone() for k, v in self.state.items()},
                              "written": torch.zeros(R, dtype=torch.bool, device=x.device)}
-            if e is not None:
-                self.previous["e"] = e.new_zeros(R, *e.shape[1:])
-            if carry is not None:
-                self.previous["carry"] = carry[0].new_zeros(R, *carry[0].shape[1:])
-                self.previous["carry_live"] = torch.zeros(R, dtype=torch.bool, device=x.device)
+        if e is not None and "e" not in self.previous:
+            self.previous["e"] = e.new_zeros(R, *e.shape[1:])
+        if carry is not None and "carry" not in self.previous:  # also: resumed from a state kept before the carry
+            self.previous["carry"] = carry[0].new_zeros(R, *carry[0].shape[1:])
+            self.previous["carry_live"] = torch.zeros(R, dtype=torch.bool, device=x.device)
         self.previous["x"][lo:hi] = x.detach()
         if e is not None:
             self.previous["e"][lo:hi] = e.detach()
