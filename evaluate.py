@@ -459,12 +459,10 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
         state["w"], state["group"] = w, group
 
     def probe(beta, kw, kr, v, fast):
-        strength = beta[..., 0]  # (B, H, S) per token; with shift per pair (key t, value t + 1), the pair
-        # across the boundary (the previous window's last key, the first value) last, when the block carries it
-        pad = int(mnm.shift and strength.size(-1) < kr.size(2))
-        if mnm.shift:  # index t: the pair that writes token t's value (the first token's: the carried one, or none)
-            strength, kw, v = (F.pad(strength, (1, 0)), F.pad(kw, (0, 0, 1, 0)), F.pad(v, (0, 0, 1, 0))) if pad else \
-                (strength.roll(1, -1), kw.roll(1, 2), v.roll(1, 2))
+        strength = beta[..., 0]  # (B, H, S) per token; with shift per pair (key t, value t + 1), the block's
+        # pair across the boundary (the previous window's last key, the first value; strength 0 at a document's start) last
+        if mnm.shift:  # index t: the pair that writes token t's value
+            strength, kw, v = strength.roll(1, -1), kw.roll(1, 2), v.roll(1, 2)
         total = strength.sum(-1).clamp(min=1e-12)  # (B, H)
         for r, i in enumerate(state["group"]):
             for j, pos in answers.get((i, state["w"]), []):  # read first: the state holds the earlier windows
@@ -476,7 +474,7 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
                 f_stored, _ = mnm.recall(row, keys[:, pairs][None])
                 cos = (k[:, :, None] * keys[:, None]).sum(-1)  # (H, n, S): the read key against every write key
                 mine = cos.gather(2, torch.as_tensor(pairs).expand(k.size(0), -1)[..., None])  # (H, n, 1)
-                rank = (cos[..., pad:] > mine).sum(-1)  # (H, n); the shift's padding is no key
+                rank = (cos > mine).sum(-1)  # (H, n)
                 stats_r = (mine[..., 0], rank.float(), F.cosine_similarity(f_stored[0], vals, dim=-1),
                            F.cosine_similarity(f_read[0], vals, dim=-1))
                 for place in range(len(pairs)):
@@ -494,11 +492,10 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
                 b[0] += 1
                 b[1] += (strength[r][:, pos].sum(-1) / total[r]).cpu().numpy()
                 b[2] += len(pos) / max(1, int((strength[r] > 0).any(0).sum()))
-                pairs = pos[pos >= pad]  # the pairs writing the value's tokens (key of the token before)
-                if len(pairs) > 1:
-                    k = kw[r][:, pairs]  # (H, n, dk)
+                if len(pos) > 1:  # the pairs writing the value's tokens (key of the token before)
+                    k = kw[r][:, pos]  # (H, n, dk)
                     cos = k @ k.transpose(-1, -2)  # (H, n, n)
-                    n = len(pairs)
+                    n = len(pos)
                     key_cos[0] += 1
                     key_cos[1] += ((cos.sum((-1, -2)) - n) / (n * n - n)).cpu().numpy()
                 for j, p in enumerate(pos.tolist()):  # pos runs from the value's first token, in order
