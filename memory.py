@@ -574,12 +574,12 @@ class MNM(nn.Module):
         cos2 = (kw @ kw.transpose(-1, -2)).pow(2)  # (B, H, S, S)
         return (cos2 * ww).sum() / ww.sum().clamp(min=1e-12)
 
-    def forward(self, h, mask, state: dict, valid=None, read_first=False, embeddings=None, carry=None, carry_live=None):
+    def forward(self, h, mask, state: dict, valid=None, read_first=False, embeddings=None, carry=None):
         """h (B, S, n_embd) a segment's outputs, mask (B, S) its real tokens, valid (B,) the rows that have
         a segment here (others keep their state); embeddings (B, S, n_embd) the segment's token embeddings
         (mnm_value='token' only); with shift, carry (B, n_embd) the previous segment's last output, whose key is
-        written with this segment's first value in the rows carry_live (B,) (without it, the pair across the
-        boundary goes unwritten). Returns (reads (B, S, n_embd), new state, write loss)."""
+        written with this segment's first value (a row of zeros: nothing to carry; without carry, the pair across
+        the boundary goes unwritten). Returns (reads (B, S, n_embd), new state, write loss)."""
         B, S, _ = h.shape
         p = self.c_mem(h).view(B, S, self.H, -1).transpose(1, 2)  # (B, H, S, sum(parts))
         p = dict(zip(self.parts, p.split(list(self.parts.values()), dim=-1)))
@@ -602,7 +602,7 @@ class MNM(nn.Module):
             if carry is not None:  # and, last, the pair across the boundary: the previous segment's last key
                 kc = self.c_mem(carry).view(B, self.H, 1, -1)[..., :self.dk]  # (B, H, 1, dk): kw is c_mem's first part
                 kw, v, b = torch.cat([kw, kc], 2), torch.cat([v, v0], 2), torch.cat([b, b0], 2)
-                live = torch.cat([live, live0 & carry_live[:, None]], 1)
+                live = torch.cat([live, live0 & carry.any(-1, keepdim=True)], 1)
         if self.pool:  # one write per segment: its tokens' keys, values and strengths, attention-pooled
             a = score.masked_fill(~mask[:, None, :, None], float("-inf")).softmax(dim=2)  # (B, H, S, 1)
             kw, v, b = [(a * t).sum(2, keepdim=True) for t in (kw, v, b)]
@@ -705,7 +705,7 @@ class MNMBlock(nn.Module):
         self.fresh = None  # (R,) bool: the row holds the initial weights (read live, so they get the gradient)
         self.previous = None  # grad_windows: each row's state before its last write, and that write's input
         self.last = None  # shift: each row's last written output, whose key pairs with the next window's first value
-        # (a row of zeros: none yet, e.g. resumed from a checkpoint that did not keep it)
+        # (a row of zeros: none yet, e.g. resumed from a checkpoint that did not keep it; zeros carry nothing)
 
     def clear_rows(self, rows):
         """Send these rows (indices or a bool mask, of all rows) back to the learned initial weights."""
@@ -730,7 +730,7 @@ class MNMBlock(nn.Module):
         if self.last is not None:
             out["last"] = self.last.clone()
         if self.previous is not None:
-            out.update({f"previous_{k}": self.previous[k].clone() for k in ("e", "carry", "carry_live") if k in self.previous})
+            out.update({f"previous_{k}": self.previous[k].clone() for k in ("e", "carry") if k in self.previous})
             out.update({"previous_x": self.previous["x"].clone(), "previous_written": self.previous["written"].clone(),
                         **{f"previous_{k}": v.clone() for k, v in self.previous["state"].items()}})
         return out
@@ -739,7 +739,7 @@ class MNMBlock(nn.Module):
         state = dict(state)
         prev = {k[len("previous_"):]: state.pop(k) for k in list(state) if k.startswith("previous_")}
         self.previous = {"x": prev.pop("x").clone(), "written": prev.pop("written").clone(),
-                         **{k: prev.pop(k).clone() for k in ("e", "carry", "carry_live") if k in prev},
+                         **{k: prev.pop(k).clone() for k in ("e", "carry") if k in prev},
                          "state": {k: v.clone() for k, v in prev.items()}} if prev else None
         self.last = state.pop("last").clone() if "last" in state else None
         self.fresh = state.pop("fresh").clone() if state else None
@@ -762,19 +762,18 @@ class MNMBlock(nn.Module):
         live = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         e = self.embeddings  # None unless value='token' installed the hook that sets it
         carry = None
-        if self.mnm.shift:  # a row whose document goes on carries its last key over (fresh rows: nothing to carry)
+        if self.mnm.shift:  # a row whose document goes on carries its last output over (fresh rows: zeros, nothing)
             if self.last is None:
                 self.last = x.new_zeros(self.fresh.numel(), x.size(-1))
-            carry = self.last[lo:hi].clone()  # a copy: this window's write overwrites it before the backward pass
+            # a new tensor: this window's write overwrites self.last before the backward pass
+            carry = self.last[lo:hi] * ~self.fresh[lo:hi, None]
         before = state
         if self.grad_windows and self.training and torch.is_grad_enabled():
             state = self._rewrite_previous(state, lo, hi, x.size(1))
-        carry_live = ~self.fresh[lo:hi] & (carry.any(-1) if carry is not None else True)
-        reads, new, self.write_loss = self.mnm(x, live, state, read_first=True, embeddings=e, carry=carry,
-                                               carry_live=carry_live)
+        reads, new, self.write_loss = self.mnm(x, live, state, read_first=True, embeddings=e, carry=carry)
         if self.write:
             if self.grad_windows and self.training:
-                self._keep_previous(before, x, e, None if carry is None else (carry, carry_live), lo, hi)
+                self._keep_previous(before, x, e, carry, lo, hi)
             self.state = {k: torch.cat([v[:lo], new[k].detach(), v[hi:]]) for k, v in self.state.items()}
             if carry is not None:
                 self.last[lo:hi] = x[:, -1].detach()
@@ -790,13 +789,12 @@ class MNMBlock(nn.Module):
         if e is not None and "e" not in self.previous:
             self.previous["e"] = e.new_zeros(R, *e.shape[1:])
         if carry is not None and "carry" not in self.previous:  # also: resumed from a state kept before the carry
-            self.previous["carry"] = carry[0].new_zeros(R, *carry[0].shape[1:])
-            self.previous["carry_live"] = torch.zeros(R, dtype=torch.bool, device=x.device)
+            self.previous["carry"] = carry.new_zeros(R, *carry.shape[1:])
         self.previous["x"][lo:hi] = x.detach()
         if e is not None:
             self.previous["e"][lo:hi] = e.detach()
         if carry is not None:
-            self.previous["carry"][lo:hi], self.previous["carry_live"][lo:hi] = carry
+            self.previous["carry"][lo:hi] = carry
         for k, v in state.items():
             self.previous["state"][k][lo:hi] = v.detach()
         self.previous["written"][lo:hi] = True
@@ -813,8 +811,8 @@ class MNMBlock(nn.Module):
         live = torch.ones(hi - lo, S, dtype=torch.bool, device=state["w1"].device)
         # copies: the kept tensors are overwritten in place by this window's write, before the backward pass
         e = prev["e"][lo:hi].clone() if "e" in prev else None
-        carry, carry_live = (prev["carry"][lo:hi].clone(), prev["carry_live"][lo:hi]) if "carry" in prev else (None, None)
+        carry = prev["carry"][lo:hi].clone() if "carry" in prev else None
         _, again, _ = self.mnm(prev["x"][lo:hi].clone(), live, {k: v[lo:hi].clone() for k, v in prev["state"].items()},
-                               embeddings=e, carry=carry, carry_live=carry_live)
+                               embeddings=e, carry=carry)
         return {k: torch.where(redo.view(-1, *[1] * (v.dim() - 1)), again[k], v) for k, v in state.items()}
 
