@@ -150,8 +150,7 @@ class BenchConfig:
         at_least(self, 1, "vocab_size", "batch_size", "bench_iters", "gen_tokens", "prompt_len", "gen_batch_sizes",
                  "knn_sizes", "knn_ivf_from", "knn_context", "knn_topk", "knn_memory_size", "knnlm_size", "dnc_slots",
                  "dnc_seq_len", "mnm_heads", "mnm_key_size", "mnm_hidden")
-        at_least(self, 0, "weight_decay", "seed", "knn_layer", "knn_grad_windows")
-        one_of(self, "mnm_grad_windows", (0, 1))
+        at_least(self, 0, "weight_decay", "seed", "knn_layer", "knn_grad_windows", "mnm_grad_windows")
         one_of(self, "knn_mix", MemorizingMemory.MIXES)
         one_of(self, "pos", ("learned", "rope"))
         at_least(self, -1, "mnm_layer")
@@ -720,7 +719,7 @@ def bench_recipes(cfg, device, dtype, vocab_size) -> tuple[dict, list]:
     knn_layer = cfg.knn_layer if 0 <= cfg.knn_layer < cfg.n_layer else mid
     mnm_layer = cfg.mnm_layer if cfg.mnm_layer >= 0 else mid
     grads = (f", grad_windows {cfg.knn_grad_windows}" if cfg.knn_grad_windows else "") + (", joint" if cfg.knn_mix == "joint" else "")
-    mnm_extra = ((", grad_windows 1" if cfg.mnm_grad_windows else "") + (", pooled" if cfg.mnm_pool else "")
+    mnm_extra = ((f", grad_windows {cfg.mnm_grad_windows}" if cfg.mnm_grad_windows else "") + (", pooled" if cfg.mnm_pool else "")
                  + (", shifted" if cfg.mnm_shift else "") + (", token values" if cfg.mnm_value == "token" else "")
                  + (", tied keys" if cfg.mnm_tie_keys else ""))
     arms = (("no memory", {}),

@@ -70,9 +70,9 @@ class MemoryConfig:
     mnm_key_size: int = 32
     mnm_hidden: int = 64  # width of the fast-weight MLP's hidden layer, per head
     mnm_write: str = "local"  # 'local' (learned local rule), 'grad' (gradient step), 'titans' (momentum + forgetting)
-    # 1: while training, the previous window's write is recomputed from its inputs (kept, detached) with the
-    # current weights, so a window's task loss also trains the write path (keys, values, strengths) of the
-    # window before it; 0: the write path learns from the write loss alone. Changes no trained model's output.
+    # G > 0: while training, the latest G windows' writes are recomputed from their inputs (kept, detached) with
+    # the current weights, so a window's task loss also trains the write path (keys, values, strengths) of the
+    # G windows before it; 0: the write path learns from the write loss alone. Changes no trained model's output.
     mnm_grad_windows: int = 0
     # True: a window makes one write per head, its tokens' keys, values and strengths pooled with learned
     # attention weights (the chatbot's one write per turn), instead of every token writing its own (strengths summing to <= 1)
@@ -647,8 +647,8 @@ def add_mnm_block(model, layer: int, heads: int, key_size: int, hidden: int, wri
     cfg = model.config
     if not 0 <= layer < cfg.n_layer:
         raise ValueError(f"mnm_layer={layer}, but the model has layers 0..{cfg.n_layer - 1}")
-    if grad_windows not in (0, 1):
-        raise ValueError(f"mnm_grad_windows={grad_windows}: 0 (the write path learns from its write loss) or 1")
+    if grad_windows < 0:
+        raise ValueError(f"mnm_grad_windows={grad_windows}: 0 (the write path learns from its write loss) or more")
     model.memory_args.update(mnm_layer=layer, mnm_heads=heads, mnm_key_size=key_size, mnm_hidden=hidden,
                              mnm_write=write, mnm_grad_windows=grad_windows, mnm_pool=pool, mnm_shift=shift,
                              mnm_write_penalty=write_penalty, mnm_write_budget=write_budget,
@@ -679,9 +679,9 @@ class MNMBlock(nn.Module):
     loss reaches the read path (the read-key part of c_mem, c_proj) and, in rows whose document starts
     here, the initial fast weights w1, w2 they read; the write path (write keys, values, strengths,
     the rule's own parameters) learns from write_loss, which the trainer adds to the task loss. With
-    grad_windows = 1, while training, the previous segment's write is done again from the state before
-    it and its inputs (both kept, detached) with the current weights: the same state, now with a graph,
-    so the task loss also trains the write path one segment back.
+    grad_windows = G, while training, the row's latest G writes (of its current document) are done again
+    from the state before the oldest of them and their inputs (all kept, detached) with the current
+    weights: the same state, now with a graph, so the task loss also trains the write path G segments back.
 
     Rows follow MemorizingMemory's protocol (train.py keeps one row per batch row of every micro-step):
     reset(n_rows), `rows` (the slice of rows the next call reads and writes), clear_rows(rows) (those
@@ -703,7 +703,7 @@ class MNMBlock(nn.Module):
         """Forget every row; the next call allocates n_rows rows (None: its batch size)."""
         self.n_rows, self.rows, self.state = n_rows, None, None
         self.fresh = None  # (R,) bool: the row holds the initial weights (read live, so they get the gradient)
-        self.previous = None  # grad_windows: each row's state before its last write, and that write's input
+        self.previous = None  # grad_windows: each row's latest writes, their inputs and the states before them
         self.last = None  # shift: each row's last written output, whose key pairs with the next window's first value
         # (a row of zeros: none yet, e.g. resumed from a checkpoint that did not keep it; zeros carry nothing)
 
@@ -715,7 +715,7 @@ class MNMBlock(nn.Module):
 
     def _start_fresh(self, state: dict, fresh):
         init = self.mnm.initial_state(fresh.numel())
-        return {k: torch.where(fresh.view(-1, *[1] * (v.dim() - 1)), init[k].to(v.dtype), v) for k, v in state.items()}
+        return {k: where_rows(fresh, init[k].to(v.dtype), v) for k, v in state.items()}
 
     def see_embeddings(self, module, inputs, output):
         """A forward hook on the model's token embedding (wte): what the next call's pairs write as values."""
@@ -738,6 +738,8 @@ class MNMBlock(nn.Module):
     def set_state(self, state: dict):
         state = dict(state)
         prev = {k[len("previous_"):]: state.pop(k) for k in list(state) if k.startswith("previous_")}
+        if prev and prev["written"].dim() == 1:  # kept by a block of one window, before the ring
+            prev = {k: v[None] for k, v in prev.items()}
         self.previous = {"x": prev.pop("x").clone(), "written": prev.pop("written").clone(),
                          **{k: prev.pop(k).clone() for k in ("e", "carry") if k in prev},
                          "state": {k: v.clone() for k, v in prev.items()}} if prev else None
@@ -781,38 +783,62 @@ class MNMBlock(nn.Module):
         return x + reads
 
     def _keep_previous(self, state, x, e, carry, lo, hi):
-        """Keep the rows' state before this write and the write's inputs (grad_windows), detached."""
-        R = self.fresh.numel()
-        if self.previous is None or self.previous["x"].shape[1:] != x.shape[1:]:
-            self.previous = {"x": x.new_zeros(R, *x.shape[1:]), "state": {k: v.detach().clone() for k, v in self.state.items()},
-                             "written": torch.zeros(R, dtype=torch.bool, device=x.device)}
-        if e is not None and "e" not in self.previous:
-            self.previous["e"] = e.new_zeros(R, *e.shape[1:])
-        if carry is not None and "carry" not in self.previous:  # also: resumed from a state kept before the carry
-            self.previous["carry"] = carry.new_zeros(R, *carry.shape[1:])
-        self.previous["x"][lo:hi] = x.detach()
-        if e is not None:
-            self.previous["e"][lo:hi] = e.detach()
-        if carry is not None:
-            self.previous["carry"][lo:hi] = carry
+        """Keep the rows' state before this write and the write's inputs (grad_windows), detached: a ring of
+        the rows' grad_windows latest writes, oldest first."""
+        R, G = self.fresh.numel(), self.grad_windows
+        prev = self.previous
+        if prev is None or prev["x"].shape[2:] != x.shape[1:]:
+            prev = self.previous = {"x": x.new_zeros(G, R, *x.shape[1:]),
+                                    "state": {k: v.detach().new_zeros(G, *v.shape) for k, v in self.state.items()},
+                                    "written": torch.zeros(G, R, dtype=torch.bool, device=x.device)}
+        elif prev["x"].size(0) != G:  # resumed with another grad_windows: keep the newest writes that fit
+            self.previous = prev = {k: (resize_ring(v, G) if k != "state" else {n: resize_ring(t, G) for n, t in v.items()})
+                                    for k, v in prev.items()}
+        if e is not None and "e" not in prev:
+            prev["e"] = e.new_zeros(G, R, *e.shape[1:])
+        if carry is not None and "carry" not in prev:  # also: resumed from a state kept before the carry
+            prev["carry"] = carry.new_zeros(G, R, *carry.shape[1:])
+        new = {"x": x, "e": e, "carry": carry, "written": torch.ones(hi - lo, dtype=torch.bool, device=x.device)}
+        for k, v in new.items():
+            if v is not None:
+                prev[k][:, lo:hi] = torch.cat([prev[k][1:, lo:hi], v.detach()[None]])
         for k, v in state.items():
-            self.previous["state"][k][lo:hi] = v.detach()
-        self.previous["written"][lo:hi] = True
+            prev["state"][k][:, lo:hi] = torch.cat([prev["state"][k][1:, lo:hi], v.detach()[None]])
+        # a row whose document starts with this write keeps none of the previous document's
+        prev["written"][:-1, lo:hi] &= ~self.fresh[lo:hi]
 
     def _rewrite_previous(self, state, lo, hi, S):
-        """The rows' state after their previous write, recomputed with a graph (rows with no previous write
-        in this document keep theirs)."""
+        """The rows' state after their latest writes (up to grad_windows of this document), recomputed with a
+        graph from the state before the oldest of them (rows with none keep theirs)."""
         prev = self.previous
-        if prev is None or prev["x"].size(1) != S:
+        if prev is None or prev["x"].size(2) != S:
             return state
-        redo = prev["written"][lo:hi] & ~self.fresh[lo:hi]  # (B,): the state holds that write (not a new document)
-        if not bool(redo.any()):
+        written = prev["written"][:, lo:hi] & ~self.fresh[lo:hi]  # (G, B): kept writes of the row's current document
+        if not bool(written.any()):
             return state
         live = torch.ones(hi - lo, S, dtype=torch.bool, device=state["w1"].device)
-        # copies: the kept tensors are overwritten in place by this window's write, before the backward pass
-        e = prev["e"][lo:hi].clone() if "e" in prev else None
-        carry = prev["carry"][lo:hi].clone() if "carry" in prev else None
-        _, again, _ = self.mnm(prev["x"][lo:hi].clone(), live, {k: v[lo:hi].clone() for k, v in prev["state"].items()},
-                               embeddings=e, carry=carry)
-        return {k: torch.where(redo.view(-1, *[1] * (v.dim() - 1)), again[k], v) for k, v in state.items()}
+        started = torch.zeros_like(written[0])
+        for j in range(written.size(0)):  # oldest first
+            if not bool(written[j].any()):
+                continue
+            begin = written[j] & ~started  # the row's oldest kept write: start from the state kept before it
+            # copies: the kept tensors are overwritten in place by this window's write, before the backward pass
+            state = {k: where_rows(begin, prev["state"][k][j, lo:hi].clone(), v) for k, v in state.items()}
+            e = prev["e"][j, lo:hi].clone() if "e" in prev else None
+            carry = prev["carry"][j, lo:hi].clone() if "carry" in prev else None
+            _, again, _ = self.mnm(prev["x"][j, lo:hi].clone(), live, state, embeddings=e, carry=carry)
+            state = {k: where_rows(written[j], again[k], v) for k, v in state.items()}
+            started |= written[j]
+        return state
 
+
+def where_rows(rows, a, b):
+    """a in the batch rows where rows (B,) is True, else b."""
+    return torch.where(rows.view(-1, *[1] * (a.dim() - 1)), a, b)
+
+
+def resize_ring(t, G: int):
+    """A ring of kept writes (G_old, R, ...) with G slots: the newest that fit, older ones empty."""
+    if t.size(0) >= G:
+        return t[t.size(0) - G:].clone()
+    return torch.cat([t.new_zeros(G - t.size(0), *t.shape[1:]), t])

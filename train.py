@@ -87,7 +87,7 @@ class TrainConfig(LoopConfig):
     mnm_key_size: int = 32
     mnm_hidden: int = 64
     mnm_write: str = "local"  # 'local', 'grad' or 'titans'
-    mnm_grad_windows: int = 0  # 1: the task loss also trains the previous window's write (MemoryConfig)
+    mnm_grad_windows: int = 0  # G: the task loss also trains the latest G windows' writes (MemoryConfig)
     mnm_pool: bool = False  # True: one attention-pooled write per window and head (MemoryConfig)
     mnm_shift: bool = False  # True: a token's key is written with the next token's value (MemoryConfig)
     mnm_value: str = "hidden"  # 'token': a pair's value is the next token's embedding (MemoryConfig)
@@ -109,9 +109,8 @@ class TrainConfig(LoopConfig):
         one_of(self, "mnm_value", MNM.VALUES)
         at_least(self, -1, "knn_layer", "mnm_layer")
         at_least(self, 1, "knn_topk", "knn_memory_size", "mnm_heads", "mnm_key_size", "mnm_hidden")
-        at_least(self, 0, "knn_grad_windows", "answer_loss", "mnm_write_penalty", "mnm_key_spread")
+        at_least(self, 0, "knn_grad_windows", "mnm_grad_windows", "answer_loss", "mnm_write_penalty", "mnm_key_spread")
         above(self, 0, "mnm_write_budget")
-        one_of(self, "mnm_grad_windows", (0, 1))
         why = MNM.conflict(pool=self.mnm_pool, shift=self.mnm_shift, value=self.mnm_value, key_spread=self.mnm_key_spread)
         need(why is None, why)
         need(self.loader == "docs" or self.answer_loss == 0, "answer_loss weighs the answers of a long-range "

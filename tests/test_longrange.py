@@ -618,17 +618,78 @@ def test_mnm_grad_windows_keeps_the_forward_and_trains_the_write_path(pool, shif
     assert g1[1][write_rows].abs().sum() > 0  # with grad_windows it does, from the second window on
 
 
-@pytest.mark.parametrize("value", ["hidden", "token"])
-def test_mnm_grad_windows_resumes_exactly(value):
-    """The kept previous write is part of the block's state (with token values, the window's embeddings too):
-    restored into a fresh copy of the model, the next window's gradients are those of the uninterrupted run."""
+@pytest.mark.parametrize("shift", [False, True])
+def test_mnm_grad_windows_equal_the_unrolled_writes(shift):
+    """With grad_windows = G the task loss of a window trains the writes of the G windows before it: its
+    gradients on the MNM's weights equal those of writing the document's windows one after another with
+    a graph (the block's inputs detached, as kept), from the state before the oldest of them. A row whose
+    document restarts is unrolled from its new start only; G beyond the document's windows changes nothing."""
+    import torch.nn.functional as F
+    from memory import MemoryConfig, attach_memories, mnm_block
+    from model import GPT, GPTConfig
+
+    B, S, cleared = 3, 16, 2  # row 2's document ends after the first window
+
+    def run(grad_windows):
+        torch.manual_seed(0)
+        model = attach_memories(GPT(GPTConfig(block_size=S, vocab_size=30, n_layer=2, n_head=2, n_embd=16)),
+                                MemoryConfig(mnm_layer=1, mnm_heads=2, mnm_key_size=8, mnm_hidden=8,
+                                             mnm_grad_windows=grad_windows, mnm_shift=shift)).train()
+        block = mnm_block(model)
+        xs = []  # the block's inputs of each window
+        block.block.register_forward_hook(lambda m, i, out: xs.append(out.detach()))
+        idx = torch.randint(0, 30, (B, 3 * S), generator=torch.Generator().manual_seed(1))
+        for w in range(3):
+            model.zero_grad()
+            _, loss = model(idx[:, w * S:(w + 1) * S], idx[:, w * S:(w + 1) * S])
+            loss.backward()
+            if w == 0:
+                block.clear_rows(torch.tensor([cleared]))
+        return model, xs, idx, {n: p.grad.clone() for n, p in block.mnm.named_parameters() if p.grad is not None}
+
+    model, xs, idx, grads = run(2)
+    mnm, live = mnm_block(model).mnm, torch.ones(B, S, dtype=torch.bool)
+    fresh = torch.arange(B) == cleared
+    init = {k: v.detach() for k, v in mnm.initial_state(B).items()}
+    zeros = torch.zeros(B, 16)
+    _, state, _ = mnm(xs[0], live, init, carry=zeros if shift else None)
+    state = {k: torch.where(fresh.view(-1, *[1] * (v.dim() - 1)), init[k], v) for k, v in state.items()}
+    _, state, _ = mnm(xs[1], live, state, carry=xs[0][:, -1] * ~fresh[:, None] if shift else None)
+    reads, _, _ = mnm(xs[2], live, state, read_first=True, carry=xs[1][:, -1] if shift else None)
+    logits = model.lm_head(model.transformer.ln_f(xs[2] + reads))
+    mnm.zero_grad()
+    F.cross_entropy(logits.view(-1, 30), idx[:, 2 * S:].reshape(-1)).backward()
+    for n, p in mnm.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(grads[n], p.grad, atol=1e-6), n
+    write_rows = torch.cat([torch.arange(h * 26, h * 26 + 8) for h in range(2)])  # the write keys in c_mem
+    assert grads["c_mem.weight"][write_rows].abs().sum() > 0
+    one, three = run(1)[3], run(3)[3]
+    assert not torch.allclose(one["c_mem.weight"], grads["c_mem.weight"])  # the first window's write counts
+    for n in grads:
+        assert torch.allclose(three[n], grads[n], atol=1e-6), n  # a third slot, empty: the same
+
+def test_a_ring_of_kept_writes_resized_keeps_the_newest():
+    """A run resumed with another mnm_grad_windows keeps its newest kept writes (oldest first) that fit;
+    slots it did not keep are empty (written False: nothing to redo)."""
+    from memory import resize_ring
+    ring = torch.arange(6).view(3, 2)  # 3 writes, 2 rows
+    assert resize_ring(ring, 2).tolist() == [[2, 3], [4, 5]]
+    assert resize_ring(ring, 4).tolist() == [[0, 0], [0, 1], [2, 3], [4, 5]]
+    assert resize_ring(torch.ones(1, 2, dtype=torch.bool), 2).tolist() == [[False, False], [True, True]]
+
+@pytest.mark.parametrize("value, grad_windows", [("hidden", 1), ("token", 1), ("token", 2)])
+def test_mnm_grad_windows_resumes_exactly(value, grad_windows):
+    """The kept writes are part of the block's state (with token values, the windows' embeddings too):
+    restored into a fresh copy of the model, the next window's gradients are those of the uninterrupted run,
+    also from a state kept before the ring of writes (one write, without the ring's dimension)."""
     from memory import MemoryConfig, attach_memories, mnm_block
     from model import GPT, GPTConfig
 
     def new_model():
         return attach_memories(GPT(GPTConfig(block_size=16, vocab_size=30, n_layer=2, n_head=2, n_embd=16)),
                                MemoryConfig(mnm_layer=0, mnm_heads=2, mnm_key_size=8, mnm_hidden=8,
-                                            mnm_grad_windows=1, mnm_shift=True, mnm_value=value)).train()
+                                            mnm_grad_windows=grad_windows, mnm_shift=True, mnm_value=value)).train()
     torch.manual_seed(0)
     model = new_model()
     x = torch.randint(0, 30, (3, 48), generator=torch.Generator().manual_seed(1))
@@ -648,9 +709,15 @@ def test_mnm_grad_windows_resumes_exactly(value):
         assert torch.equal(after[0][k], after[1][k]), k
     assert "previous_x" in saved and ("previous_e" in saved) == (value == "token") and grads[0].abs().sum() > 0
     assert "last" in saved and "previous_carry" in saved  # the key carried across the boundary, and the previous one
+    assert saved["previous_written"].shape == (grad_windows, 3) and saved["previous_written"].all()
+    if grad_windows == 1:  # as kept before the ring: the same gradients
+        mnm_block(resumed).set_state({k: v[0] if k.startswith("previous_") else v for k, v in saved.items()})
+        resumed.zero_grad()
+        resumed(x[:, 32:], x[:, 32:])[1].backward()
+        assert torch.equal(mnm_block(resumed).mnm.c_mem.weight.grad, grads[0])
     old = {k: v for k, v in saved.items() if k not in ("last", "previous_carry")}
     mnm_block(resumed).set_state(old)  # a checkpoint kept before the carry: training goes on, carrying from here
     resumed(x[:, 32:], x[:, 32:])[1].backward()
     resumed(x[:, 16:32], x[:, 16:32])[1].backward()
-    assert mnm_block(resumed).previous["carry"].any(-1).all()  # every row's kept write carried a key
+    assert mnm_block(resumed).previous["carry"][-1].any(-1).all()  # every row's latest kept write carried a key
     assert torch.equal(grads[0], grads[1])
