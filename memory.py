@@ -426,6 +426,11 @@ def generate_with_memory(model, idx, max_new_tokens, temperature=1.0, top_k=None
 
 # ---- Metalearned neural memory ----
 
+def where_rows(rows, a, b):
+    """a in the batch rows where rows (B,) is True, else b."""
+    return torch.where(rows.view(-1, *[1] * (a.dim() - 1)), a, b)
+
+
 class MNM(nn.Module):
     """Metalearned neural memory (Munkhdalai et al. 2019), with a Titans-style update as a third rule.
 
@@ -619,8 +624,7 @@ class MNM(nn.Module):
             reads, _ = self.recall(state, kr)
         new = self.write(state, kw, v, beta, h, mask)
         if valid is not None:  # rows without a segment here keep their memory untouched
-            keep = valid[:, None, None, None]
-            new = {k: torch.where(keep, t, state[k]) for k, t in new.items()}
+            new = {k: where_rows(valid, t, state[k]) for k, t in new.items()}
         if not read_first:
             reads, _ = self.recall(new, kr)
         stored, _ = self.recall(new, kw)
@@ -743,6 +747,10 @@ class MNMBlock(nn.Module):
         self.previous = {"x": prev.pop("x").clone(), "written": prev.pop("written").clone(),
                          **{k: prev.pop(k).clone() for k in ("e", "carry") if k in prev},
                          "state": {k: v.clone() for k, v in prev.items()}} if prev else None
+        G = self.grad_windows
+        if self.previous is not None and G and self.previous["x"].size(0) != G:  # resumed with another grad_windows:
+            self.previous = {k: (resize_ring(v, G) if k != "state" else {n: resize_ring(t, G) for n, t in v.items()})
+                             for k, v in self.previous.items()}  # keep the newest writes that fit
         self.last = state.pop("last").clone() if "last" in state else None
         self.fresh = state.pop("fresh").clone() if state else None
         self.state = {k: v.clone() for k, v in state.items()} if state else None
@@ -791,9 +799,6 @@ class MNMBlock(nn.Module):
             prev = self.previous = {"x": x.new_zeros(G, R, *x.shape[1:]),
                                     "state": {k: v.detach().new_zeros(G, *v.shape) for k, v in self.state.items()},
                                     "written": torch.zeros(G, R, dtype=torch.bool, device=x.device)}
-        elif prev["x"].size(0) != G:  # resumed with another grad_windows: keep the newest writes that fit
-            self.previous = prev = {k: (resize_ring(v, G) if k != "state" else {n: resize_ring(t, G) for n, t in v.items()})
-                                    for k, v in prev.items()}
         if e is not None and "e" not in prev:
             prev["e"] = e.new_zeros(G, R, *e.shape[1:])
         if carry is not None and "carry" not in prev:  # also: resumed from a state kept before the carry
@@ -830,11 +835,6 @@ class MNMBlock(nn.Module):
             state = {k: where_rows(written[j], again[k], v) for k, v in state.items()}
             started |= written[j]
         return state
-
-
-def where_rows(rows, a, b):
-    """a in the batch rows where rows (B,) is True, else b."""
-    return torch.where(rows.view(-1, *[1] * (a.dim() - 1)), a, b)
 
 
 def resize_ring(t, G: int):

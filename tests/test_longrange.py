@@ -669,6 +669,7 @@ def test_mnm_grad_windows_equal_the_unrolled_writes(shift):
     for n in grads:
         assert torch.allclose(three[n], grads[n], atol=1e-6), n  # a third slot, empty: the same
 
+
 def test_a_ring_of_kept_writes_resized_keeps_the_newest():
     """A run resumed with another mnm_grad_windows keeps its newest kept writes (oldest first) that fit;
     slots it did not keep are empty (written False: nothing to redo)."""
@@ -677,6 +678,7 @@ def test_a_ring_of_kept_writes_resized_keeps_the_newest():
     assert resize_ring(ring, 2).tolist() == [[2, 3], [4, 5]]
     assert resize_ring(ring, 4).tolist() == [[0, 0], [0, 1], [2, 3], [4, 5]]
     assert resize_ring(torch.ones(1, 2, dtype=torch.bool), 2).tolist() == [[False, False], [True, True]]
+
 
 @pytest.mark.parametrize("value, grad_windows", [("hidden", 1), ("token", 1), ("token", 2)])
 def test_mnm_grad_windows_resumes_exactly(value, grad_windows):
@@ -715,6 +717,12 @@ def test_mnm_grad_windows_resumes_exactly(value, grad_windows):
         resumed.zero_grad()
         resumed(x[:, 32:], x[:, 32:])[1].backward()
         assert torch.equal(mnm_block(resumed).mnm.c_mem.weight.grad, grads[0])
+    else:  # restored into a block of one window (a resume with another grad_windows): the newest kept write
+        one = mnm_block(attach_memories(GPT(GPTConfig(block_size=16, vocab_size=30, n_layer=2, n_head=2, n_embd=16)),
+                                        MemoryConfig(mnm_layer=0, mnm_heads=2, mnm_key_size=8, mnm_hidden=8,
+                                                     mnm_grad_windows=1, mnm_shift=True, mnm_value=value)))
+        one.set_state(saved)
+        assert one.previous["x"].shape[0] == 1 and torch.equal(one.previous["x"][0], saved["previous_x"][-1])
     old = {k: v for k, v in saved.items() if k not in ("last", "previous_carry")}
     mnm_block(resumed).set_state(old)  # a checkpoint kept before the carry: training goes on, carrying from here
     resumed(x[:, 32:], x[:, 32:])[1].backward()
