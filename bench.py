@@ -191,7 +191,7 @@ class BenchConfig:
 TRAINING_ONLY = ("out_dir", "eval_interval", "log_interval", "eval_iters", "eval_only", "always_save_checkpoint",
                  "init_from", "overwrite", "wandb_log", "wandb_project", "wandb_run_name",
                  "gradient_accumulation_steps", "loader", "dropout", "max_iters", "grad_clip", "decay_lr",
-                 "warmup_iters", "lr_decay_iters", "min_lr", "knn_search_dtype", "knn_gate_init", "answer_loss",
+                 "warmup_iters", "lr_decay_iters", "min_lr", "knn_search_dtype", "knn_gate_init", "knn_learn_scale", "answer_loss",
                  "mnm_write_penalty", "mnm_write_budget", "mnm_key_spread", "n_enc_layer", "memory", "mnm_read",
                  "mnm_tbptt", "dialog_slots",
                  "vocab_prune_every", "vocab_min_count", "vocab_capacity", "optimizer",

@@ -63,6 +63,11 @@ class MemoryConfig:
     # together (the gate's logit then shifts the memory's scores), so a token whose answer is in its own
     # window is not diluted by what the memory returns, and one whose answer is in memory is not by the window
     knn_mix: str = "gate"
+    # True: each head's memory scores are multiplied by a learned factor (exp of a logit started at 0), so a
+    # head can sharpen its choice among the retrieved entries without sharpening its local attention, which
+    # shares the query and key projections: the same-template facts of other people crowd the right entry
+    # more, the more windows the memory holds (docs/long-range.md)
+    knn_learn_scale: bool = False
     # metalearned neural memory (MNMBlock) after this layer's block, written window by window with each
     # batch row's document
     mnm_layer: int = -1
@@ -114,7 +119,7 @@ def attach_memories(model, cfg: MemoryConfig):
     """Give a GPT the trainable memories cfg asks for (none when both layers are -1)."""
     if cfg.knn_layer >= 0:
         add_memorizing_layer(model, cfg.knn_layer, cfg.knn_topk, cfg.knn_memory_size, cfg.knn_search_dtype,
-                             cfg.knn_gate_init, cfg.knn_grad_windows, cfg.knn_mix)
+                             cfg.knn_gate_init, cfg.knn_grad_windows, cfg.knn_mix, cfg.knn_learn_scale)
     if cfg.mnm_layer >= 0:
         add_mnm_block(model, cfg.mnm_layer, cfg.mnm_heads, cfg.mnm_key_size, cfg.mnm_hidden, cfg.mnm_write,
                       cfg.mnm_grad_windows, cfg.mnm_pool, cfg.mnm_shift, cfg.mnm_write_penalty,
@@ -145,15 +150,17 @@ def memorizing_layer(model):
 
 
 def add_memorizing_layer(model, layer: int, topk: int, size: int, search_dtype: str = "float32",
-                         gate_init: float = MEMORIZING_GATE_INIT, grad_windows: int = 0, mix: str = "gate"):
+                         gate_init: float = MEMORIZING_GATE_INIT, grad_windows: int = 0, mix: str = "gate",
+                         learn_scale: bool = False):
     """Give a GPT (e.g. pretrained GPT-2) a memorizing layer at `layer`; recorded in model.memory_args."""
     cfg = model.config
     if not 0 <= layer < cfg.n_layer:
         raise ValueError(f"knn_layer={layer}, but the model has layers 0..{cfg.n_layer - 1}")
     model.memory_args.update(knn_layer=layer, knn_topk=topk, knn_memory_size=size, knn_search_dtype=search_dtype,
-                             knn_gate_init=gate_init, knn_grad_windows=grad_windows, knn_mix=mix)
+                             knn_gate_init=gate_init, knn_grad_windows=grad_windows, knn_mix=mix,
+                             knn_learn_scale=learn_scale)
     model.attentions[layer].memory = MemorizingMemory(cfg.n_head, cfg.n_embd // cfg.n_head, topk, size, search_dtype,
-                                                      gate_init, grad_windows, mix).to(next(model.parameters()).device)
+                                                      gate_init, grad_windows, mix, learn_scale).to(next(model.parameters()).device)
     model.attentions[layer].memory.bind(model.attentions[layer])
 
 
@@ -168,7 +175,8 @@ class MemorizingMemory(nn.Module):
     dot product; a learned per-head gate g = sigmoid(gate_bias) mixes: y = (1 - g) y_local + g y_mem.
     With mix='joint' the local keys and the retrieved entries share one softmax instead (the memory's
     scores shifted by gate_bias): per token, g = sigmoid(gate_bias + lse_mem - lse_local), where lse is
-    the log-sum-exp of each part's scores.
+    the log-sum-exp of each part's scores. With learn_scale, each head's memory scores are first multiplied
+    by exp(score_scale), a learned logit per head started at 0.
     After a forward pass with `write` set, the window's keys and values are appended (detached)
     first-in first-out; so memory entries only ever come from earlier windows.
 
@@ -180,8 +188,10 @@ class MemorizingMemory(nn.Module):
     MIXES = ("gate", "joint")
 
     def __init__(self, n_head: int, head_size: int, topk: int, size: int, search_dtype: str = "float32",
-                 gate_init: float = MEMORIZING_GATE_INIT, grad_windows: int = 0, mix: str = "gate"):
-        """gate_init, grad_windows, mix: MemoryConfig's knn_gate_init, knn_grad_windows (training only), knn_mix."""
+                 gate_init: float = MEMORIZING_GATE_INIT, grad_windows: int = 0, mix: str = "gate",
+                 learn_scale: bool = False):
+        """gate_init, grad_windows, mix, learn_scale: MemoryConfig's knn_gate_init, knn_grad_windows (training
+        only), knn_mix, knn_learn_scale."""
         super().__init__()
         if topk < 1 or size < 1:
             raise ValueError(f"knn_topk={topk} and knn_memory_size={size} must both be >= 1")
@@ -193,6 +203,7 @@ class MemorizingMemory(nn.Module):
         self.n_head, self.head_size, self.topk, self.size = n_head, head_size, topk, size
         self.search_dtype = getattr(torch, search_dtype)
         self.gate_bias = nn.Parameter(torch.full((n_head,), float(gate_init)))
+        self.score_scale = nn.Parameter(torch.zeros(n_head)) if learn_scale else None
         self.grad_windows = grad_windows
         self._x = None  # the attention input of the current forward pass (grad_windows), set by a pre-hook
         self._hooked = None  # id() of the attention module it is bound to (not the module: no submodule cycle)
@@ -284,7 +295,8 @@ class MemorizingMemory(nn.Module):
             # exactly y_local where a row's memory is empty; g = 0 gives y_local bit for bit
             y = torch.where((count > 0).view(B, 1, 1, 1), (1 - g) * y_local + g * y_mem, y_local)
         elif self.training:
-            y = y_local + 0 * torch.sigmoid(self.gate_bias).sum()  # in the graph: DDP expects a gradient for it
+            # in the graph: DDP expects a gradient for every parameter
+            y = y_local + 0 * sum(p.sum() for p in self.parameters(recurse=False))
         if self.write:
             self.append(rid, k, v[:, :, -T:])
             if grad:  # the row's attention inputs of its grad_windows latest windows, oldest first
@@ -340,6 +352,8 @@ class MemorizingMemory(nn.Module):
             k_ret = torch.where(mine[..., None], k_rec[g_idx, off], k_ret)
             v_ret = torch.where(mine[..., None], v_rec[g_idx, off], v_ret)
         logits = (k_ret @ q.reshape(G, T, d, 1)).squeeze(-1) / math.sqrt(d)  # (G, T, kk)
+        if self.score_scale is not None:
+            logits = logits * self.score_scale.exp().repeat(B).view(G, 1, 1)  # (G, 1, 1): g = b * H + h
         # entries beyond a row's count are empty slots; a row with none keeps finite zeros (gated out)
         empty = (ids >= count.repeat_interleave(H)[:, None, None]) & (count.repeat_interleave(H) > 0)[:, None, None]
         logits = logits.float().masked_fill(empty, float("-inf"))

@@ -80,6 +80,7 @@ class TrainConfig(LoopConfig):
     knn_gate_init: float = MEMORIZING_GATE_INIT  # the gates' starting logit (sigmoid: the memory's first share)
     knn_grad_windows: int = 0  # >0: gradients through the entries of each row's latest windows (MemoryConfig)
     knn_mix: str = "gate"  # 'gate' (a learned share per head) or 'joint' (one softmax over window and memory)
+    knn_learn_scale: bool = False  # True: a learned per-head factor on the memory's scores (MemoryConfig)
     # metalearned neural memory (memory.MNMBlock) after this layer's block, written window by window with each
     # row's document, -1 = none; shaped by mnm_heads, mnm_key_size, mnm_hidden, mnm_write
     mnm_layer: int = -1
@@ -138,7 +139,7 @@ class TrainConfig(LoopConfig):
         """The settings a resumed checkpoint must agree with."""
         mnm = ("mnm_heads", "mnm_key_size", "mnm_hidden", "mnm_write", "mnm_pool", "mnm_shift", "mnm_value",
                "mnm_tie_keys") if saved.get("mnm_layer", -1) >= 0 else ()
-        knn = ("knn_memory_size",) if saved.get("knn_layer", -1) >= 0 else ()  # the saved rows' length
+        knn = ("knn_memory_size", "knn_learn_scale") if saved.get("knn_layer", -1) >= 0 else ()  # the saved rows' length
         # rotary positions have no table: a model without trainable memories (whose rows hold windows) may
         # resume with another context, e.g. a long-context stage after short documents (the oracle recipes)
         free = saved.get("pos") == "rope" and max(saved.get("knn_layer", -1), saved.get("mnm_layer", -1)) < 0

@@ -48,13 +48,19 @@ def test_gate_zero_equals_plain_model():
     assert not torch.allclose(opened[:, 16:], shut[:, 16:])
 
 
-@pytest.mark.parametrize("pos", ["learned", "rope"])
-def test_joint_mix_is_one_softmax_over_window_and_memory(pos):
+@pytest.mark.parametrize("pos,scale", [("learned", None), ("rope", None), ("rope", (0.7, -0.4))])
+def test_joint_mix_is_one_softmax_over_window_and_memory(pos, scale):
     """knn_mix='joint': each head's output equals one softmax over the memory's entries (all of them
     retrieved: topk >= entries; unrotated query and keys with rope) and the window's causal keys
-    together, computed naively here; the gate's logit adds to the memory's scores."""
-    model = tiny_gpt(knn_layer=1, knn_topk=64, knn_memory_size=64, knn_mix="joint", pos=pos)
+    together, computed naively here; the gate's logit adds to the memory's scores, after knn_learn_scale's
+    per-head factor (exp(0.7) for head 0, exp(-0.4) for head 1) multiplied them."""
+    model = tiny_gpt(knn_layer=1, knn_topk=64, knn_memory_size=64, knn_mix="joint", pos=pos,
+                     knn_learn_scale=scale is not None)
     mem = memorizing_layer(model)
+    factor = torch.tensor(scale or (0.0, 0.0)).exp().view(1, 2, 1, 1)
+    if scale is not None:
+        with torch.no_grad():
+            mem.score_scale.copy_(torch.tensor(scale))
     attn = model.attentions[1]
     x = torch.randint(0, 50, (2, 32))
     with torch.no_grad():
@@ -72,7 +78,7 @@ def test_joint_mix_is_one_softmax_over_window_and_memory(pos):
             q, k, v = (t.view(B, T, 2, 8).transpose(1, 2) for t in seen["qkv"].split(C, dim=2))
             q_loc, k_loc = (attn.rotary.rotate(t, torch.arange(T)) for t in (q, k)) if pos == "rope" else (q, k)
             local = (q_loc @ k_loc.transpose(-1, -2)).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
-            scores = torch.cat([(q @ keys.transpose(-1, -2)) + bias * 8 ** 0.5, local], -1) / 8 ** 0.5
+            scores = torch.cat([(q @ keys.transpose(-1, -2)) * factor + bias * 8 ** 0.5, local], -1) / 8 ** 0.5
             want = scores.softmax(-1) @ torch.cat([values, v], 2)  # (B, H, T, d)
             got = mem(attn, q_loc, k_loc, v, attn.attend)
             assert torch.allclose(got, want, atol=1e-5)
@@ -308,9 +314,9 @@ def mem_cfg(data, out, **kw):
                                                   knn_memory_size=64, block_size=32, batch_size=2, eval_iters=2), **kw})
 
 
-@pytest.mark.parametrize("mix", ["gate", "joint"])
-def test_resume_with_memory_equals_uninterrupted(short_docs, tmp_path, mix):
-    common = dict(dropout=0.1, lr_decay_iters=24, eval_interval=12, knn_mix=mix)
+@pytest.mark.parametrize("mix,learn_scale", [("gate", False), ("joint", False), ("joint", True)])
+def test_resume_with_memory_equals_uninterrupted(short_docs, tmp_path, mix, learn_scale):
+    common = dict(dropout=0.1, lr_decay_iters=24, eval_interval=12, knn_mix=mix, knn_learn_scale=learn_scale)
     full = train.main(mem_cfg(short_docs, tmp_path / "full", max_iters=24, **common))
     part = tmp_path / "part"
     train.main(mem_cfg(short_docs, part, max_iters=12, **common))
@@ -322,6 +328,11 @@ def test_resume_with_memory_equals_uninterrupted(short_docs, tmp_path, mix):
     from configurator import ConfigError
     with pytest.raises(ConfigError, match="knn_memory_size 64 -> 96"):  # the saved rows hold 64 entries
         train.main(mem_cfg(short_docs, part, max_iters=30, init_from="resume", **{**common, "knn_memory_size": 96}))
+    with pytest.raises(ConfigError, match=f"knn_learn_scale {learn_scale} -> {not learn_scale}"):  # a parameter more or less
+        train.main(mem_cfg(short_docs, part, max_iters=30, init_from="resume", **{**common, "knn_learn_scale": not learn_scale}))
+    if learn_scale:  # the factors learn (from 0) and are saved
+        scale = load_checkpoint(str(part / "ckpt.pt"))["model"]["transformer.h.1.attn.memory.score_scale"]
+        assert scale.shape == (2,) and bool((scale != 0).all())
 
 
 def test_resume_takes_the_runs_memory_choices(short_docs, tmp_path, capsys):
