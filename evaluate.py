@@ -360,11 +360,19 @@ def knnlm_predictions(docs: list, hs: list, logits: list, lam: float, k: int, te
 
 
 @torch.no_grad()
+def source_entry(ids, p, src_pos: int):
+    """Per head, for one query: is the entry at src_pos among the retrieved ids (H, k), the attention weight
+    p (H, k) it gets, and is it the entry weighted most (if not, sharper scores cannot make it win)."""
+    found = ids == src_pos  # (H, k)
+    first = found.gather(-1, p.float().argmax(-1, keepdim=True)).squeeze(-1)
+    return found.any(-1), (p.float() * found).sum(-1), first
+
+
 def memorizing_diagnostics(model, docs: list, batch_size: int, device) -> dict:
     """Does the memorizing layer retrieve what the answer copies? For every answer token whose source token
     (the same character of the stated value) lies in an earlier window, read the documents as in training
-    and record, per head, whether the source entry is among the query's top-k and the attention weight it
-    gets; by nominal distance, with the gates sigmoid(gate_bias). Memory slots are document positions
+    and record, per head, whether the source entry is among the query's top-k, the attention weight it gets
+    and whether it gets the most (source_entry); by nominal distance, with the gates sigmoid(gate_bias). Memory slots are document positions
     (the memory is emptied per document and must hold a whole one)."""
     layer = memorizing_layer(model)
     H = layer.n_head
@@ -377,7 +385,7 @@ def memorizing_diagnostics(model, docs: list, batch_size: int, device) -> dict:
             src_pos = q["source_start"] - q["answer_start"] + q["span"]  # char tokenizer: one token per character
             for s, sp in zip(q["span"], src_pos):
                 targets[(i, int(s) - 1)] = (int(sp), q["windows"])
-    stats = {}  # bucket -> [count, hits per head (H,), weight per head (H,), any-head hits]
+    stats = {}  # bucket -> [count, hits per head (H,), weight per head (H,), any-head hits, first per head (H,)]
     state = {}
 
     def on_window(w, group):
@@ -392,12 +400,13 @@ def memorizing_diagnostics(model, docs: list, batch_size: int, device) -> dict:
                     continue
                 src_pos, bucket = hit
                 g = torch.arange(r * H, (r + 1) * H)
-                found = ids[g, t] == src_pos  # (H, k)
-                b = stats.setdefault(bucket, [0, np.zeros(H), np.zeros(H), 0])
+                found, weight, first = source_entry(ids[g, t], p[g, t], src_pos)
+                b = stats.setdefault(bucket, [0, np.zeros(H), np.zeros(H), 0, np.zeros(H)])
                 b[0] += 1
-                b[1] += found.any(-1).numpy()
-                b[2] += (p[g, t].float() * found).sum(-1).numpy()
+                b[1] += found.numpy()
+                b[2] += weight.numpy()
                 b[3] += bool(found.any())
+                b[4] += first.numpy()
 
     layer.probe = probe
     try:
@@ -406,7 +415,8 @@ def memorizing_diagnostics(model, docs: list, batch_size: int, device) -> dict:
         layer.probe = None
     return {"gates": torch.sigmoid(layer.gate_bias).tolist(), "topk": layer.topk,
             "by_distance": [{"windows": w, "answer_tokens": b[0], "retrieved_any_head": b[3] / b[0],
-                             "retrieved_per_head": (b[1] / b[0]).tolist(), "weight_per_head": (b[2] / b[0]).tolist()}
+                             "retrieved_per_head": (b[1] / b[0]).tolist(), "weight_per_head": (b[2] / b[0]).tolist(),
+                             "first_per_head": (b[4] / b[0]).tolist()}
                             for w, b in sorted(stats.items())]}
 
 

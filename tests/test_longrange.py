@@ -196,7 +196,10 @@ def test_longrange_eval_writes_json_and_png_with_every_arm_on_the_same_documents
         # keys 2 and 4 windows back: every value was stated before its answer's window, whole or split
         assert {k: v["queries"] for k, v in r["by_window"].items()} == {"earlier window": 6 - n_split,
                                                                          "split across windows": n_split}
-    assert "retrieval" in saved["rows"][1] and len(saved["rows"][1]["retrieval"]["gates"]) == 2
+    retrieval = saved["rows"][1]["retrieval"]
+    assert len(retrieval["gates"]) == 2 and retrieval["by_distance"]
+    for b in retrieval["by_distance"]:  # weighted most only where retrieved
+        assert all(0 <= f <= r <= 1 for f, r in zip(b["first_per_head"], b["retrieved_per_head"]))
     writes = saved["rows"][2]["writes"]  # the MNM block's write diagnostics, per distance
     assert writes["shift"] and [b["windows"] for b in writes["by_distance"]] == [2, 4]
     assert all(len(b["value_share_per_head"]) == 2 and 0 < b["uniform"] < 1 for b in writes["by_distance"])
@@ -280,6 +283,16 @@ def test_longrange_eval_needs_checkpoints_before_any_work():
     from configurator import ConfigError, load_config
     with pytest.raises(ConfigError, match=r"^out_dirs=\[\] is empty: eval='longrange' needs the checkpoints"):
         load_config(evaluate.EvalConfig, [], eval="longrange", eval_dataset="passkey")
+
+
+def test_source_entry_says_whether_the_stated_value_is_retrieved_and_weighted_most():
+    ids = torch.tensor([[5, 7, 9], [1, 5, 2]])  # (H, k): two heads' retrieved slots
+    p = torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.3, 0.1]])
+    found, weight, first = evaluate.source_entry(ids, p, 5)
+    assert found.tolist() == [True, True] and weight.tolist() == pytest.approx([0.2, 0.3])
+    assert first.tolist() == [False, False]  # slots 7 and 1 get more
+    found, weight, first = evaluate.source_entry(ids, p, 7)
+    assert found.tolist() == [True, False] and weight.tolist() == pytest.approx([0.5, 0.0]) and first.tolist() == [True, False]
 
 
 def test_longrange_eval_reads_a_memorizing_layer_with_another_topk(passkey_dir, checkpoints, tmp_path, monkeypatch):
