@@ -372,20 +372,25 @@ def memorizing_diagnostics(model, docs: list, batch_size: int, device) -> dict:
     """Does the memorizing layer retrieve what the answer copies? For every answer token whose source token
     (the same character of the stated value) lies in an earlier window, read the documents as in training
     and record, per head, whether the source entry is among the query's top-k, the attention weight it gets
-    and whether it gets the most (source_entry); by nominal distance, with the gates sigmoid(gate_bias). Memory slots are document positions
-    (the memory is emptied per document and must hold a whole one)."""
+    and whether it gets the most (source_entry); by nominal distance, with the gates sigmoid(gate_bias).
+    Where the documents record every value they state (facts_long's val), also what the entry a head
+    weights most is (entry_kind). Memory slots are document positions (the memory is emptied per document
+    and must hold a whole one)."""
     layer = memorizing_layer(model)
     H = layer.n_head
     if max(len(d["tokens"]) for d in docs) > layer.size:
         raise ConfigError(f"diagnostics need a memory holding whole documents: knn_memory_size {layer.size} < "
                           f"{max(len(d['tokens']) for d in docs)} tokens")
-    targets = {}  # (doc, position) -> (source position, distance bucket)
+    targets = {}  # (doc, position) -> (source position, distance bucket, query)
+    stated = []  # per document: token position -> (entity, attribute) of the stated value there (char tokens)
     for i, d in enumerate(docs):
+        stated.append({f["start"] + j: (f["entity"], f["attribute"])
+                       for f in d["record"].get("facts", []) for j in range(len(f["value"]))})
         for q in d["queries"]:
             src_pos = q["source_start"] - q["answer_start"] + q["span"]  # char tokenizer: one token per character
             for s, sp in zip(q["span"], src_pos):
-                targets[(i, int(s) - 1)] = (int(sp), q["windows"])
-    stats = {}  # bucket -> [count, hits per head (H,), weight per head (H,), any-head hits, first per head (H,)]
+                targets[(i, int(s) - 1)] = (int(sp), q["windows"], q)
+    stats = {}  # bucket -> counts (per head where arrays)
     state = {}
 
     def on_window(w, group):
@@ -398,26 +403,55 @@ def memorizing_diagnostics(model, docs: list, batch_size: int, device) -> dict:
                 hit = targets.get((i, w + t))
                 if hit is None or hit[0] >= w:  # not an answer position, or its source is in the local window
                     continue
-                src_pos, bucket = hit
+                src_pos, bucket, q = hit
                 g = torch.arange(r * H, (r + 1) * H)
                 found, weight, first = source_entry(ids[g, t], p[g, t], src_pos)
-                b = stats.setdefault(bucket, [0, np.zeros(H), np.zeros(H), 0, np.zeros(H)])
-                b[0] += 1
-                b[1] += found.numpy()
-                b[2] += weight.numpy()
-                b[3] += bool(found.any())
-                b[4] += first.numpy()
+                b = stats.setdefault(bucket, {"n": 0, "any": 0, "retrieved": np.zeros(H), "weight": np.zeros(H),
+                                              "first": np.zeros(H), "top": {k: np.zeros(H) for k in ENTRY_KINDS}})
+                b["n"] += 1
+                b["any"] += bool(found.any())
+                b["retrieved"] += found.numpy()
+                b["weight"] += weight.numpy()
+                b["first"] += first.numpy()
+                if stated[i]:
+                    top = ids[g, t].gather(-1, p[g, t].float().argmax(-1, keepdim=True)).squeeze(-1)  # (H,)
+                    for h, slot in enumerate(top.tolist()):
+                        b["top"][entry_kind(slot, src_pos, stated[i], q["entity"], q["attribute"])][h] += 1
 
     layer.probe = probe
     try:
         windowed_pass(model, [d["tokens"] for d in docs], batch_size, device, on_window=on_window)
     finally:
         layer.probe = None
-    return {"gates": torch.sigmoid(layer.gate_bias).tolist(), "topk": layer.topk,
-            "by_distance": [{"windows": w, "answer_tokens": b[0], "retrieved_any_head": b[3] / b[0],
-                             "retrieved_per_head": (b[1] / b[0]).tolist(), "weight_per_head": (b[2] / b[0]).tolist(),
-                             "first_per_head": (b[4] / b[0]).tolist()}
-                            for w, b in sorted(stats.items())]}
+    out = {"gates": torch.sigmoid(layer.gate_bias).tolist(), "topk": layer.topk, "by_distance": []}
+    for w, b in sorted(stats.items()):
+        row = {"windows": w, "answer_tokens": b["n"], "retrieved_any_head": b["any"] / b["n"],
+               **{f"{k}_per_head": (b[k] / b["n"]).tolist() for k in ("retrieved", "weight", "first")}}
+        if any(stated):
+            row["top_entry_per_head"] = {k: (v / b["n"]).tolist() for k, v in b["top"].items()}
+        out["by_distance"].append(row)
+    return out
+
+
+ENTRY_KINDS = ("stated", "stated value, other place", "same person, other value", "same attribute, other person",
+               "other")
+
+
+def entry_kind(slot: int, src_pos: int, stated: dict, entity: str, attribute: str) -> str:
+    """What the memory entry at slot is, for an answer token copying the stated value's token at src_pos:
+    that token, another token of the same value, a token of another value of the same person, of another
+    person's value of the same attribute (the distractors the template makes alike), or anything else.
+    stated: position -> (entity, attribute) of every token of the document's stated values."""
+    if slot == src_pos:
+        return "stated"
+    who = stated.get(slot)
+    if who == (entity, attribute):
+        return "stated value, other place"
+    if who is not None and who[0] == entity:
+        return "same person, other value"
+    if who is not None and who[1] == attribute:
+        return "same attribute, other person"
+    return "other"
 
 
 @torch.no_grad()
@@ -646,6 +680,11 @@ def longrange_report(cfg, docs: list, arms: list, generator: dict) -> tuple[dict
             print(f"{arm['name']}: gates {', '.join(f'{g:.3f}' for g in diag['gates'])}; source token retrieved "
                   "(any head, top-{}): ".format(diag["topk"])
                   + ", ".join(f"{b['windows']:g}w {b['retrieved_any_head']:.0%}" for b in diag["by_distance"]))
+            h = int(np.argmax(diag["gates"]))
+            if diag["by_distance"] and "top_entry_per_head" in diag["by_distance"][0]:
+                print(f"{arm['name']}: the entry head {h} (largest gate) weights most: " + "; ".join(
+                    f"{b['windows']:g}w " + ", ".join(f"{k} {v[h]:.0%}" for k, v in b["top_entry_per_head"].items())
+                    for b in diag["by_distance"]))
         if "writes" in arm:
             print(f"{arm['name']}: share of the write strength on the value's tokens (mean of heads; even spread): "
                   + ", ".join(f"{b['windows']:g}w {np.mean(b['value_share_per_head']):.1%} ({b['uniform']:.1%})"

@@ -1213,19 +1213,24 @@ FACTS_LONG_VAL_PER_DISTANCE = 50
 
 def facts_long_document(rng, names, windows: float, block_size: int, heldout: bool):
     """Facts about 1-2 people, then round(windows * block_size) characters of other people's facts and
-    questions (whole facts documents, the last one cut), then 2-4 questions about the first people."""
+    questions (whole facts documents, the last one cut), then 2-4 questions about the first people.
+    Returns (text, record) and every value stated whole before the questions, the asked people's and the
+    distractors': {"start", "value", "entity", "attribute"} (eval='longrange' says whose the memory read)."""
     targets = rng.sample(names, rng.randint(1, 2))
     facts, qas = facts_open_scene(targets, rng, heldout)
     asked = rng.sample(qas, min(len(qas), rng.randint(2, 4)))
     gap = round(windows * block_size)
-    filler = ""
+    filler, stated = "", [(qa["source_start"], qa) for qa in qas]
     while len(filler) < gap:
         others = [n for n in rng.sample(names, 4) if n not in targets][:rng.randint(1, 3)]
         scene, other_qas = facts_open_scene(others, rng, heldout)
+        stated += [(len(facts) + 1 + len(filler) + q["source_start"], q) for q in other_qas]
         lines = [facts_prompt(q["question"]) + " " + q["answer"] for q in rng.sample(other_qas, min(len(other_qas), 3))]
         filler += "\n".join([scene] + lines) + "\n"
     filler = filler[:gap - 1] + "\n" if gap else ""
-    return facts_with_questions(facts + "\n" + filler, asked, windows)
+    stated = [{"start": at, "value": q["answer"], "entity": q["entity"], "attribute": q["attribute"]}
+              for at, q in stated if at + len(q["answer"]) <= len(facts) + gap]  # the cut may end the filler mid-value
+    return (*facts_with_questions(facts + "\n" + filler, asked, windows), stated)
 
 
 def load_facts_long(input, val_frac, seed, **options):
@@ -1249,10 +1254,11 @@ def load_facts_long(input, val_frac, seed, **options):
         doc = facts_long_document(rng, train_names, w, o["block_size"], False)
         while o["fit"] and w == 0 and len(doc[0]) > o["block_size"]:
             doc = facts_long_document(rng, train_names, w, o["block_size"], False)
-        docs["train"].append(doc)
+        docs["train"].append(doc[:2])
     for i in range(o["n_val"] * len(o["eval_windows"])):
         w = float(o["eval_windows"][i % len(o["eval_windows"])])
-        docs["val"].append(facts_long_document(rng, heldout_names, w, o["block_size"], True))
+        text, record, stated = facts_long_document(rng, heldout_names, w, o["block_size"], True)
+        docs["val"].append((text, {**record, "facts": stated}))  # val only: train's would be ~60 MB
     return longrange_corpus("built-in", docs, {"task": "facts_long", "seed": seed, **o})
 
 

@@ -295,6 +295,40 @@ def test_source_entry_says_whether_the_stated_value_is_retrieved_and_weighted_mo
     assert found.tolist() == [True, False] and weight.tolist() == pytest.approx([0.5, 0.0]) and first.tolist() == [True, False]
 
 
+def test_entry_kind_tells_the_stated_value_from_its_look_alikes():
+    stated = {10: ("Ada Moss", "city"), 11: ("Ada Moss", "city"), 20: ("Ada Moss", "job"), 30: ("Bo Hale", "city"),
+              40: ("Bo Hale", "job")}
+    kind = [evaluate.entry_kind(slot, 10, stated, "Ada Moss", "city") for slot in (10, 11, 20, 30, 40, 50)]
+    assert kind == ["stated", "stated value, other place", "same person, other value", "same attribute, other person",
+                    "other", "other"]
+    assert set(kind) == set(evaluate.ENTRY_KINDS)
+
+
+def test_longrange_eval_says_whose_entry_a_memorizing_head_weights_most(tmp_path, capsys):
+    """On facts_long (whose val records every stated value) each head's most-weighted entry is classified;
+    the shares add up to 1 and 'stated' agrees with first_per_head, computed apart (source_entry)."""
+    from configurator import load_config
+    data = tmp_path / "data" / "facts_long"
+    prepare.prepare("facts_long", out_dir=str(data), options=FACTS_TINY)
+    out = tmp_path / "out-knn"
+    train.main(tiny_train_config(data.parent, out, dataset="facts_long", loader="docs", block_size=32, max_iters=4,
+                                 eval_interval=4, eval_iters=1, batch_size=2, knn_layer=1, knn_topk=4,
+                                 knn_memory_size=4096, knn_gate_init=0.0))
+    cfg = load_config(evaluate.EvalConfig, [], eval="longrange", eval_dataset="facts_long", data_dir=str(data.parent),
+                      out_dirs=[str(out)], longrange_arms=["checkpoints"], eval_out=str(tmp_path / "ev"),
+                      device="cpu", dtype="float32", batch_size=4)
+    rows = evaluate.main(cfg)["rows"][0]["retrieval"]["by_distance"]
+    assert [b["windows"] for b in rows] == [0, 2, 4]  # FACTS_TINY's gaps (facts lines outgrow a window of 32)
+    # the stated values' positions reach the probe: some heads weight a token of one most (untrained: few)
+    assert sum(v[h] for b in rows for k, v in b["top_entry_per_head"].items() if k != "other" for h in range(2)) > 0
+    for b in rows:
+        top = b["top_entry_per_head"]
+        assert set(top) == set(evaluate.ENTRY_KINDS)
+        assert [sum(v[h] for v in top.values()) for h in range(2)] == pytest.approx([1.0, 1.0])
+        assert top["stated"] == pytest.approx(b["first_per_head"])
+    assert "weights most: 0w stated" in capsys.readouterr().out
+
+
 def test_longrange_eval_reads_a_memorizing_layer_with_another_topk(passkey_dir, checkpoints, tmp_path, monkeypatch):
     """eval_knn_topk: the trained layer (topk 4) retrieves that many entries per query, and the arm says so."""
     from configurator import load_config
@@ -388,6 +422,16 @@ def test_facts_long_is_deterministic_holds_out_and_records_distances():
                 assert any(name in q["entity"] for name in prepare.FACTS_HELDOUT_NAMES) == (split == "val")
     assert not values["train"] & values["val"]
     assert [r["queries"][0]["windows"] for r in records(a, "val")] == [0, 2, 4] * 4
+    for text, rec in zip(texts(a, "val"), records(a, "val")):  # val records every value stated whole
+        first_q = text.rfind("Q: ", 0, rec["queries"][0]["answer_start"])
+        for f in rec["facts"]:
+            assert text[f["start"]:f["start"] + len(f["value"])] == f["value"] and f["start"] + len(f["value"]) < first_q
+            assert f["entity"] in text[max(0, f["start"] - 60):f["start"]]  # every template names its person first
+        stated = {(f["start"], f["entity"], f["attribute"]) for f in rec["facts"]}
+        assert all((q["source_start"], q["entity"], q["attribute"]) in stated for q in rec["queries"])
+        if rec["queries"][0]["windows"] > 0:  # and the distractors' values
+            assert {f["entity"] for f in rec["facts"]} - {q["entity"] for q in rec["queries"]}
+    assert all("facts" not in r for r in records(a, "train"))
     assert 0 < sum(r["queries"][0]["windows"] == 0 for r in records(a, "train")) < 60  # some without a gap
 
 
