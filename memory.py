@@ -159,8 +159,9 @@ def add_memorizing_layer(model, layer: int, topk: int, size: int, search_dtype: 
     model.memory_args.update(knn_layer=layer, knn_topk=topk, knn_memory_size=size, knn_search_dtype=search_dtype,
                              knn_gate_init=gate_init, knn_grad_windows=grad_windows, knn_mix=mix,
                              knn_learn_scale=learn_scale)
-    model.attentions[layer].memory = MemorizingMemory(cfg.n_head, cfg.n_embd // cfg.n_head, topk, size, search_dtype,
-                                                      gate_init, grad_windows, mix, learn_scale).to(next(model.parameters()).device)
+    memory = MemorizingMemory(cfg.n_head, cfg.n_embd // cfg.n_head, topk, size, search_dtype, gate_init, grad_windows,
+                              mix, learn_scale)
+    model.attentions[layer].memory = memory.to(next(model.parameters()).device)
     model.attentions[layer].memory.bind(model.attentions[layer])
 
 

@@ -328,8 +328,9 @@ def test_resume_with_memory_equals_uninterrupted(short_docs, tmp_path, mix, lear
     from configurator import ConfigError
     with pytest.raises(ConfigError, match="knn_memory_size 64 -> 96"):  # the saved rows hold 64 entries
         train.main(mem_cfg(short_docs, part, max_iters=30, init_from="resume", **{**common, "knn_memory_size": 96}))
-    with pytest.raises(ConfigError, match=f"knn_learn_scale {learn_scale} -> {not learn_scale}"):  # a parameter more or less
-        train.main(mem_cfg(short_docs, part, max_iters=30, init_from="resume", **{**common, "knn_learn_scale": not learn_scale}))
+    flipped = {**common, "knn_learn_scale": not learn_scale}  # a parameter more or less
+    with pytest.raises(ConfigError, match=f"knn_learn_scale {learn_scale} -> {not learn_scale}"):
+        train.main(mem_cfg(short_docs, part, max_iters=30, init_from="resume", **flipped))
     if learn_scale:  # the factors learn (from 0) and are saved
         scale = load_checkpoint(str(part / "ckpt.pt"))["model"]["transformer.h.1.attn.memory.score_scale"]
         assert scale.shape == (2,) and bool((scale != 0).all())
