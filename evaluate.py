@@ -359,15 +359,16 @@ def knnlm_predictions(docs: list, hs: list, logits: list, lam: float, k: int, te
     return preds
 
 
-@torch.no_grad()
 def source_entry(ids, p, src_pos: int):
     """Per head, for one query: is the entry at src_pos among the retrieved ids (H, k), the attention weight
-    p (H, k) it gets, and is it the entry weighted most (if not, sharper scores cannot make it win)."""
+    p (H, k) it gets, and the slot weighted most (H,) (where it is not src_pos, sharper scores cannot make
+    the source win)."""
     found = ids == src_pos  # (H, k)
-    first = found.gather(-1, p.float().argmax(-1, keepdim=True)).squeeze(-1)
-    return found.any(-1), (p.float() * found).sum(-1), first
+    top = ids.gather(-1, p.float().argmax(-1, keepdim=True)).squeeze(-1)
+    return found.any(-1), (p.float() * found).sum(-1), top
 
 
+@torch.no_grad()
 def memorizing_diagnostics(model, docs: list, batch_size: int, device) -> dict:
     """Does the memorizing layer retrieve what the answer copies? For every answer token whose source token
     (the same character of the stated value) lies in an earlier window, read the documents as in training
@@ -405,16 +406,15 @@ def memorizing_diagnostics(model, docs: list, batch_size: int, device) -> dict:
                     continue
                 src_pos, bucket, q = hit
                 g = torch.arange(r * H, (r + 1) * H)
-                found, weight, first = source_entry(ids[g, t], p[g, t], src_pos)
+                found, weight, top = source_entry(ids[g, t], p[g, t], src_pos)
                 b = stats.setdefault(bucket, {"n": 0, "any": 0, "retrieved": np.zeros(H), "weight": np.zeros(H),
                                               "first": np.zeros(H), "top": {k: np.zeros(H) for k in ENTRY_KINDS}})
                 b["n"] += 1
                 b["any"] += bool(found.any())
                 b["retrieved"] += found.numpy()
                 b["weight"] += weight.numpy()
-                b["first"] += first.numpy()
+                b["first"] += (top == src_pos).numpy()
                 if stated[i]:
-                    top = ids[g, t].gather(-1, p[g, t].float().argmax(-1, keepdim=True)).squeeze(-1)  # (H,)
                     for h, slot in enumerate(top.tolist()):
                         b["top"][entry_kind(slot, src_pos, stated[i], q["entity"], q["attribute"])][h] += 1
 

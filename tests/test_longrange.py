@@ -288,11 +288,11 @@ def test_longrange_eval_needs_checkpoints_before_any_work():
 def test_source_entry_says_whether_the_stated_value_is_retrieved_and_weighted_most():
     ids = torch.tensor([[5, 7, 9], [1, 5, 2]])  # (H, k): two heads' retrieved slots
     p = torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.3, 0.1]])
-    found, weight, first = evaluate.source_entry(ids, p, 5)
+    found, weight, top = evaluate.source_entry(ids, p, 5)
     assert found.tolist() == [True, True] and weight.tolist() == pytest.approx([0.2, 0.3])
-    assert first.tolist() == [False, False]  # slots 7 and 1 get more
-    found, weight, first = evaluate.source_entry(ids, p, 7)
-    assert found.tolist() == [True, False] and first.tolist() == [True, False]
+    assert top.tolist() == [7, 1]  # slots 7 and 1 get more than slot 5
+    found, weight, top = evaluate.source_entry(ids, p, 7)
+    assert found.tolist() == [True, False] and top.tolist() == [7, 1]
     assert weight.tolist() == pytest.approx([0.5, 0.0])
 
 
@@ -307,7 +307,7 @@ def test_entry_kind_tells_the_stated_value_from_its_look_alikes():
 
 def test_longrange_eval_says_whose_entry_a_memorizing_head_weights_most(tmp_path, capsys):
     """On facts_long (whose val records every stated value) each head's most-weighted entry is classified;
-    the shares add up to 1 and 'stated' agrees with first_per_head, computed apart (source_entry)."""
+    the shares add up to 1 and 'stated' (entry_kind) agrees with first_per_head."""
     from configurator import load_config
     data = tmp_path / "data" / "facts_long"
     prepare.prepare("facts_long", out_dir=str(data), options=FACTS_TINY)
