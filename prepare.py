@@ -1141,13 +1141,14 @@ def open_value(rng, attribute: str, heldout: bool) -> str:
             return value
 
 
-def facts_open_scene(names, rng, heldout: bool):
+def facts_open_scene(names, rng, heldout: bool, topics=None):
     """facts_scene with open values: (the facts line, its questions), each question with "source_start",
-    the offset of its value in the line."""
+    the offset of its value in the line. topics: what every person's facts are about (default: 2-4
+    topics drawn for each person)."""
     sentences = []  # (sentence, [(attribute, value, person name)])
     for name in names:
         person = {attribute: open_value(rng, attribute, heldout) for attribute in FACTS_VALUES}
-        for topic in rng.sample(list(FACTS_TEMPLATES), rng.randint(*FACTS_TOPICS)):
+        for topic in topics or rng.sample(list(FACTS_TEMPLATES), rng.randint(*FACTS_TOPICS)):
             attributes = ("pet", "pet_name") if topic == "pet" else (topic,)
             sentences.append((rng.choice(FACTS_TEMPLATES[topic]).format(name=name, **person),
                               [(a, person[a], name) for a in attributes]))
@@ -1211,19 +1212,23 @@ FACTS_LONG_BLOCK = 256  # a facts line is up to ~400 characters: windows of 256 
 FACTS_LONG_VAL_PER_DISTANCE = 50
 
 
-def facts_long_document(rng, names, windows: float, block_size: int, heldout: bool):
-    """Facts about 1-2 people, then round(windows * block_size) characters of other people's facts and
-    questions (whole facts documents, the last one cut), then 2-4 questions about the first people.
-    Returns (text, record) and every value stated whole before the questions, the asked people's and the
-    distractors': {"start", "value", "entity", "attribute"} (eval='longrange' says whose the memory read)."""
-    targets = rng.sample(names, rng.randint(1, 2))
-    facts, qas = facts_open_scene(targets, rng, heldout)
+def facts_long_document(rng, names, windows: float, block_size: int, heldout: bool, people=(1, 2),
+                        rivals=False):
+    """Facts about `people` (low, high) people, then round(windows * block_size) characters of other
+    people's facts and questions (whole facts documents, the last one cut), then 2-4 questions about the
+    first people. rivals: every person of the document, asked or not, has facts about the same topics, so
+    facts differ only in whose they are. Returns (text, record) and every value stated whole before the
+    questions, the asked people's and the distractors': {"start", "value", "entity", "attribute"}
+    (eval='longrange' says whose the memory read)."""
+    targets = rng.sample(names, rng.randint(*people))
+    topics = rng.sample(list(FACTS_TEMPLATES), rng.randint(*FACTS_TOPICS)) if rivals else None
+    facts, qas = facts_open_scene(targets, rng, heldout, topics)
     asked = rng.sample(qas, min(len(qas), rng.randint(2, 4)))
     gap = round(windows * block_size)
     filler, stated = "", [(qa["source_start"], qa) for qa in qas]
     while len(filler) < gap:
         others = [n for n in rng.sample(names, 4) if n not in targets][:rng.randint(1, 3)]
-        scene, other_qas = facts_open_scene(others, rng, heldout)
+        scene, other_qas = facts_open_scene(others, rng, heldout, topics)
         stated += [(len(facts) + 1 + len(filler) + q["source_start"], q) for q in other_qas]
         lines = [facts_prompt(q["question"]) + " " + q["answer"] for q in rng.sample(other_qas, min(len(other_qas), 3))]
         filler += "\n".join([scene] + lines) + "\n"
@@ -1239,25 +1244,29 @@ def load_facts_long(input, val_frac, seed, **options):
     training documents has no gap (the facts corpus's layout); the rest log-uniform in `windows`. val:
     n_val documents at each of eval_windows (0: the questions follow the facts). fit: training documents
     without a gap are drawn again until they fit in one window (a curriculum's first stage, with near=1:
-    every question in its facts' window)."""
+    every question in its facts' window). people: (low, high) people asked about per document; rivals: all
+    of a document's people, distractors too, have facts about the same topics (facts_long_document)."""
     if input:
         raise DataError("facts_long is generated, not read: drop --input (use --seed for a different corpus)")
     o = longrange_options(options, block_size=FACTS_LONG_BLOCK, windows=(1.0, 16.0), near=0.25,
                          eval_windows=(0,) + LONGRANGE_EVAL_WINDOWS[1:], n_train=FACTS_LONG_TRAIN_DOCS,
-                         n_val=FACTS_LONG_VAL_PER_DISTANCE, fit=False)
+                         n_val=FACTS_LONG_VAL_PER_DISTANCE, fit=False, people=(1, 2), rivals=False)
+    if not 1 <= o["people"][0] <= o["people"][1] <= 3:  # the filler draws 4 names and skips the asked
+        raise DataError(f"people must be (low, high) with 1 <= low <= high <= 3; got {o['people']}")
     rng = random.Random(seed)
     train_names = facts_train_names(FACTS_TRAIN_PEOPLE, rng)
     heldout_names = [f"{f} {l}" for f in FACTS_HELDOUT_NAMES for l in FACTS_LAST_NAMES]
     docs = {"train": [], "val": []}
     for _ in range(o["n_train"]):
         w = 0.0 if rng.random() < o["near"] else round(log_uniform(rng, *o["windows"]), 3)
-        doc = facts_long_document(rng, train_names, w, o["block_size"], False)
+        doc = facts_long_document(rng, train_names, w, o["block_size"], False, o["people"], o["rivals"])
         while o["fit"] and w == 0 and len(doc[0]) > o["block_size"]:
-            doc = facts_long_document(rng, train_names, w, o["block_size"], False)
+            doc = facts_long_document(rng, train_names, w, o["block_size"], False, o["people"], o["rivals"])
         docs["train"].append(doc[:2])
     for i in range(o["n_val"] * len(o["eval_windows"])):
         w = float(o["eval_windows"][i % len(o["eval_windows"])])
-        text, record, stated = facts_long_document(rng, heldout_names, w, o["block_size"], True)
+        text, record, stated = facts_long_document(rng, heldout_names, w, o["block_size"], True, o["people"],
+                                                   o["rivals"])
         docs["val"].append((text, {**record, "facts": stated}))  # val only: train's would be ~60 MB
     return longrange_corpus("built-in", docs, {"task": "facts_long", "seed": seed, **o})
 

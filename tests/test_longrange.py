@@ -447,6 +447,34 @@ def test_facts_long_fit_keeps_first_stage_documents_in_one_window():
     assert [r["queries"][0]["windows"] for r in records(fit, "val")] == [0, 2, 4] * 4  # val as without fit
 
 
+def test_facts_long_rivals_differ_only_in_whose_facts_they_are():
+    """rivals: every person of a document, asked or distractor, has facts about the same topics; people sets
+    how many are asked about. Val records every stated value, so the topics are checked there."""
+    def attributes_by_person(corpus):
+        for rec in records(corpus, "val"):
+            by_person = {}
+            for f in rec["facts"]:
+                by_person.setdefault(f["entity"], set()).add(f["attribute"])
+            yield rec, by_person
+    o = dict(FACTS_TINY, block_size=256)
+    plain, rivals = (prepare.load_facts_long(None, 0.1, 5, rivals=r, people=(2, 3), **o) for r in (False, True))
+    for text, rec in zip(texts(rivals, "val"), records(rivals, "val")):
+        check_queries(text, rec)
+    assert any(len(set(map(frozenset, p.values()))) > 1 for _, p in attributes_by_person(plain))  # the test can fail
+    for rec, by_person in attributes_by_person(rivals):
+        asked = {q["entity"] for q in rec["queries"]}
+        topics = by_person[rec["queries"][0]["entity"]]
+        assert all(by_person[name] == topics for name in asked)
+        assert all(a <= topics for a in by_person.values())  # a distractor cut off by the gap's end states fewer
+        if rec["queries"][0]["windows"] > 0:
+            assert sum(a == topics for name, a in by_person.items() if name not in asked) >= 1
+    for corpus in (plain, rivals):  # 2-3 people in every document's facts line (before its first newline)
+        for text in texts(corpus, "train"):
+            assert 2 <= len({m for m in re.findall(r"(?:^|\. )([A-Z][a-z]+ [A-Z][a-z]+)", text.split("\n")[0])}) <= 3
+    with pytest.raises(prepare.DataError, match="people must be"):
+        prepare.load_facts_long(None, 0.1, 5, people=(0, 2), **o)
+
+
 def test_facts_open_values_are_copied_not_known(tmp_path):
     rng = __import__("random").Random(0)
     for heldout in (False, True):
