@@ -1251,22 +1251,26 @@ def load_facts_long(input, val_frac, seed, **options):
     o = longrange_options(options, block_size=FACTS_LONG_BLOCK, windows=(1.0, 16.0), near=0.25,
                          eval_windows=(0,) + LONGRANGE_EVAL_WINDOWS[1:], n_train=FACTS_LONG_TRAIN_DOCS,
                          n_val=FACTS_LONG_VAL_PER_DISTANCE, fit=False, people=(1, 2), rivals=False)
-    if not 1 <= o["people"][0] <= o["people"][1] <= 3:  # the filler draws 4 names and skips the asked
-        raise DataError(f"people must be (low, high) with 1 <= low <= high <= 3; got {o['people']}")
+    people = o["people"]
+    if not (isinstance(people, (tuple, list)) and len(people) == 2 and 1 <= people[0] <= people[1] <= 3):
+        # at most 3: the filler draws 4 names and skips the asked
+        raise DataError(f"people must be (low, high) with 1 <= low <= high <= 3, e.g. \"people=(2,3)\"; got {people!r}")
     rng = random.Random(seed)
     train_names = facts_train_names(FACTS_TRAIN_PEOPLE, rng)
     heldout_names = [f"{f} {l}" for f in FACTS_HELDOUT_NAMES for l in FACTS_LAST_NAMES]
+
+    def document(names, w, heldout):
+        return facts_long_document(rng, names, w, o["block_size"], heldout, people, o["rivals"])
     docs = {"train": [], "val": []}
     for _ in range(o["n_train"]):
         w = 0.0 if rng.random() < o["near"] else round(log_uniform(rng, *o["windows"]), 3)
-        doc = facts_long_document(rng, train_names, w, o["block_size"], False, o["people"], o["rivals"])
+        doc = document(train_names, w, False)
         while o["fit"] and w == 0 and len(doc[0]) > o["block_size"]:
-            doc = facts_long_document(rng, train_names, w, o["block_size"], False, o["people"], o["rivals"])
+            doc = document(train_names, w, False)
         docs["train"].append(doc[:2])
     for i in range(o["n_val"] * len(o["eval_windows"])):
         w = float(o["eval_windows"][i % len(o["eval_windows"])])
-        text, record, stated = facts_long_document(rng, heldout_names, w, o["block_size"], True, o["people"],
-                                                   o["rivals"])
+        text, record, stated = document(heldout_names, w, True)
         docs["val"].append((text, {**record, "facts": stated}))  # val only: train's would be ~60 MB
     return longrange_corpus("built-in", docs, {"task": "facts_long", "seed": seed, **o})
 
