@@ -2,8 +2,8 @@
 # on documents in one window, 8,000 more on such documents about 2-3 people whose facts are about the same
 # topics, so the in-window lookup must tell whose fact it reads. The memory is never read in training (every
 # document fits in one window); its keys are the ones the lookup learnt, and the joint mix reads them. It
-# recalls two to four times what the two-stage recipe does across windows (docs/RESULTS.md, facts_long).
-# From rivals at the start the lookup is not learnt at all (0% at 4,000). Data:
+# recalls three to four times what the two-stage recipe does across windows (docs/RESULTS.md, facts_long).
+# From rivals at the start the lookup is not learnt at all (1.4% in its window at 4,000). Data:
 #   python prepare.py facts_long --option near=1.0 --option fit=True --out_dir data/facts_long_fit
 #   python prepare.py facts_long --option near=1.0 --option fit=True --option "people=(2,3)" --option rivals=True \
 #       --out_dir data/facts_long_fit_rivals
