@@ -680,9 +680,10 @@ def longrange_report(cfg, docs: list, arms: list, generator: dict) -> tuple[dict
             print(f"{arm['name']}: gates {', '.join(f'{g:.3f}' for g in diag['gates'])}; source token retrieved "
                   "(any head, top-{}): ".format(diag["topk"])
                   + ", ".join(f"{b['windows']:g}w {b['retrieved_any_head']:.0%}" for b in diag["by_distance"]))
-            h = int(np.argmax(diag["gates"]))
             if diag["by_distance"] and "top_entry_per_head" in diag["by_distance"][0]:
-                print(f"{arm['name']}: the entry head {h} (largest gate) weights most: " + "; ".join(
+                # the reading head: with the joint mix a gate is a prior on the memory, not the share a head reads
+                h = int(np.argmax(np.sum([b["top_entry_per_head"]["stated"] for b in diag["by_distance"]], 0)))
+                print(f"{arm['name']}: the entry head {h} (most often the stated one) weights most: " + "; ".join(
                     f"{b['windows']:g}w " + ", ".join(f"{k} {v[h]:.0%}" for k, v in b["top_entry_per_head"].items())
                     for b in diag["by_distance"]))
         if "writes" in arm:
