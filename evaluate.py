@@ -77,6 +77,9 @@ class EvalConfig(CheckedSettings):
     # longrange: the entries each query of a memorizing layer attends to (None: the checkpoint's knn_topk); no
     # weight depends on it, so a trained layer can be read with a wider retrieval
     eval_knn_topk: int | None = None
+    # longrange, rotary models: the distance in tokens at which a memorizing layer scores its entries (None: the
+    # checkpoint's knn_distance; memory.MemoryConfig); no weight depends on it either
+    eval_knn_distance: int | None = None
 
     def validate(self):
         """Every setting in its allowed range, before any work."""
@@ -92,6 +95,7 @@ class EvalConfig(CheckedSettings):
         at_least(self, 1, "eval_memory_sizes")
         at_least(self, 2, "eval_tokens", "knnlm_max_tokens")
         at_least(self, 1, "eval_knn_topk")
+        at_least(self, 0, "eval_knn_distance")
         within(self, 0, 1, "knnlm_lambdas")
 
 
@@ -567,7 +571,9 @@ def mnm_diagnostics(model, docs: list, batch_size: int, device) -> dict:
 def memory_kind(model) -> str:
     mems = row_memories(model)
     if "knn_memory" in mems:
-        return f"memorizing layer {model.memory_args['knn_layer']}, topk {mems['knn_memory'].topk}"
+        layer = mems["knn_memory"]
+        at = f", entries {layer.distance} tokens back" if layer.distance else ""
+        return f"memorizing layer {model.memory_args['knn_layer']}, topk {layer.topk}{at}"
     if "mnm_memory" in mems:
         return f"MNM block {model.memory_args['mnm_layer']}"
     return "no memory"
@@ -586,6 +592,11 @@ def eval_longrange(cfg, device) -> tuple[dict, object]:
         layer = memorizing_layer(model)
         if cfg.eval_knn_topk and layer is not None:
             layer.topk = cfg.eval_knn_topk
+        if cfg.eval_knn_distance is not None and layer is not None:
+            if model.config.pos != "rope":
+                raise ConfigError(f"eval_knn_distance={cfg.eval_knn_distance} places memory entries by rotary "
+                                  f"positions, but {out_dir} has pos={model.config.pos!r}: leave it None")
+            layer.distance = cfg.eval_knn_distance
         models[out_dir] = (model, tokenizer, meta)
     first_meta = next(iter(models.values()))[2]
     path = eval_dataset_dir(cfg, first_meta)

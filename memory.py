@@ -68,6 +68,12 @@ class MemoryConfig:
     # shares the query and key projections: the same-template facts of other people crowd the right entry
     # more, the more windows the memory holds (docs/long-range.md)
     knn_learn_scale: bool = False
+    # with rotary positions, where a query scores the memory's entries: as keys this many tokens before it.
+    # 0: at its own position (no positions: the paper's memory), where no key of its window ever sits. The
+    # in-window lookup a model learnt scores keys tens to hundreds of tokens back; read at distance 0 the same
+    # keys and queries score differently, so a lookup learnt in the window carries over to the memory only in
+    # part (docs/long-range.md). Changes no weight: a resume or an evaluation may change it.
+    knn_distance: int = 0
     # metalearned neural memory (MNMBlock) after this layer's block, written window by window with each
     # batch row's document
     mnm_layer: int = -1
@@ -119,7 +125,8 @@ def attach_memories(model, cfg: MemoryConfig):
     """Give a GPT the trainable memories cfg asks for (none when both layers are -1)."""
     if cfg.knn_layer >= 0:
         add_memorizing_layer(model, cfg.knn_layer, cfg.knn_topk, cfg.knn_memory_size, cfg.knn_search_dtype,
-                             cfg.knn_gate_init, cfg.knn_grad_windows, cfg.knn_mix, cfg.knn_learn_scale)
+                             cfg.knn_gate_init, cfg.knn_grad_windows, cfg.knn_mix, cfg.knn_learn_scale,
+                             cfg.knn_distance)
     if cfg.mnm_layer >= 0:
         add_mnm_block(model, cfg.mnm_layer, cfg.mnm_heads, cfg.mnm_key_size, cfg.mnm_hidden, cfg.mnm_write,
                       cfg.mnm_grad_windows, cfg.mnm_pool, cfg.mnm_shift, cfg.mnm_write_penalty,
@@ -151,16 +158,19 @@ def memorizing_layer(model):
 
 def add_memorizing_layer(model, layer: int, topk: int, size: int, search_dtype: str = "float32",
                          gate_init: float = MEMORIZING_GATE_INIT, grad_windows: int = 0, mix: str = "gate",
-                         learn_scale: bool = False):
+                         learn_scale: bool = False, distance: int = 0):
     """Give a GPT (e.g. pretrained GPT-2) a memorizing layer at `layer`; recorded in model.memory_args."""
     cfg = model.config
     if not 0 <= layer < cfg.n_layer:
         raise ValueError(f"knn_layer={layer}, but the model has layers 0..{cfg.n_layer - 1}")
+    if distance and cfg.pos != "rope":
+        raise ValueError(f"knn_distance={distance} places memory entries by rotary positions, but the model has "
+                         f"pos={cfg.pos!r}: use knn_distance=0")
     model.memory_args.update(knn_layer=layer, knn_topk=topk, knn_memory_size=size, knn_search_dtype=search_dtype,
                              knn_gate_init=gate_init, knn_grad_windows=grad_windows, knn_mix=mix,
-                             knn_learn_scale=learn_scale)
+                             knn_learn_scale=learn_scale, knn_distance=distance)
     memory = MemorizingMemory(cfg.n_head, cfg.n_embd // cfg.n_head, topk, size, search_dtype, gate_init, grad_windows,
-                              mix, learn_scale)
+                              mix, learn_scale, distance)
     model.attentions[layer].memory = memory.to(next(model.parameters()).device)
     model.attentions[layer].memory.bind(model.attentions[layer])
 
@@ -170,9 +180,9 @@ class MemorizingMemory(nn.Module):
 
     Every head attends causally to its local window (the layer's own attention) and to the topk
     (key, value) pairs retrieved from its memory of past windows. With rotary positions (pos='rope')
-    the memory keeps keys unrotated and reads them with unrotated queries: a past window's entry is
-    scored as if at relative distance 0, the paper's memory without positions. Retrieval ranks by cosine
-    (normalised queries and keys), the retrieved pairs are attended to with the ordinary scaled
+    the memory keeps keys unrotated and scores them with queries turned to position `distance`: every
+    past window's entry as a key that many tokens back (0: the paper's memory, without positions).
+    Retrieval ranks by cosine (normalised queries and keys), the retrieved pairs are attended to with the ordinary scaled
     dot product; a learned per-head gate g = sigmoid(gate_bias) mixes: y = (1 - g) y_local + g y_mem.
     With mix='joint' the local keys and the retrieved entries share one softmax instead (the memory's
     scores shifted by gate_bias): per token, g = sigmoid(gate_bias + lse_mem - lse_local), where lse is
@@ -190,12 +200,14 @@ class MemorizingMemory(nn.Module):
 
     def __init__(self, n_head: int, head_size: int, topk: int, size: int, search_dtype: str = "float32",
                  gate_init: float = MEMORIZING_GATE_INIT, grad_windows: int = 0, mix: str = "gate",
-                 learn_scale: bool = False):
-        """gate_init, grad_windows, mix, learn_scale: MemoryConfig's knn_gate_init, knn_grad_windows (training
-        only), knn_mix, knn_learn_scale."""
+                 learn_scale: bool = False, distance: int = 0):
+        """gate_init, grad_windows, mix, learn_scale, distance: MemoryConfig's knn_gate_init, knn_grad_windows
+        (training only), knn_mix, knn_learn_scale, knn_distance."""
         super().__init__()
         if topk < 1 or size < 1:
             raise ValueError(f"knn_topk={topk} and knn_memory_size={size} must both be >= 1")
+        if distance < 0:
+            raise ValueError(f"knn_distance={distance}: memory entries sit before their query, give 0 or more tokens")
         if mix not in self.MIXES:
             raise ValueError(f"knn_mix={mix!r}; choose one of {self.MIXES}")
         self.mix = mix
@@ -208,6 +220,7 @@ class MemorizingMemory(nn.Module):
         self.grad_windows = grad_windows
         self._x = None  # the attention input of the current forward pass (grad_windows), set by a pre-hook
         self._hooked = None  # id() of the attention module it is bound to (not the module: no submodule cycle)
+        self.distance = distance  # rotary positions: entries are scored as keys this many tokens back
         self.write = True  # append each forward pass's window to the memory
         self.read = True  # False: only write (reading a text into memory; layer L's keys do not depend on reads at L)
         self.rows = None  # slice of memory rows used by the next forward pass
@@ -271,8 +284,8 @@ class MemorizingMemory(nn.Module):
         joint = self.mix == "joint"
         y_local, lse_local = self._local(attn, q, k, v) if joint else (attend(q, k, v), None)  # (B, H, T, d)
         k = k[:, :, -T:]  # the new tokens' keys (with a KV cache, k also holds the cached past)
-        if attn.rotary is not None:  # unrotated: the memory has no positions (see the class docstring)
-            q, k = attn.rotary.rotate(q, -attn.q_pos), attn.rotary.rotate(k, -attn.q_pos)
+        if attn.rotary is not None:  # keys unrotated, queries at `distance`: see the class docstring
+            q, k = attn.rotary.rotate(q, self.distance - attn.q_pos), attn.rotary.rotate(k, -attn.q_pos)
         if self.mem is None:
             self._alloc(B, k.detach())
         ring = self.mem.get("recent_x")

@@ -81,6 +81,7 @@ class TrainConfig(LoopConfig):
     knn_grad_windows: int = 0  # >0: gradients through the entries of each row's latest windows (MemoryConfig)
     knn_mix: str = "gate"  # 'gate' (a learned share per head) or 'joint' (one softmax over window and memory)
     knn_learn_scale: bool = False  # True: a learned per-head factor on the memory's scores (MemoryConfig)
+    knn_distance: int = 0  # rotary: memory entries are scored as keys this many tokens back (MemoryConfig)
     # metalearned neural memory (memory.MNMBlock) after this layer's block, written window by window with each
     # row's document, -1 = none; shaped by mnm_heads, mnm_key_size, mnm_hidden, mnm_write
     mnm_layer: int = -1
@@ -110,7 +111,10 @@ class TrainConfig(LoopConfig):
         one_of(self, "mnm_value", MNM.VALUES)
         at_least(self, -1, "knn_layer", "mnm_layer")
         at_least(self, 1, "knn_topk", "knn_memory_size", "mnm_heads", "mnm_key_size", "mnm_hidden")
-        at_least(self, 0, "knn_grad_windows", "mnm_grad_windows", "answer_loss", "mnm_write_penalty", "mnm_key_spread")
+        at_least(self, 0, "knn_distance", "knn_grad_windows", "mnm_grad_windows", "answer_loss", "mnm_write_penalty",
+                 "mnm_key_spread")
+        need(self.knn_distance == 0 or self.pos == "rope", f"knn_distance={self.knn_distance} places memory entries "
+             f"by rotary positions, but pos={self.pos!r}: set pos='rope' or knn_distance=0")
         above(self, 0, "mnm_write_budget")
         why = MNM.conflict(pool=self.mnm_pool, shift=self.mnm_shift, value=self.mnm_value, key_spread=self.mnm_key_spread)
         need(why is None, why)
@@ -132,8 +136,8 @@ class TrainConfig(LoopConfig):
 
     # memory settings a resumed run takes from its own settings, not the checkpoint's: they change how the
     # memory is searched, mixed or trained, no weight (e.g. a last stage with knn_mix='joint', or a larger topk)
-    RESUME_CHOICES = ("knn_topk", "knn_search_dtype", "knn_grad_windows", "knn_mix", "mnm_grad_windows",
-                      "mnm_write_penalty", "mnm_write_budget", "mnm_key_spread")
+    RESUME_CHOICES = ("knn_topk", "knn_distance", "knn_search_dtype", "knn_grad_windows", "knn_mix",
+                      "mnm_grad_windows", "mnm_write_penalty", "mnm_write_budget", "mnm_key_spread")
 
     def shape_keys(self, saved: dict) -> tuple:
         """The settings a resumed checkpoint must agree with."""

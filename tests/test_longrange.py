@@ -2,6 +2,7 @@
 evaluate.py eval='longrange' (tiny settings: a few seconds)."""
 import contextlib
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 import evaluate
 import prepare
 import train
+from configurator import ConfigError
 from conftest import tiny_train_config
 from data import DocStream
 from memory import memorizing_layer
@@ -353,6 +355,32 @@ def test_longrange_eval_reads_a_memorizing_layer_with_another_topk(passkey_dir, 
     assert used == {9} and result["rows"][0]["kind"] == "memorizing layer 1, topk 9"
 
 
+def test_longrange_eval_reads_a_rotary_memory_at_another_distance(passkey_dir, checkpoints, tmp_path, monkeypatch):
+    """eval_knn_distance: the trained rotary layer (distance 0) reads its entries as keys that many tokens back,
+    and the arm says so; a model with learned positions has no such distance and is refused."""
+    from configurator import load_config
+    from memory import MemorizingMemory
+    out = passkey_dir.parent / "out-knn-rope"
+    train.main(tiny_train_config(passkey_dir.parent, out, dataset="passkey", loader="docs", block_size=32, pos="rope",
+                                 max_iters=4, eval_interval=4, eval_iters=1, batch_size=2, knn_layer=1, knn_topk=4,
+                                 knn_memory_size=4096))
+    used = set()
+    forward = MemorizingMemory.forward
+
+    def spy(self, *args):
+        used.add(self.distance)
+        return forward(self, *args)
+
+    monkeypatch.setattr(MemorizingMemory, "forward", spy)
+    settings = dict(eval="longrange", eval_dataset="passkey", data_dir=str(passkey_dir.parent),
+                    longrange_arms=["checkpoints"], eval_knn_distance=7, eval_out=str(tmp_path / "ev"), device="cpu",
+                    dtype="float32", batch_size=4)
+    result = evaluate.main(load_config(evaluate.EvalConfig, [], out_dirs=[str(out)], **settings))
+    assert used == {7} and result["rows"][0]["kind"] == "memorizing layer 1, topk 4, entries 7 tokens back"
+    with pytest.raises(ConfigError, match="pos='learned'"):
+        evaluate.main(load_config(evaluate.EvalConfig, [], out_dirs=[checkpoints["knn"]], **settings))
+
+
 def test_windowed_pass_equals_training_reads(passkey_dir, checkpoints):
     """The evaluation's reading (windows from the document start, memory empty per document) gives the
     same predictions one document at a time as in a batch of documents of different lengths."""
@@ -592,6 +620,54 @@ def test_rope_memory_keeps_unrotated_keys_and_reads_without_positions():
         for key in ("keys", "norms", "values"):
             mem.mem[key][0, :, :8] = mem.mem[key][0, :, :8][:, perm]
         assert torch.allclose(mem.retrieve(q, slice(0, 1), mem.counts(), 8)[0], out, atol=1e-6)
+
+
+def test_rope_memory_scores_its_entries_as_keys_distance_tokens_back():
+    """knn_distance=D: a query scores every memory entry as the window's attention would score that key D tokens
+    before it (its rotated query against the key rotated D positions earlier), wherever both were computed."""
+    from memory import MemoryConfig, attach_memories
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    D, T = 5, 8
+    model = attach_memories(GPT(GPTConfig(block_size=T, vocab_size=20, n_layer=2, n_head=2, n_embd=16, pos="rope")),
+                            MemoryConfig(knn_layer=1, knn_topk=T, knn_memory_size=64, knn_distance=D)).eval()
+    mem, attn = memorizing_layer(model), model.attentions[1]
+    seen = {}
+    attn.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0]))
+    mem.probe = lambda ids, p: seen.update(ids=ids, p=p)
+    x = torch.randint(0, 20, (1, 2 * T), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        mem.reset(1)
+        model(x[:, :T])  # written: the first window's T keys
+        model(x[:, T:])  # read: every query sees all T entries (topk = T)
+        q, k, _ = attn.c_attn(seen["x"]).split(16, dim=2)
+        q = q.view(1, T, 2, 8).transpose(1, 2)[0]  # (nh, T, hs), unrotated
+        keys = mem.mem["keys"][0, :, :T] * mem.mem["norms"][0, :, :T, None]  # (nh, T, hs), unrotated
+        rot = attn.rotary.rotate
+        P = torch.full((1,), 40)  # any position: only the distance counts
+
+        def weights(distance):  # (nh, T queries, T entries) softmax of the scores at that distance
+            scores = rot(q, P) @ rot(keys, P - distance).transpose(-1, -2) / math.sqrt(8)
+            return scores.softmax(-1)
+
+        got = torch.zeros(2, T, T).scatter(-1, seen["ids"].view(2, T, T), seen["p"].view(2, T, T))
+    assert torch.allclose(got, weights(D), atol=1e-5)
+    assert not torch.allclose(got, weights(0), atol=1e-3)  # the distance matters: this check can fail
+
+
+def test_knn_distance_needs_rotary_positions_and_a_distance_back():
+    from configurator import load_config
+    from memory import MemoryConfig, MemorizingMemory, attach_memories
+    from model import GPT, GPTConfig
+    from train import TrainConfig
+    with pytest.raises(ValueError, match="pos='learned'"):
+        attach_memories(GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=2, n_head=2, n_embd=16)),
+                        MemoryConfig(knn_layer=1, knn_distance=4))
+    with pytest.raises(ValueError, match="knn_distance=-1"):
+        MemorizingMemory(2, 8, 4, 16, distance=-1)
+    with pytest.raises(ConfigError, match="knn_distance=4 places memory entries by rotary positions"):
+        load_config(TrainConfig, [], knn_layer=1, loader="docs", knn_distance=4)
+    assert load_config(TrainConfig, [], knn_layer=1, loader="docs", pos="rope", knn_distance=4).knn_distance == 4
 
 
 def test_grouped_query_attention_is_refused_by_the_memorizing_layer():
