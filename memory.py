@@ -69,10 +69,10 @@ class MemoryConfig:
     # more, the more windows the memory holds (docs/long-range.md)
     knn_learn_scale: bool = False
     # with rotary positions, where a query scores the memory's entries: as keys this many tokens before it.
-    # 0: at its own position (no positions: the paper's memory), where no key of its window ever sits. The
-    # in-window lookup a model learnt scores keys tens to hundreds of tokens back; read at distance 0 the same
-    # keys and queries score differently, so a lookup learnt in the window carries over to the memory only in
-    # part (docs/long-range.md). Changes no weight: a resume or an evaluation may change it.
+    # 0: at its own position (no positions: the paper's memory), where in its window it meets only its own
+    # key. The in-window lookup a model learnt scores keys tens to hundreds of tokens back; read at distance 0
+    # the same keys and queries score differently, so a lookup learnt in the window carries over to the memory
+    # only in part (docs/long-range.md). Changes no weight: a resume or an evaluation may change it.
     knn_distance: int = 0
     # metalearned neural memory (MNMBlock) after this layer's block, written window by window with each
     # batch row's document
@@ -182,12 +182,12 @@ class MemorizingMemory(nn.Module):
     (key, value) pairs retrieved from its memory of past windows. With rotary positions (pos='rope')
     the memory keeps keys unrotated and scores them with queries turned to position `distance`: every
     past window's entry as a key that many tokens back (0: the paper's memory, without positions).
-    Retrieval ranks by cosine (normalised queries and keys), the retrieved pairs are attended to with the ordinary scaled
-    dot product; a learned per-head gate g = sigmoid(gate_bias) mixes: y = (1 - g) y_local + g y_mem.
-    With mix='joint' the local keys and the retrieved entries share one softmax instead (the memory's
-    scores shifted by gate_bias): per token, g = sigmoid(gate_bias + lse_mem - lse_local), where lse is
-    the log-sum-exp of each part's scores. With learn_scale, each head's memory scores are first multiplied
-    by exp(score_scale), a learned logit per head started at 0.
+    Retrieval ranks by cosine (normalised queries and keys), the retrieved pairs are attended to with
+    the ordinary scaled dot product; a learned per-head gate g = sigmoid(gate_bias) mixes:
+    y = (1 - g) y_local + g y_mem. With mix='joint' the local keys and the retrieved entries share one
+    softmax instead (the memory's scores shifted by gate_bias): per token, g = sigmoid(gate_bias + lse_mem
+    - lse_local), where lse is the log-sum-exp of each part's scores. With learn_scale, each head's memory
+    scores are first multiplied by exp(score_scale), a learned logit per head started at 0.
     After a forward pass with `write` set, the window's keys and values are appended (detached)
     first-in first-out; so memory entries only ever come from earlier windows.
 
