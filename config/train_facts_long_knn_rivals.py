@@ -5,7 +5,7 @@
 # entry scored as a key 128 characters back (knn_distance, chosen on a tuning corpus: at 0, where a query
 # meets only its own key, the lookup carries over in part), its top 8 (knn_topk, chosen there too). Recall
 # across windows grows with the rivals' iterations: read at 128, 41% at 8,000, 59% at 12,000, 66% at 16,000
-# (75/65/61/52% at 2/4/8/16 windows) and no more at 20,000 (docs/RESULTS.md, facts_long; read at 0, 24% and
+# (74/65/61/52% at 2/4/8/16 windows) and no more at 20,000 (docs/RESULTS.md, facts_long; read at 0, 24% and
 # 44% at 8,000 and 12,000). From rivals at the start the lookup is not learnt at all (1.4% in its window at
 # 4,000). Data:
 #   python prepare.py facts_long --option near=1.0 --option fit=True --out_dir data/facts_long_fit
