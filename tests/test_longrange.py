@@ -336,18 +336,24 @@ def test_longrange_eval_says_whose_entry_a_memorizing_head_weights_most(tmp_path
     assert f"the entry head {int(np.argmax(stated))} (most often the stated one)" in printed
 
 
-def test_longrange_eval_reads_a_memorizing_layer_with_another_topk(passkey_dir, checkpoints, tmp_path, monkeypatch):
-    """eval_knn_topk: the trained layer (topk 4) retrieves that many entries per query, and the arm says so."""
-    from configurator import load_config
+def settings_read_with(monkeypatch, name: str) -> set:
+    """The values of a memorizing layer's setting `name` whenever it retrieves from its memory."""
     from memory import MemorizingMemory
-    used = set()
+    seen = set()
     retrieve = MemorizingMemory.retrieve
 
     def spy(self, *args):
-        used.add(self.topk)
+        seen.add(getattr(self, name))
         return retrieve(self, *args)
 
     monkeypatch.setattr(MemorizingMemory, "retrieve", spy)
+    return seen
+
+
+def test_longrange_eval_reads_a_memorizing_layer_with_another_topk(passkey_dir, checkpoints, tmp_path, monkeypatch):
+    """eval_knn_topk: the trained layer (topk 4) retrieves that many entries per query, and the arm says so."""
+    from configurator import load_config
+    used = settings_read_with(monkeypatch, "topk")
     cfg = load_config(evaluate.EvalConfig, [], eval="longrange", eval_dataset="passkey", data_dir=str(passkey_dir.parent),
                       out_dirs=[checkpoints["knn"]], longrange_arms=["checkpoints"], eval_knn_topk=9,
                       eval_out=str(tmp_path / "ev"), device="cpu", dtype="float32", batch_size=4)
@@ -359,19 +365,11 @@ def test_longrange_eval_reads_a_rotary_memory_at_another_distance(passkey_dir, c
     """eval_knn_distance: the trained rotary layer (distance 0) reads its entries as keys that many tokens back,
     and the arm says so; a model with learned positions has no such distance and is refused."""
     from configurator import load_config
-    from memory import MemorizingMemory
     out = passkey_dir.parent / "out-knn-rope"
     train.main(tiny_train_config(passkey_dir.parent, out, dataset="passkey", loader="docs", block_size=32, pos="rope",
                                  max_iters=4, eval_interval=4, eval_iters=1, batch_size=2, knn_layer=1, knn_topk=4,
                                  knn_memory_size=4096))
-    used = set()
-    forward = MemorizingMemory.forward
-
-    def spy(self, *args):
-        used.add(self.distance)
-        return forward(self, *args)
-
-    monkeypatch.setattr(MemorizingMemory, "forward", spy)
+    used = settings_read_with(monkeypatch, "distance")
     settings = dict(eval="longrange", eval_dataset="passkey", data_dir=str(passkey_dir.parent),
                     longrange_arms=["checkpoints"], eval_knn_distance=7, eval_out=str(tmp_path / "ev"), device="cpu",
                     dtype="float32", batch_size=4)
