@@ -28,7 +28,7 @@ from checkpoint import CheckpointError, load_model
 from common import cli, pyplot, resolve_device, write_eval
 from configurator import ConfigError, at_least, format_config, load_config, need, one_of, within
 from knn import KNNLMDatastore, KNNMemory, KNNMemoryError, KNNSettings, knn_probs, knnlm_mix, last_mlp_input
-from memory import memorizing_layer, mnm_block, row_memories
+from memory import MemorizingMemory, memorizing_layer, mnm_block, row_memories
 from prepare import DataError, check_meta_compatible, load_meta, longrange_documents, open_split, split_documents
 from runs import CheckedSettings, not_empty
 
@@ -593,9 +593,9 @@ def eval_longrange(cfg, device) -> tuple[dict, object]:
         if cfg.eval_knn_topk and layer is not None:
             layer.topk = cfg.eval_knn_topk
         if cfg.eval_knn_distance is not None and layer is not None:
-            if model.config.pos != "rope":
-                raise ConfigError(f"eval_knn_distance={cfg.eval_knn_distance} places memory entries by rotary "
-                                  f"positions, but {out_dir} has pos={model.config.pos!r}: leave it None")
+            why = MemorizingMemory.distance_conflict(cfg.eval_knn_distance, model.config.pos)
+            if why:
+                raise ConfigError(f"{out_dir}: {why} (leave eval_knn_distance None)")
             layer.distance = cfg.eval_knn_distance
         models[out_dir] = (model, tokenizer, meta)
     first_meta = next(iter(models.values()))[2]

@@ -163,9 +163,9 @@ def add_memorizing_layer(model, layer: int, topk: int, size: int, search_dtype: 
     cfg = model.config
     if not 0 <= layer < cfg.n_layer:
         raise ValueError(f"knn_layer={layer}, but the model has layers 0..{cfg.n_layer - 1}")
-    if distance and cfg.pos != "rope":
-        raise ValueError(f"knn_distance={distance} places memory entries by rotary positions, but the model has "
-                         f"pos={cfg.pos!r}: use knn_distance=0")
+    why = MemorizingMemory.distance_conflict(distance, cfg.pos)
+    if why:
+        raise ValueError(why)
     model.memory_args.update(knn_layer=layer, knn_topk=topk, knn_memory_size=size, knn_search_dtype=search_dtype,
                              knn_gate_init=gate_init, knn_grad_windows=grad_windows, knn_mix=mix,
                              knn_learn_scale=learn_scale, knn_distance=distance)
@@ -228,6 +228,15 @@ class MemorizingMemory(nn.Module):
         self.mem = None  # {"keys": (R, H, C, d) unit keys, "norms": (R, H, C), "values": (R, H, C, d), "written": (R,)}
         self.probe = None  # probe(ids, weights): called by retrieve with the retrieved slots and their attention
         # weights, both (B * H, T, topk), for diagnostics (evaluate.py memorizing_diagnostics)
+
+    @staticmethod
+    def distance_conflict(distance: int, pos: str) -> str | None:
+        """Why a model with these positions cannot read its memory at `distance`, or None: the layer refuses it,
+        and the configs that set it (train.py, evaluate.py) ask before any work."""
+        if distance and pos != "rope":
+            return (f"knn_distance={distance} places memory entries by rotary positions, but the model has "
+                    f"pos={pos!r}: train with pos='rope', or read at knn_distance=0")
+        return None
 
     def reset(self, n_rows: int | None = None):
         """Forget everything; the next forward pass allocates n_rows rows (None: its batch size)."""

@@ -113,8 +113,8 @@ class TrainConfig(LoopConfig):
         at_least(self, 1, "knn_topk", "knn_memory_size", "mnm_heads", "mnm_key_size", "mnm_hidden")
         at_least(self, 0, "knn_distance", "knn_grad_windows", "mnm_grad_windows", "answer_loss", "mnm_write_penalty",
                  "mnm_key_spread")
-        need(self.knn_distance == 0 or self.pos == "rope", f"knn_distance={self.knn_distance} places memory entries "
-             f"by rotary positions, but pos={self.pos!r}: set pos='rope' or knn_distance=0")
+        why = MemorizingMemory.distance_conflict(self.knn_distance, self.pos)
+        need(why is None, why)
         above(self, 0, "mnm_write_budget")
         why = MNM.conflict(pool=self.mnm_pool, shift=self.mnm_shift, value=self.mnm_value, key_spread=self.mnm_key_spread)
         need(why is None, why)
